@@ -1,0 +1,34 @@
+//! # palaver-schema: the data contract
+//!
+//! Everything that crosses a boundary in Palaver is defined here, and nothing here does I/O.
+//!
+//! - [`ids`]: identifiers. User ids are opaque strings from the token's `sub`; room and message
+//!   ids are integers kept below 2^53 so JavaScript clients see them exactly.
+//! - [`domain`]: the domain types (users, rooms, members, messages) as the store keeps them.
+//! - [`command`]: the canonical [`Command`] enum, everything a client can ask, and its
+//!   [`Reply`]. Every wire dialect decodes its frames into a `Command`.
+//! - [`event`]: the canonical [`Event`] enum, everything a client can be told. Every wire dialect
+//!   encodes an `Event` into its own frames.
+//! - [`envelope`]: what travels on the bus between node actors and gateways ([`Delivery`]).
+//! - [`error`]: the one small set of error codes ([`ErrorCode`]) every layer maps onto, and how
+//!   each maps to HTTP statuses and WebSocket close codes.
+//!
+//! Data flow: gateway dialect decodes bytes -> `Command` -> node actor -> `Reply` to the caller
+//! and `Event`s inside `Delivery` envelopes -> gateways -> dialect encodes bytes.
+
+pub mod command;
+pub mod domain;
+pub mod envelope;
+pub mod error;
+pub mod event;
+pub mod ids;
+
+pub use command::{Command, HistoryQuery, Reply};
+pub use domain::{Member, Message, MessageBody, Profile, Role, Room, RoomKind, RoomSummary, User};
+pub use envelope::{Delivery, Target};
+pub use error::{Error, ErrorCode};
+pub use event::Event;
+pub use ids::{GatewayId, MessageId, NodeId, RoomId, SessionId, UserId};
+
+/// Milliseconds since the Unix epoch, the one timestamp unit Palaver stores and sends.
+pub type Millis = i64;
