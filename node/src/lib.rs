@@ -1,1 +1,4 @@
 //! x
+pub mod ids;
+pub mod ring;
+pub mod store;

@@ -1,0 +1,134 @@
+//! Storage: the `Store` trait and its backends.
+//!
+//! The store is the truth; actors are caches and sequencers in front of it. Methods are grouped
+//! by aggregate (users, rooms, messages) in create/read/update order. Every backend runs the same
+//! [`conformance`] suite.
+//!
+//! Backends: [`embedded`] (SQLite, the default for `palaver serve`). The PostgreSQL and ScyllaDB
+//! backends of the cluster implement the same trait.
+
+pub mod conformance;
+pub mod embedded;
+
+use async_trait::async_trait;
+use schema::{HistoryQuery, Member, Message, Millis, Profile, Room, RoomId, RoomSummary, User, UserId};
+
+/// Store failures. All are server-side: a client sees them as `unavailable` or `internal`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot be reached or refused the operation; retrying may help.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be decoded.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// A write contradicts stored data (for example a `client_ref` stored twice): a second
+    /// writer for one room, which the ring prevents; the room actor restarts and reloads.
+    #[error("store conflict: {0}")]
+    Conflict(String),
+    /// The store has been closed.
+    #[error("store is closed")]
+    Closed,
+}
+
+impl From<StoreError> for schema::Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Corrupt(_) | StoreError::Conflict(_) => {
+                schema::Error::internal(e.to_string())
+            }
+            StoreError::Unavailable(_) | StoreError::Closed => {
+                schema::Error::unavailable(e.to_string())
+            }
+        }
+    }
+}
+
+/// Result alias for store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A new room with its initial members.
+#[derive(Clone, Debug)]
+pub struct NewRoom {
+    /// The room (its `last_*` fields are ignored).
+    pub room: Room,
+    /// Initial members, including the creator.
+    pub members: Vec<Member>,
+}
+
+/// A page of history, newest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// The messages, newest first.
+    pub messages: Vec<Message>,
+    /// Whether more messages exist beyond the page in the direction it was read.
+    pub has_more: bool,
+}
+
+/// Persistent state of Palaver. Implementations must be safe to call concurrently; a write that
+/// returned `Ok` is durable (it survives `kill -9` of the process).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ---- users ----
+
+    /// Creates the user or refreshes its profile; returns the stored user.
+    async fn upsert_user(&self, profile: &Profile, now: Millis) -> StoreResult<User>;
+
+    /// Reads a user.
+    async fn user(&self, id: &UserId) -> StoreResult<Option<User>>;
+
+    /// Records when the user's last session closed.
+    async fn set_last_seen(&self, id: &UserId, at: Millis) -> StoreResult<()>;
+
+    // ---- rooms ----
+
+    /// Creates a room with its members.
+    async fn create_room(&self, new: NewRoom) -> StoreResult<()>;
+
+    /// Returns the direct room of the pair, creating `candidate` (with both users as members) if
+    /// there is none. Atomic: concurrent calls for one pair return the same room. The bool tells
+    /// whether this call created it.
+    async fn get_or_create_direct(&self, candidate: NewRoom) -> StoreResult<(Room, bool)>;
+
+    /// Reads a room.
+    async fn room(&self, id: RoomId) -> StoreResult<Option<Room>>;
+
+    /// Reads a room's members.
+    async fn members(&self, room: RoomId) -> StoreResult<Vec<Member>>;
+
+    /// The ids of the rooms `user` belongs to.
+    async fn room_ids_of(&self, user: &UserId) -> StoreResult<Vec<RoomId>>;
+
+    /// The rooms `user` belongs to with members and newest message, most recently active first.
+    async fn rooms_of(&self, user: &UserId) -> StoreResult<Vec<RoomSummary>>;
+
+    // ---- messages ----
+
+    /// Appends messages of one room in one atomic, durable write and advances the room's
+    /// `last_seq`/`last_message_id`. The caller (the room's single writer) has assigned ids and
+    /// sequence numbers; a `(room, sender, client_ref)` already stored makes the whole call fail.
+    async fn append_messages(&self, room: RoomId, batch: Vec<Message>) -> StoreResult<()>;
+
+    /// Finds stored messages of `room` by `(sender, client_ref)`.
+    async fn messages_by_client_ref(
+        &self,
+        room: RoomId,
+        keys: Vec<(UserId, String)>,
+    ) -> StoreResult<Vec<Message>>;
+
+    /// Reads a page of history (see [`HistoryQuery`] for the bounds); `limit` is already clamped.
+    async fn history(&self, room: RoomId, query: &HistoryQuery, limit: u32)
+    -> StoreResult<HistoryPage>;
+
+    // ---- lifecycle ----
+
+    /// Flushes everything written and releases the backend; later calls fail with `Closed`.
+    async fn close(&self) -> StoreResult<()>;
+}
+
+/// The canonical key of a direct room between two users: the pair in sorted order.
+pub fn direct_key(a: &UserId, b: &UserId) -> String {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    // Lengths make the key unambiguous whatever characters the ids contain.
+    format!("{}:{}:{}", lo.as_str().len(), lo, hi)
+}
