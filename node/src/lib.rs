@@ -1,4 +1,475 @@
-//! x
+//! # palaver-node: where the business rules live
+//!
+//! A node hosts the actors that own Palaver's state and enforces every rule once, for every
+//! dialect:
+//!
+//! - [`ring`]: the consistent-hash ring. Every call to an actor is routed by
+//!   `ring.owner(key)`; a key owned elsewhere answers `not_owner`.
+//! - [`room`]: one actor per active room, its single writer: validates, deduplicates by
+//!   `client_ref`, assigns ids and sequence numbers, writes to the store, acknowledges, then fans
+//!   out to the gateways subscribed to the room.
+//! - [`user`]: one actor per online user: profile from token claims, sessions, presence.
+//! - [`directory`]: starts actors on first use, stops them when idle, restarts them when they
+//!   crash (state is reloaded from the store).
+//! - [`store`]: the `Store` trait and the embedded SQLite backend.
+//! - [`bus`]: the `Bus` trait and the in-process backend; carries deliveries to gateways.
+//! - [`subscriptions`]: which gateways want which room's events.
+//!
+//! Data flow of a message: the gateway calls [`Node::execute`] with a `Command::Send` -> the
+//! room actor checks membership -> its sequencer writes a batch to the store -> ack -> one
+//! `Delivery` per subscribed gateway on the bus -> each gateway writes to its sessions.
+
+pub mod bus;
+pub mod directory;
 pub mod ids;
 pub mod ring;
+pub mod room;
 pub mod store;
+pub mod subscriptions;
+pub mod user;
+
+use bus::Bus;
+use directory::Directory;
+use ids::{IdGenerator, unix_ms};
+use parking_lot::RwLock;
+use ring::{Ring, RingKey};
+use room::{RoomMsg, RoomSpec};
+use schema::command::check_client_ref;
+use schema::{
+    Command, Delivery, Error, ErrorCode, Event, GatewayId, HistoryQuery, Member, Message, NodeId,
+    Profile, Reply, Role, Room, RoomId, RoomKind, RoomSummary, SessionId, Target, UserId,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{NewRoom, Store};
+use subscriptions::Subscriptions;
+use tokio_util::task::TaskTracker;
+use user::{SessionInfo, SessionTable, UserMsg, UserSpec};
+
+/// Prefix of the `client_ref` the node generates for a send that came without one (so that
+/// internal retries stay idempotent). It starts with a control character, which client refs may
+/// not contain, and is never shown to clients.
+pub const AUTO_REF_PREFIX: &str = "\u{1}auto:";
+
+/// A message as clients see it: without a node-generated `client_ref`.
+pub fn public(mut m: Message) -> Message {
+    if m.client_ref.as_deref().is_some_and(|r| r.starts_with(AUTO_REF_PREFIX)) {
+        m.client_ref = None;
+    }
+    m
+}
+
+/// Tunables of a node. Every field has a production default ([`NodeConfig::default`]).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's id on the ring. Default `local`.
+    pub node_id: NodeId,
+    /// Id generator slot, 0..64, unique per node. Default 0.
+    pub id_slot: u16,
+    /// An actor with nothing to do for this long stops. Default 5 minutes.
+    pub idle_timeout: Duration,
+    /// Deadline of one call to an actor. Default 10 s.
+    pub call_timeout: Duration,
+    /// Calls in flight per actor before callers wait (bounds each mailbox). Default 4096.
+    pub actor_mailbox: usize,
+    /// Sends queued between a room actor and its sequencer. Default 4096.
+    pub sequencer_queue: usize,
+    /// Most messages written in one store call by a room. Default 256.
+    pub sequencer_batch: usize,
+    /// Recent `(sender, client_ref)` kept per active room before asking the store. Default 4096.
+    pub dedup_window: usize,
+    /// Longest text message, in characters. Default 4096.
+    pub max_text_chars: usize,
+    /// Most members of a group, creator included. Default 10 000.
+    pub group_max_members: usize,
+    /// History page size when the client gives none. Default 50.
+    pub history_default_limit: u32,
+    /// Largest history page; bigger requests are clamped. Default 200.
+    pub history_max_limit: u32,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: NodeId::new("local"),
+            id_slot: 0,
+            idle_timeout: Duration::from_secs(300),
+            call_timeout: Duration::from_secs(10),
+            actor_mailbox: 4096,
+            sequencer_queue: 4096,
+            sequencer_batch: 256,
+            dedup_window: 4096,
+            max_text_chars: 4096,
+            group_max_members: 10_000,
+            history_default_limit: 50,
+            history_max_limit: 200,
+        }
+    }
+}
+
+/// What the actors of a node share.
+pub struct NodeCtx {
+    /// Tunables.
+    pub config: NodeConfig,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The bus.
+    pub bus: Arc<dyn Bus>,
+    /// The id generator.
+    pub ids: IdGenerator,
+    /// Room -> subscribed gateways.
+    pub subscriptions: Subscriptions,
+    /// User -> sessions.
+    pub sessions: SessionTable,
+    /// Background tasks (room sequencers) to wait for on shutdown.
+    pub tasks: TaskTracker,
+}
+
+/// A node: the actors and the routing in front of them.
+pub struct Node {
+    ctx: Arc<NodeCtx>,
+    ring: RwLock<Arc<Ring>>,
+    rooms: Directory<RoomSpec>,
+    users: Directory<UserSpec>,
+}
+
+impl Node {
+    /// Starts a node alone on its ring (single-process mode).
+    pub async fn start(
+        config: NodeConfig,
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+    ) -> Result<Arc<Self>, Error> {
+        let ring = Ring::new(1, [config.node_id.clone()]);
+        let ctx = Arc::new(NodeCtx {
+            ids: IdGenerator::new(config.id_slot),
+            config,
+            store,
+            bus,
+            subscriptions: Subscriptions::default(),
+            sessions: SessionTable::default(),
+            tasks: TaskTracker::new(),
+        });
+        let timeout = ctx.config.call_timeout;
+        let mailbox = ctx.config.actor_mailbox;
+        let rooms = Directory::start(RoomSpec { ctx: ctx.clone() }, mailbox, timeout).await?;
+        let users = Directory::start(UserSpec { ctx: ctx.clone() }, mailbox, timeout).await?;
+        Ok(Arc::new(Self {
+            ctx,
+            ring: RwLock::new(Arc::new(ring)),
+            rooms,
+            users,
+        }))
+    }
+
+    /// The shared context (store, bus, tables).
+    pub fn ctx(&self) -> &Arc<NodeCtx> {
+        &self.ctx
+    }
+
+    /// The current ring.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.ring.read().clone()
+    }
+
+    /// Number of running room and user actors.
+    pub fn active_actors(&self) -> (usize, usize) {
+        (self.rooms.len(), self.users.len())
+    }
+
+    /// Checks that this node owns `key` on the current ring.
+    fn route(&self, key: &RingKey) -> Result<(), Error> {
+        let ring = self.ring();
+        match ring.owner(key) {
+            Some(owner) if owner == &self.ctx.config.node_id => Ok(()),
+            Some(owner) => Err(Error::new(
+                ErrorCode::NotOwner,
+                format!("{key:?} is owned by node {owner} (ring version {})", ring.version()),
+            )),
+            None => Err(Error::unavailable("the ring has no nodes")),
+        }
+    }
+
+    async fn call_room<R, F>(&self, room: RoomId, build: F) -> Result<R, Error>
+    where
+        R: Send + 'static,
+        F: Fn(ractor::RpcReplyPort<R>) -> RoomMsg,
+    {
+        self.route(&RingKey::Room(room))?;
+        self.rooms.call(&room, build).await
+    }
+
+    async fn call_user<R, F>(&self, user: &UserId, build: F) -> Result<R, Error>
+    where
+        R: Send + 'static,
+        F: Fn(ractor::RpcReplyPort<R>) -> UserMsg,
+    {
+        self.route(&RingKey::User(user.clone()))?;
+        self.users.call(user, build).await
+    }
+
+    /// A session connected: refreshes the user from the token's claims, records the session and
+    /// answers the user's room ids (which the gateway subscribes).
+    pub async fn connect(&self, profile: Profile, session: SessionInfo) -> Result<Vec<RoomId>, Error> {
+        let user = profile.id.clone();
+        self.call_user(&user, |reply| UserMsg::Connect {
+            profile: profile.clone(),
+            session: session.clone(),
+            reply,
+        })
+        .await?
+    }
+
+    /// A session closed.
+    pub async fn disconnect(&self, user: &UserId, gateway: &GatewayId, session: SessionId) {
+        let res = self
+            .call_user(user, |reply| UserMsg::Disconnect {
+                gateway: gateway.clone(),
+                session,
+                reply,
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(%user, error = %e, "disconnect not recorded");
+        }
+    }
+
+    /// Subscribes `gateway` to the events of `rooms`.
+    pub fn subscribe(&self, gateway: &GatewayId, rooms: &[RoomId]) {
+        for &room in rooms {
+            self.ctx.subscriptions.add(room, gateway);
+        }
+    }
+
+    /// Unsubscribes `gateway` from the events of `rooms`.
+    pub fn unsubscribe(&self, gateway: &GatewayId, rooms: &[RoomId]) {
+        for &room in rooms {
+            self.ctx.subscriptions.remove(room, gateway);
+        }
+    }
+
+    /// Executes `cmd` for `caller` (the authenticated user; nothing in the command can change
+    /// who is speaking).
+    pub async fn execute(&self, caller: &UserId, cmd: Command) -> Result<Reply, Error> {
+        match cmd {
+            Command::Send {
+                room,
+                body,
+                client_ref,
+            } => {
+                let client_ref = match client_ref {
+                    Some(r) => {
+                        check_client_ref(&r).map_err(Error::invalid)?;
+                        r
+                    }
+                    None => format!("{AUTO_REF_PREFIX}{}", self.ctx.ids.next()),
+                };
+                let message = self
+                    .call_room(room, |reply| RoomMsg::Send {
+                        sender: caller.clone(),
+                        body: body.clone(),
+                        client_ref: client_ref.clone(),
+                        reply,
+                    })
+                    .await??;
+                Ok(Reply::Message { message })
+            }
+            Command::History { room, query } => self.history(caller, room, query).await,
+            Command::OpenDirect { peer } => self.open_direct(caller, peer).await,
+            Command::CreateGroup { name, members } => {
+                self.create_group(caller, name, members).await
+            }
+            Command::ListRooms => {
+                let mut rooms = self.ctx.store.rooms_of(caller).await?;
+                for r in &mut rooms {
+                    r.last_message = r.last_message.take().map(public);
+                }
+                Ok(Reply::Rooms { rooms })
+            }
+        }
+    }
+
+    async fn history(
+        &self,
+        caller: &UserId,
+        room: RoomId,
+        query: HistoryQuery,
+    ) -> Result<Reply, Error> {
+        let cfg = &self.ctx.config;
+        let limit = match query.limit {
+            None => cfg.history_default_limit,
+            Some(0) => return Err(Error::invalid("limit must be at least 1")),
+            Some(n) => n.min(cfg.history_max_limit),
+        };
+        if let (Some(a), Some(b)) = (query.after, query.before) {
+            if a >= b {
+                return Err(Error::invalid("after must be smaller than before"));
+            }
+        }
+        self.call_room(room, |reply| RoomMsg::Authorize {
+            user: caller.clone(),
+            reply,
+        })
+        .await??;
+        // Read beside the actor: every acknowledged message is already committed.
+        let page = self.ctx.store.history(room, &query, limit).await?;
+        Ok(Reply::History {
+            messages: page.messages.into_iter().map(public).collect(),
+            has_more: page.has_more,
+        })
+    }
+
+    async fn open_direct(&self, caller: &UserId, peer: UserId) -> Result<Reply, Error> {
+        if &peer == caller {
+            return Err(Error::invalid("cannot open a direct room with yourself"));
+        }
+        if self.ctx.store.user(&peer).await?.is_none() {
+            return Err(Error::not_found(format!("user {peer} not found")));
+        }
+        let now = unix_ms();
+        let candidate = NewRoom {
+            room: Room {
+                id: RoomId(self.ctx.ids.next()),
+                kind: RoomKind::Direct,
+                name: None,
+                created_by: caller.clone(),
+                created_at: now,
+                last_seq: 0,
+                last_message_id: None,
+            },
+            members: [caller, &peer]
+                .into_iter()
+                .map(|u| Member {
+                    user: u.clone(),
+                    role: Role::Member,
+                    joined_at: now,
+                })
+                .collect(),
+        };
+        let (room, created) = self.ctx.store.get_or_create_direct(candidate).await?;
+        let summary = self.summary(room).await?;
+        if created {
+            self.announce(&summary).await;
+        }
+        Ok(Reply::Room {
+            room: summary,
+            created,
+        })
+    }
+
+    async fn create_group(
+        &self,
+        caller: &UserId,
+        name: String,
+        members: Vec<UserId>,
+    ) -> Result<Reply, Error> {
+        let name = name.trim().to_owned();
+        let chars = name.chars().count();
+        if chars == 0 || chars > 100 {
+            return Err(Error::invalid("name must be 1 to 100 characters"));
+        }
+        let mut set: BTreeMap<UserId, Role> = BTreeMap::new();
+        for m in members {
+            set.insert(m, Role::Member);
+        }
+        set.insert(caller.clone(), Role::Owner);
+        let max = self.ctx.config.group_max_members;
+        if set.len() > max {
+            return Err(Error::new(
+                ErrorCode::LimitExceeded,
+                format!("a group has at most {max} members"),
+            ));
+        }
+        for user in set.keys() {
+            if user != caller && self.ctx.store.user(user).await?.is_none() {
+                return Err(Error::not_found(format!("user {user} not found")));
+            }
+        }
+        let now = unix_ms();
+        let room = Room {
+            id: RoomId(self.ctx.ids.next()),
+            kind: RoomKind::Group,
+            name: Some(name),
+            created_by: caller.clone(),
+            created_at: now,
+            last_seq: 0,
+            last_message_id: None,
+        };
+        let members: Vec<Member> = set
+            .into_iter()
+            .map(|(user, role)| Member {
+                user,
+                role,
+                joined_at: now,
+            })
+            .collect();
+        self.ctx
+            .store
+            .create_room(NewRoom {
+                room: room.clone(),
+                members: members.clone(),
+            })
+            .await?;
+        let summary = RoomSummary {
+            room,
+            members,
+            last_message: None,
+        };
+        self.announce(&summary).await;
+        Ok(Reply::Room {
+            room: summary,
+            created: true,
+        })
+    }
+
+    async fn summary(&self, room: Room) -> Result<RoomSummary, Error> {
+        let members = self.ctx.store.members(room.id).await?;
+        let last_message = match room.last_message_id {
+            Some(_) => {
+                let q = HistoryQuery::default();
+                self.ctx.store.history(room.id, &q, 1).await?.messages.pop().map(public)
+            }
+            None => None,
+        };
+        Ok(RoomSummary {
+            room,
+            members,
+            last_message,
+        })
+    }
+
+    /// Tells the members of a new room about it: subscribes the gateways of their sessions first
+    /// (so the room's first message reaches them), then sends `room_joined` to those sessions.
+    async fn announce(&self, summary: &RoomSummary) {
+        let room = summary.room.id;
+        let mut by_gateway: BTreeMap<GatewayId, Vec<UserId>> = BTreeMap::new();
+        for m in &summary.members {
+            for gw in self.ctx.sessions.gateways(&m.user) {
+                by_gateway.entry(gw).or_default().push(m.user.clone());
+            }
+        }
+        for (gateway, users) in by_gateway {
+            self.ctx.subscriptions.add(room, &gateway);
+            let d = Delivery {
+                gateway,
+                target: Target::Users { users },
+                event: Event::RoomJoined {
+                    room: summary.clone(),
+                },
+            };
+            if let Err(e) = self.ctx.bus.publish(d).await {
+                tracing::warn!(%room, error = %e, "room_joined publish failed");
+            }
+        }
+    }
+
+    /// Stops every actor after it has handled its mailbox, and waits for room sequencers to
+    /// finish their writes. The store and bus are closed by their owner afterwards.
+    pub async fn shutdown(&self) {
+        self.rooms.shutdown().await;
+        self.users.shutdown().await;
+        self.ctx.tasks.close();
+        self.ctx.tasks.wait().await;
+    }
+}

@@ -1,0 +1,98 @@
+//! The in-process bus: one bounded channel per gateway.
+
+use super::{Bus, BusError, DeliveryStream};
+use async_trait::async_trait;
+use dashmap::DashMap;
+use schema::{Delivery, GatewayId};
+use tokio::sync::mpsc;
+
+/// In-process [`Bus`] for single-process mode.
+pub struct LocalBus {
+    capacity: usize,
+    gateways: DashMap<GatewayId, mpsc::Sender<Delivery>>,
+}
+
+impl LocalBus {
+    /// A bus whose per-gateway queue holds `capacity` deliveries; a publisher waits when it is
+    /// full (the gateway's consumer never blocks on clients, so the wait is short).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            gateways: DashMap::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for LocalBus {
+    async fn publish(&self, delivery: Delivery) -> Result<(), BusError> {
+        let Some(tx) = self.gateways.get(&delivery.gateway).map(|t| t.clone()) else {
+            tracing::debug!(gateway = %delivery.gateway, "delivery for an unknown gateway dropped");
+            return Ok(());
+        };
+        let gateway = delivery.gateway.clone();
+        if tx.send(delivery).await.is_err() {
+            // The gateway's stream ended: it stopped, and its sessions with it.
+            self.gateways.remove_if(&gateway, |_, t| t.is_closed());
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, gateway: &GatewayId) -> Result<DeliveryStream, BusError> {
+        let (tx, rx) = mpsc::channel(self.capacity);
+        self.gateways.insert(gateway.clone(), tx);
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|d| (d, rx))
+        })))
+    }
+
+    async fn close(&self) {
+        self.gateways.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use schema::{Event, Target};
+
+    fn delivery(gw: &str, n: u64) -> Delivery {
+        let room = schema::RoomSummary {
+            room: schema::Room {
+                id: schema::RoomId(n),
+                kind: schema::RoomKind::Group,
+                name: None,
+                created_by: schema::UserId::parse("u").unwrap_or_else(|_| unreachable!()),
+                created_at: 0,
+                last_seq: 0,
+                last_message_id: None,
+            },
+            members: vec![],
+            last_message: None,
+        };
+        Delivery {
+            gateway: GatewayId::new(gw),
+            target: Target::Users { users: vec![] },
+            event: Event::RoomJoined { room },
+        }
+    }
+
+    #[tokio::test]
+    async fn per_gateway_order_and_isolation() {
+        let bus = LocalBus::new(16);
+        let mut a = bus.subscribe(&GatewayId::new("a")).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut b = bus.subscribe(&GatewayId::new("b")).await.unwrap_or_else(|e| panic!("{e}"));
+        for n in 1..=10 {
+            bus.publish(delivery("a", n)).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        bus.publish(delivery("b", 99)).await.unwrap_or_else(|e| panic!("{e}"));
+        bus.publish(delivery("nobody", 1)).await.unwrap_or_else(|e| panic!("{e}"));
+        for n in 1..=10 {
+            assert_eq!(a.next().await.map(|d| d.event.room().0), Some(n));
+        }
+        assert_eq!(b.next().await.map(|d| d.event.room().0), Some(99));
+        bus.close().await;
+        assert!(a.next().await.is_none());
+    }
+}

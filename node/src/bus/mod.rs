@@ -1,0 +1,41 @@
+//! The bus: how node actors hand events to gateways.
+//!
+//! A [`Bus`] carries [`Delivery`] envelopes addressed to one gateway each. Per gateway, deliveries
+//! arrive in the order they were published, which keeps one order per room. Backends: [`local`]
+//! (in-process channels, for `palaver serve`); the Kafka backend of the cluster implements the
+//! same trait.
+
+pub mod local;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use schema::{Delivery, GatewayId};
+
+/// Bus failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The bus cannot take the delivery now.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// The bus has been closed.
+    #[error("bus is closed")]
+    Closed,
+}
+
+/// The deliveries for one gateway, in publish order.
+pub type DeliveryStream = BoxStream<'static, Delivery>;
+
+/// Carries deliveries from node actors to gateways.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Publishes one delivery to `delivery.gateway`. Waits (bounded) when that gateway is behind.
+    /// A delivery to a gateway that is not subscribed is dropped: it has no sessions to serve.
+    async fn publish(&self, delivery: Delivery) -> Result<(), BusError>;
+
+    /// Starts receiving the deliveries addressed to `gateway`. A second call for the same gateway
+    /// replaces the first stream.
+    async fn subscribe(&self, gateway: &GatewayId) -> Result<DeliveryStream, BusError>;
+
+    /// Stops the bus; open streams end.
+    async fn close(&self);
+}
