@@ -67,9 +67,9 @@ impl<S: ChildSpec> Directory<S> {
             entries: entries.clone(),
             mailbox: mailbox.max(1),
         };
-        let (supervisor, _) = Actor::spawn(None, sup, ())
-            .await
-            .map_err(|e| Error::internal(format!("cannot start the {} supervisor: {e}", S::KIND)))?;
+        let (supervisor, _) = Actor::spawn(None, sup, ()).await.map_err(|e| {
+            Error::internal(format!("cannot start the {} supervisor: {e}", S::KIND))
+        })?;
         Ok(Self {
             entries,
             supervisor,
@@ -152,7 +152,10 @@ impl<S: ChildSpec> Directory<S> {
                 }
             }
         }
-        Err(Error::unavailable(format!("{} {key:?} keeps stopping", S::KIND)))
+        Err(Error::unavailable(format!(
+            "{} {key:?} keeps stopping",
+            S::KIND
+        )))
     }
 
     /// Stops every child after it has handled what is already in its mailbox, then the
@@ -203,7 +206,10 @@ impl<S: ChildSpec> Supervisor<S> {
                 Ok(entry)
             }
             Err(ractor::SpawnErr::StartupFailed(e)) => Err(startup_error(S::KIND, key, &e)),
-            Err(e) => Err(Error::internal(format!("cannot start {} {key:?}: {e}", S::KIND))),
+            Err(e) => Err(Error::internal(format!(
+                "cannot start {} {key:?}: {e}",
+                S::KIND
+            ))),
         }
     }
 }
@@ -258,13 +264,15 @@ impl<S: ChildSpec> Actor for Supervisor<S> {
         match evt {
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if let Some(key) = children.remove(&cell.get_id()) {
-                    self.entries.remove_if(&key, |_, e| e.actor.get_id() == cell.get_id());
+                    self.entries
+                        .remove_if(&key, |_, e| e.actor.get_id() == cell.get_id());
                     tracing::debug!(kind = S::KIND, ?key, ?reason, "actor stopped");
                 }
             }
             SupervisionEvent::ActorFailed(cell, err) => {
                 if let Some(key) = children.remove(&cell.get_id()) {
-                    self.entries.remove_if(&key, |_, e| e.actor.get_id() == cell.get_id());
+                    self.entries
+                        .remove_if(&key, |_, e| e.actor.get_id() == cell.get_id());
                     tracing::warn!(kind = S::KIND, ?key, error = %err, "actor failed; restarting");
                     // Restart at once: the new actor reloads its state from the store. If it
                     // cannot start (store down), the next call tries again.

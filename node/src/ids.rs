@@ -101,7 +101,10 @@ mod tests {
         let ahead = (now_ms() + 3_600_000) << 12 | (5 << 6);
         let id = b.next_after(ahead);
         assert!(id > ahead);
-        assert!(b.next() > id, "the generator's clock moved forward with the floor");
+        assert!(
+            b.next() > id,
+            "the generator's clock moved forward with the floor"
+        );
         assert_ne!(a.next(), id);
     }
 

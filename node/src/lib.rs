@@ -54,7 +54,10 @@ pub const AUTO_REF_PREFIX: &str = "\u{1}auto:";
 
 /// A message as clients see it: without a node-generated `client_ref`.
 pub fn public(mut m: Message) -> Message {
-    if m.client_ref.as_deref().is_some_and(|r| r.starts_with(AUTO_REF_PREFIX)) {
+    if m.client_ref
+        .as_deref()
+        .is_some_and(|r| r.starts_with(AUTO_REF_PREFIX))
+    {
         m.client_ref = None;
     }
     m
@@ -124,6 +127,20 @@ pub struct NodeCtx {
     pub sessions: SessionTable,
     /// Background tasks (room sequencers) to wait for on shutdown.
     pub tasks: TaskTracker,
+    room_locks: dashmap::DashMap<RoomId, Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl NodeCtx {
+    /// The lock a room's sequencer holds for its lifetime.
+    fn room_lock(&self, room: RoomId) -> Arc<tokio::sync::Mutex<()>> {
+        self.room_locks.entry(room).or_default().clone()
+    }
+
+    /// Forgets a room's lock when nobody holds or waits for it.
+    fn release_room_lock(&self, room: RoomId) {
+        self.room_locks
+            .remove_if(&room, |_, l| Arc::strong_count(l) == 1);
+    }
 }
 
 /// A node: the actors and the routing in front of them.
@@ -150,6 +167,7 @@ impl Node {
             subscriptions: Subscriptions::default(),
             sessions: SessionTable::default(),
             tasks: TaskTracker::new(),
+            room_locks: dashmap::DashMap::new(),
         });
         let timeout = ctx.config.call_timeout;
         let mailbox = ctx.config.actor_mailbox;
@@ -185,7 +203,10 @@ impl Node {
             Some(owner) if owner == &self.ctx.config.node_id => Ok(()),
             Some(owner) => Err(Error::new(
                 ErrorCode::NotOwner,
-                format!("{key:?} is owned by node {owner} (ring version {})", ring.version()),
+                format!(
+                    "{key:?} is owned by node {owner} (ring version {})",
+                    ring.version()
+                ),
             )),
             None => Err(Error::unavailable("the ring has no nodes")),
         }
@@ -211,7 +232,11 @@ impl Node {
 
     /// A session connected: refreshes the user from the token's claims, records the session and
     /// answers the user's room ids (which the gateway subscribes).
-    pub async fn connect(&self, profile: Profile, session: SessionInfo) -> Result<Vec<RoomId>, Error> {
+    pub async fn connect(
+        &self,
+        profile: Profile,
+        session: SessionInfo,
+    ) -> Result<Vec<RoomId>, Error> {
         let user = profile.id.clone();
         self.call_user(&user, |reply| UserMsg::Connect {
             profile: profile.clone(),
@@ -302,10 +327,10 @@ impl Node {
             Some(0) => return Err(Error::invalid("limit must be at least 1")),
             Some(n) => n.min(cfg.history_max_limit),
         };
-        if let (Some(a), Some(b)) = (query.after, query.before) {
-            if a >= b {
-                return Err(Error::invalid("after must be smaller than before"));
-            }
+        if let (Some(a), Some(b)) = (query.after, query.before)
+            && a >= b
+        {
+            return Err(Error::invalid("after must be smaller than before"));
         }
         self.call_room(room, |reply| RoomMsg::Authorize {
             user: caller.clone(),
@@ -428,7 +453,13 @@ impl Node {
         let last_message = match room.last_message_id {
             Some(_) => {
                 let q = HistoryQuery::default();
-                self.ctx.store.history(room.id, &q, 1).await?.messages.pop().map(public)
+                self.ctx
+                    .store
+                    .history(room.id, &q, 1)
+                    .await?
+                    .messages
+                    .pop()
+                    .map(public)
             }
             None => None,
         };

@@ -123,20 +123,36 @@ mod tests {
         let mut counts: HashMap<NodeId, u64> = HashMap::new();
         for i in 0..keys {
             let owner = ring.owner(&key(i)).cloned();
-            *counts.entry(owner.unwrap_or_else(|| NodeId::new("none"))).or_default() += 1;
+            *counts
+                .entry(owner.unwrap_or_else(|| NodeId::new("none")))
+                .or_default() += 1;
         }
         assert_eq!(counts.len(), 3, "{counts:?}");
         for (node, c) in &counts {
-            assert!((900..=1100).contains(c), "{node} owns {c} of {keys}: {counts:?}");
+            assert!(
+                (900..=1100).contains(c),
+                "{node} owns {c} of {keys}: {counts:?}"
+            );
         }
         // User keys too.
         let mut counts: HashMap<NodeId, u64> = HashMap::new();
         for i in 0..keys {
-            let k = RingKey::User(UserId::parse(&format!("user-{i}")).unwrap_or_else(|e| panic!("{e}")));
-            *counts.entry(ring.owner(&k).cloned().unwrap_or_else(|| NodeId::new("none"))).or_default() += 1;
+            let k = RingKey::User(
+                UserId::parse(&format!("user-{i}")).unwrap_or_else(|e| panic!("{e}")),
+            );
+            *counts
+                .entry(
+                    ring.owner(&k)
+                        .cloned()
+                        .unwrap_or_else(|| NodeId::new("none")),
+                )
+                .or_default() += 1;
         }
         for (node, c) in &counts {
-            assert!((900..=1100).contains(c), "{node} owns {c} of {keys}: {counts:?}");
+            assert!(
+                (900..=1100).contains(c),
+                "{node} owns {c} of {keys}: {counts:?}"
+            );
         }
     }
 
@@ -170,7 +186,9 @@ mod tests {
         }
         // Pinned placements: a change in hashing would silently reshuffle every running cluster
         // during a rolling upgrade, so it must fail here first.
-        let owners: Vec<_> = (0..5).map(|i| a.owner(&key(i)).map(|n| n.as_str().to_owned())).collect();
+        let owners: Vec<_> = (0..5)
+            .map(|i| a.owner(&key(i)).map(|n| n.as_str().to_owned()))
+            .collect();
         let want = ["node-1", "node-1", "node-1", "node-2", "node-2"];
         assert_eq!(owners, want.map(|s| Some(s.to_owned())));
     }

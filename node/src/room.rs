@@ -110,8 +110,8 @@ impl Actor for RoomActor {
         let seq = Sequencer {
             ctx: self.ctx.clone(),
             room: id,
-            last_seq: room.last_seq,
-            last_id: room.last_message_id.map_or(0, |m| m.0),
+            last_seq: 0,
+            last_id: 0,
             recent: Recent::new(self.ctx.config.dedup_window),
             inflight: inflight.clone(),
             actor: myself.clone(),
@@ -163,7 +163,10 @@ impl Actor for RoomActor {
                     reply,
                 };
                 if let Err(mpsc::error::SendError(item)) = st.to_sequencer.send(item).await {
-                    answer(item.reply, Err(Error::unavailable("room sequencer stopped")));
+                    answer(
+                        item.reply,
+                        Err(Error::unavailable("room sequencer stopped")),
+                    );
                     return Err("room sequencer stopped".into());
                 }
             }
@@ -203,7 +206,9 @@ impl RoomActor {
                 }
                 let max = self.ctx.config.max_text_chars;
                 if text.chars().count() > max {
-                    return Err(Error::invalid(format!("text is longer than {max} characters")));
+                    return Err(Error::invalid(format!(
+                        "text is longer than {max} characters"
+                    )));
                 }
             }
         }
@@ -274,14 +279,52 @@ enum Outcome {
 
 impl Sequencer {
     async fn run(mut self, mut rx: mpsc::Receiver<SeqItem>) {
+        // One sequencer per room at a time: a restarted actor's sequencer waits here until the
+        // previous one (killed actor, still finishing its queue) is done, then reads the room's
+        // position from the store.
+        let lock = self.ctx.room_lock(self.room);
+        let guard = lock.clone().lock_owned().await;
+        let loaded = self.ctx.store.room(self.room).await;
+        match loaded {
+            Ok(Some(room)) => {
+                self.last_seq = room.last_seq;
+                self.last_id = room.last_message_id.map_or(0, |m| m.0);
+                self.sequence(&mut rx).await;
+            }
+            Ok(None) => tracing::error!(room = %self.room, "room vanished from the store"),
+            Err(e) => {
+                let reason = format!("cannot load the room: {e}");
+                if self
+                    .actor
+                    .send_message(RoomMsg::SequencerFailed(reason))
+                    .is_err()
+                {
+                    tracing::debug!(room = %self.room, "room actor already stopped");
+                }
+            }
+        }
+        drop(guard);
+        drop(lock);
+        self.ctx.release_room_lock(self.room);
+    }
+
+    async fn sequence(&mut self, rx: &mut mpsc::Receiver<SeqItem>) {
         let mut batch = Vec::with_capacity(self.ctx.config.sequencer_batch);
-        while rx.recv_many(&mut batch, self.ctx.config.sequencer_batch).await > 0 {
+        while rx
+            .recv_many(&mut batch, self.ctx.config.sequencer_batch)
+            .await
+            > 0
+        {
             let n = batch.len();
             let ok = self.process(&mut batch).await;
             self.inflight.fetch_sub(n, Ordering::SeqCst);
             if let Err(reason) = ok {
                 // Drop the queue: callers see the actor gone and retry on the restarted one.
-                if self.actor.send_message(RoomMsg::SequencerFailed(reason)).is_err() {
+                if self
+                    .actor
+                    .send_message(RoomMsg::SequencerFailed(reason))
+                    .is_err()
+                {
                     tracing::debug!(room = %self.room, "room actor already stopped");
                 }
                 return;
@@ -302,7 +345,12 @@ impl Sequencer {
         let stored = if unknown.is_empty() {
             Vec::new()
         } else {
-            match self.ctx.store.messages_by_client_ref(self.room, unknown).await {
+            match self
+                .ctx
+                .store
+                .messages_by_client_ref(self.room, unknown)
+                .await
+            {
                 Ok(found) => found,
                 Err(e) => return Err(self.fail_all(batch, e.into())),
             }
@@ -338,7 +386,12 @@ impl Sequencer {
                 });
             }
         }
-        if let Err(e) = self.ctx.store.append_messages(self.room, fresh.clone()).await {
+        if let Err(e) = self
+            .ctx
+            .store
+            .append_messages(self.room, fresh.clone())
+            .await
+        {
             return Err(self.fail_all(batch, e.into()));
         }
         self.last_seq = seq;

@@ -81,13 +81,25 @@ mod tests {
     #[tokio::test]
     async fn per_gateway_order_and_isolation() {
         let bus = LocalBus::new(16);
-        let mut a = bus.subscribe(&GatewayId::new("a")).await.unwrap_or_else(|e| panic!("{e}"));
-        let mut b = bus.subscribe(&GatewayId::new("b")).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut a = bus
+            .subscribe(&GatewayId::new("a"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut b = bus
+            .subscribe(&GatewayId::new("b"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         for n in 1..=10 {
-            bus.publish(delivery("a", n)).await.unwrap_or_else(|e| panic!("{e}"));
+            bus.publish(delivery("a", n))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
         }
-        bus.publish(delivery("b", 99)).await.unwrap_or_else(|e| panic!("{e}"));
-        bus.publish(delivery("nobody", 1)).await.unwrap_or_else(|e| panic!("{e}"));
+        bus.publish(delivery("b", 99))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        bus.publish(delivery("nobody", 1))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         for n in 1..=10 {
             assert_eq!(a.next().await.map(|d| d.event.room().0), Some(n));
         }

@@ -97,7 +97,10 @@ async fn users(store: &dyn Store) {
     let same = store.upsert_user(&profile("415", "Ann"), 20).await.unwrap();
     assert_eq!(same.updated_at, 10);
     // New claims refresh the profile but keep created_at.
-    let renamed = store.upsert_user(&profile("415", "Anne"), 30).await.unwrap();
+    let renamed = store
+        .upsert_user(&profile("415", "Anne"), 30)
+        .await
+        .unwrap();
     assert_eq!(renamed.profile.name.as_deref(), Some("Anne"));
     assert_eq!((renamed.created_at, renamed.updated_at), (10, 30));
     store.set_last_seen(&uid("415"), 40).await.unwrap();
@@ -114,7 +117,11 @@ async fn rooms(store: &dyn Store) {
     assert_eq!(stored.last_seq, 0);
     let members = store.members(r).await.unwrap();
     assert_eq!(members.len(), 2);
-    assert!(members.iter().any(|m| m.user == uid("a") && m.role == Role::Owner));
+    assert!(
+        members
+            .iter()
+            .any(|m| m.user == uid("a") && m.role == Role::Owner)
+    );
     // Same id twice is refused.
     assert!(matches!(
         store
@@ -145,7 +152,11 @@ async fn direct_rooms(store: Arc<dyn Store>) {
     for i in 0..16u64 {
         let store = store.clone();
         // Both orders of the pair, each call with its own candidate id.
-        let (x, y) = if i % 2 == 0 { ("d1", "d2") } else { ("d2", "d1") };
+        let (x, y) = if i % 2 == 0 {
+            ("d1", "d2")
+        } else {
+            ("d2", "d1")
+        };
         tasks.push(tokio::spawn(async move {
             store
                 .get_or_create_direct(NewRoom {
@@ -167,7 +178,10 @@ async fn direct_rooms(store: Arc<dyn Store>) {
     assert_eq!(ids.len(), 1, "every call sees the same room");
     let id = ids.into_iter().next().unwrap();
     assert_eq!(store.members(id).await.unwrap().len(), 2);
-    assert_eq!(store.room(id).await.unwrap().unwrap().kind, RoomKind::Direct);
+    assert_eq!(
+        store.room(id).await.unwrap().unwrap().kind,
+        RoomKind::Direct
+    );
 }
 
 async fn history(store: &dyn Store) {
@@ -182,48 +196,78 @@ async fn history(store: &dyn Store) {
     assert_eq!(seqs(&newest), vec![100, 99, 98]);
     assert!(newest.has_more);
 
-    let before = HistoryQuery { before: Some(id(98)), ..Default::default() };
+    let before = HistoryQuery {
+        before: Some(id(98)),
+        ..Default::default()
+    };
     let p = store.history(r, &before, 2).await.unwrap();
     assert_eq!(seqs(&p), vec![97, 96]);
 
-    let start = HistoryQuery { before: Some(id(3)), ..Default::default() };
+    let start = HistoryQuery {
+        before: Some(id(3)),
+        ..Default::default()
+    };
     let p = store.history(r, &start, 10).await.unwrap();
     assert_eq!(seqs(&p), vec![2, 1]);
     assert!(!p.has_more);
 
     // `after` anchors the page at the cursor: no gap after the last seen message.
-    let after = HistoryQuery { after: Some(id(10)), ..Default::default() };
+    let after = HistoryQuery {
+        after: Some(id(10)),
+        ..Default::default()
+    };
     let p = store.history(r, &after, 3).await.unwrap();
     assert_eq!(seqs(&p), vec![13, 12, 11]);
     assert!(p.has_more);
 
-    let tail = HistoryQuery { after: Some(id(98)), ..Default::default() };
+    let tail = HistoryQuery {
+        after: Some(id(98)),
+        ..Default::default()
+    };
     let p = store.history(r, &tail, 10).await.unwrap();
     assert_eq!(seqs(&p), vec![100, 99]);
     assert!(!p.has_more);
 
-    let between = HistoryQuery { after: Some(id(50)), before: Some(id(54)), limit: None };
+    let between = HistoryQuery {
+        after: Some(id(50)),
+        before: Some(id(54)),
+        limit: None,
+    };
     let p = store.history(r, &between, 10).await.unwrap();
     assert_eq!(seqs(&p), vec![53, 52, 51]);
 
     let empty = seed_room(store, 8).await;
-    let p = store.history(empty, &HistoryQuery::default(), 10).await.unwrap();
+    let p = store
+        .history(empty, &HistoryQuery::default(), 10)
+        .await
+        .unwrap();
     assert!(p.messages.is_empty() && !p.has_more);
 
     let m = &newest.messages[0];
-    assert_eq!(m, &msg(r, 100, "b", None), "a message reads back exactly as written");
+    assert_eq!(
+        m,
+        &msg(r, 100, "b", None),
+        "a message reads back exactly as written"
+    );
 }
 
 async fn idempotency(store: &dyn Store) {
     let r = seed_room(store, 9).await;
     store
-        .append_messages(r, vec![msg(r, 1, "a", Some("ref-1")), msg(r, 2, "b", Some("ref-1"))])
+        .append_messages(
+            r,
+            vec![msg(r, 1, "a", Some("ref-1")), msg(r, 2, "b", Some("ref-1"))],
+        )
         .await
         .unwrap();
     let found = store
         .messages_by_client_ref(
             r,
-            vec![(uid("a"), "ref-1".into()), (uid("b"), "ref-1".into()), (uid("a"), "nope".into())],
+            vec![
+                (uid("a"), "ref-1".into()),
+                (uid("b"), "ref-1".into()),
+                (uid("a"), "nope".into()),
+            ],
         )
         .await
         .unwrap();
@@ -232,10 +276,20 @@ async fn idempotency(store: &dyn Store) {
     assert_eq!(seqs, vec![1, 2]);
     // A batch that repeats a stored (room, sender, client_ref) fails whole.
     let dup = store
-        .append_messages(r, vec![msg(r, 3, "a", Some("ref-3")), msg(r, 4, "a", Some("ref-1"))])
+        .append_messages(
+            r,
+            vec![msg(r, 3, "a", Some("ref-3")), msg(r, 4, "a", Some("ref-1"))],
+        )
         .await;
     assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
-    let p = store.history(r, &HistoryQuery::default(), 10).await.unwrap();
-    assert_eq!(p.messages.len(), 2, "nothing of the failed batch was stored");
+    let p = store
+        .history(r, &HistoryQuery::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        p.messages.len(),
+        2,
+        "nothing of the failed batch was stored"
+    );
     assert_eq!(store.room(r).await.unwrap().unwrap().last_seq, 2);
 }

@@ -203,6 +203,7 @@ CREATE TABLE messages (
     created_at INTEGER NOT NULL,
     PRIMARY KEY (room, id)
 ) WITHOUT ROWID;
+CREATE UNIQUE INDEX messages_by_seq ON messages(room, seq);
 CREATE UNIQUE INDEX messages_by_client_ref ON messages(room, sender, client_ref)
     WHERE client_ref IS NOT NULL;
 "#];
@@ -220,7 +221,8 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
         let tx = conn.transaction().map_err(db_err)?;
         tx.execute_batch(sql).map_err(db_err)?;
-        tx.pragma_update(None, "user_version", i + 1).map_err(db_err)?;
+        tx.pragma_update(None, "user_version", i + 1)
+            .map_err(db_err)?;
         tx.commit().map_err(db_err)?;
     }
     Ok(())
@@ -365,7 +367,12 @@ fn apply(tx: &mut rusqlite::Savepoint<'_>, op: &WriteOp) -> StoreResult<WriteOut
                    last_activity = max(last_activity, ?4) WHERE id = ?1",
             )
             .and_then(|mut s| {
-                s.execute(params![room.0 as i64, last_seq as i64, last_id as i64, last_at])
+                s.execute(params![
+                    room.0 as i64,
+                    last_seq as i64,
+                    last_id as i64,
+                    last_at
+                ])
             })
             .map_err(db_err)?;
             Ok(WriteOut::Unit)
@@ -373,7 +380,11 @@ fn apply(tx: &mut rusqlite::Savepoint<'_>, op: &WriteOp) -> StoreResult<WriteOut
     }
 }
 
-fn insert_room(tx: &rusqlite::Savepoint<'_>, new: &NewRoom, direct_key: Option<&str>) -> StoreResult<()> {
+fn insert_room(
+    tx: &rusqlite::Savepoint<'_>,
+    new: &NewRoom,
+    direct_key: Option<&str>,
+) -> StoreResult<()> {
     let r = &new.room;
     tx.prepare_cached(
         "INSERT INTO rooms (id, kind, name, created_by, created_at, direct_key, last_activity)
@@ -394,8 +405,13 @@ fn insert_room(tx: &rusqlite::Savepoint<'_>, new: &NewRoom, direct_key: Option<&
         .prepare_cached("INSERT INTO members (room, user, role, joined_at) VALUES (?1, ?2, ?3, ?4)")
         .map_err(db_err)?;
     for m in &new.members {
-        ins.execute(params![r.id.0 as i64, m.user.as_str(), role_str(m.role), m.joined_at])
-            .map_err(db_err)?;
+        ins.execute(params![
+            r.id.0 as i64,
+            m.user.as_str(),
+            role_str(m.role),
+            m.joined_at
+        ])
+        .map_err(db_err)?;
     }
     Ok(())
 }
@@ -494,15 +510,20 @@ fn members_of(c: &Connection, room: RoomId) -> rusqlite::Result<Vec<Member>> {
 }
 
 fn message_by_id(c: &Connection, room: RoomId, id: MessageId) -> rusqlite::Result<Option<Message>> {
-    c.prepare_cached(&format!("SELECT {MSG_COLS} FROM messages WHERE room = ?1 AND id = ?2"))?
-        .query_row(params![room.0 as i64, id.0 as i64], message_row)
-        .optional()
+    c.prepare_cached(&format!(
+        "SELECT {MSG_COLS} FROM messages WHERE room = ?1 AND id = ?2"
+    ))?
+    .query_row(params![room.0 as i64, id.0 as i64], message_row)
+    .optional()
 }
 
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn upsert_user(&self, profile: &Profile, now: Millis) -> StoreResult<User> {
-        match self.write(WriteOp::UpsertUser(profile.clone(), now)).await? {
+        match self
+            .write(WriteOp::UpsertUser(profile.clone(), now))
+            .await?
+        {
             WriteOut::User(u) => Ok(*u),
             _ => Err(StoreError::Corrupt("unexpected writer answer".into())),
         }
@@ -519,7 +540,9 @@ impl Store for EmbeddedStore {
     }
 
     async fn set_last_seen(&self, id: &UserId, at: Millis) -> StoreResult<()> {
-        self.write(WriteOp::SetLastSeen(id.clone(), at)).await.map(|_| ())
+        self.write(WriteOp::SetLastSeen(id.clone(), at))
+            .await
+            .map(|_| ())
     }
 
     async fn create_room(&self, new: NewRoom) -> StoreResult<()> {
@@ -681,7 +704,10 @@ mod tests {
         let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Full).expect("open"));
         super::super::conformance::run_all(store.clone()).await;
         store.close().await.expect("close");
-        assert!(matches!(store.room(RoomId(1)).await, Err(StoreError::Closed)));
+        assert!(matches!(
+            store.room(RoomId(1)).await,
+            Err(StoreError::Closed)
+        ));
     }
 
     #[tokio::test]
@@ -692,9 +718,15 @@ mod tests {
         super::super::conformance::append_n(&store, room, 1, 10).await;
         store.close().await.expect("close");
         let store = EmbeddedStore::open(dir.path(), Durability::Full).expect("reopen");
-        let page = store.history(room, &HistoryQuery::default(), 100).await.expect("history");
+        let page = store
+            .history(room, &HistoryQuery::default(), 100)
+            .await
+            .expect("history");
         assert_eq!(page.messages.len(), 10);
-        assert_eq!(store.room(room).await.expect("room").map(|r| r.last_seq), Some(10));
+        assert_eq!(
+            store.room(room).await.expect("room").map(|r| r.last_seq),
+            Some(10)
+        );
     }
 
     #[tokio::test]
@@ -712,7 +744,10 @@ mod tests {
         for t in tasks {
             t.await.expect("task");
         }
-        let page = store.history(RoomId(1199), &HistoryQuery::default(), 10).await.expect("h");
+        let page = store
+            .history(RoomId(1199), &HistoryQuery::default(), 10)
+            .await
+            .expect("h");
         assert_eq!(page.messages.len(), 5);
     }
 }

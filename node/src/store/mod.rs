@@ -11,7 +11,9 @@ pub mod conformance;
 pub mod embedded;
 
 use async_trait::async_trait;
-use schema::{HistoryQuery, Member, Message, Millis, Profile, Room, RoomId, RoomSummary, User, UserId};
+use schema::{
+    HistoryQuery, Member, Message, Millis, Profile, Room, RoomId, RoomSummary, User, UserId,
+};
 
 /// Store failures. All are server-side: a client sees them as `unavailable` or `internal`.
 #[derive(Debug, thiserror::Error)]
@@ -117,8 +119,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<Message>>;
 
     /// Reads a page of history (see [`HistoryQuery`] for the bounds); `limit` is already clamped.
-    async fn history(&self, room: RoomId, query: &HistoryQuery, limit: u32)
-    -> StoreResult<HistoryPage>;
+    async fn history(
+        &self,
+        room: RoomId,
+        query: &HistoryQuery,
+        limit: u32,
+    ) -> StoreResult<HistoryPage>;
 
     // ---- lifecycle ----
 

@@ -1,0 +1,396 @@
+//! Configuration in two steps: a [`ConfigBuilder`] read from an optional TOML file (unknown keys
+//! are refused), overridden by `PALAVER_*` environment variables from an env map passed in (so
+//! tests pass their own), then validated into the final [`Config`].
+
+use node::NodeConfig;
+use node::store::embedded::Durability;
+use schema::{GatewayId, NodeId};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Configuration errors, each naming the setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for the builder.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or unparsable.
+    #[error("invalid {key}: {reason}")]
+    Invalid {
+        /// The setting (environment variable name).
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A setting names a feature this build does not have yet.
+    #[error("{key} is set, but {what}")]
+    Unsupported {
+        /// The setting.
+        key: &'static str,
+        /// What is missing.
+        what: &'static str,
+    },
+}
+
+/// The raw settings, every field optional. In TOML the keys are the field names; in the
+/// environment they are `PALAVER_` + the field name in upper case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigBuilder {
+    /// Address for every HTTP and WebSocket route. Default `127.0.0.1:8080`.
+    pub http_addr: Option<String>,
+    /// Embedded store and uploaded files. Default `./data`.
+    pub data_dir: Option<PathBuf>,
+    /// HS256 secret. With no secret and no public key, a random secret is created once in the
+    /// data dir.
+    pub jwt_secret: Option<String>,
+    /// PEM public key (the PEM text, or a path to a PEM file) for RS256, ES256 or EdDSA tokens.
+    pub jwt_public_key: Option<String>,
+    /// Pins the algorithm of `jwt_public_key` (`RS256`, `RS384`, `RS512`, `PS256`, `ES256`,
+    /// `ES384`, `EdDSA`). Default: derived from the key type.
+    pub jwt_algorithm: Option<String>,
+    /// This gateway's id. Default `gateway-local`.
+    pub gateway_id: Option<String>,
+    /// This node's id. Default `local`.
+    pub node_id: Option<String>,
+    /// Largest accepted WebSocket frame or message, in bytes. Default 65536.
+    pub max_frame_bytes: Option<usize>,
+    /// Events queued for one session before it is disconnected as too slow. Default 1024.
+    pub outbound_queue: Option<usize>,
+    /// Seconds between server pings; a client silent for two intervals is disconnected.
+    /// Default 25.
+    pub ping_interval_secs: Option<u64>,
+    /// Seconds SIGTERM waits for sessions to close before exiting anyway. Default 10.
+    pub shutdown_grace_secs: Option<u64>,
+    /// `full` (fsync every commit, default) or `normal` (survives process crash only).
+    pub store_durability: Option<String>,
+    /// Seconds an idle room or user actor lives. Default 300.
+    pub actor_idle_secs: Option<u64>,
+    /// Most members in a group. Default 10000.
+    pub group_max_members: Option<usize>,
+    /// Largest history page. Default 200.
+    pub history_max_limit: Option<u32>,
+    /// Longest text message in characters. Default 4096.
+    pub max_text_chars: Option<usize>,
+    /// `text` (default) or `json` logs.
+    pub log_format: Option<String>,
+}
+
+/// Where tokens are verified from.
+#[derive(Clone, Debug)]
+pub enum JwtKey {
+    /// HS256 with this secret.
+    Secret(String),
+    /// No secret configured: use (or create) the one in the data dir.
+    SecretFile,
+    /// Asymmetric: PEM text and the pinned algorithm name, if configured.
+    PublicKey {
+        /// PEM text.
+        pem: String,
+        /// Pinned algorithm, if configured.
+        algorithm: Option<String>,
+    },
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Listen address.
+    pub http_addr: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Token verification key.
+    pub jwt: JwtKey,
+    /// Gateway id.
+    pub gateway_id: GatewayId,
+    /// Frame limit in bytes.
+    pub max_frame_bytes: usize,
+    /// Per-session outbound queue.
+    pub outbound_queue: usize,
+    /// Keepalive ping interval.
+    pub ping_interval: Duration,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
+    /// Store durability.
+    pub durability: Durability,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Node tunables.
+    pub node: NodeConfig,
+}
+
+fn env_parse<T: FromStr>(
+    env: &HashMap<String, String>,
+    key: &'static str,
+) -> Result<Option<T>, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match env.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e: T::Err| ConfigError::Invalid {
+                key,
+                reason: format!("{v:?}: {e}"),
+            }),
+    }
+}
+
+impl ConfigBuilder {
+    /// Reads a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Applies `PALAVER_*` overrides from `env`.
+    pub fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        macro_rules! over {
+            ($field:ident, $key:literal) => {
+                if let Some(v) = env_parse(env, $key)? {
+                    self.$field = Some(v);
+                }
+            };
+        }
+        over!(http_addr, "PALAVER_HTTP_ADDR");
+        over!(data_dir, "PALAVER_DATA_DIR");
+        over!(jwt_secret, "PALAVER_JWT_SECRET");
+        over!(jwt_public_key, "PALAVER_JWT_PUBLIC_KEY");
+        over!(jwt_algorithm, "PALAVER_JWT_ALGORITHM");
+        over!(gateway_id, "PALAVER_GATEWAY_ID");
+        over!(node_id, "PALAVER_NODE_ID");
+        over!(max_frame_bytes, "PALAVER_MAX_FRAME_BYTES");
+        over!(outbound_queue, "PALAVER_OUTBOUND_QUEUE");
+        over!(ping_interval_secs, "PALAVER_PING_INTERVAL_SECS");
+        over!(shutdown_grace_secs, "PALAVER_SHUTDOWN_GRACE_SECS");
+        over!(store_durability, "PALAVER_STORE_DURABILITY");
+        over!(actor_idle_secs, "PALAVER_ACTOR_IDLE_SECS");
+        over!(group_max_members, "PALAVER_GROUP_MAX_MEMBERS");
+        over!(history_max_limit, "PALAVER_HISTORY_MAX_LIMIT");
+        over!(max_text_chars, "PALAVER_MAX_TEXT_CHARS");
+        over!(log_format, "PALAVER_LOG_FORMAT");
+        // Settings of backends this build cannot run yet: refuse rather than silently ignore.
+        for (key, what) in [
+            (
+                "PALAVER_KAFKA_BROKERS",
+                "the Kafka bus is not in this build yet",
+            ),
+            (
+                "PALAVER_POSTGRES_URL",
+                "the PostgreSQL store is not in this build yet",
+            ),
+            (
+                "PALAVER_SCYLLA_NODES",
+                "the ScyllaDB store is not in this build yet",
+            ),
+        ] {
+            if env.get(key).is_some_and(|v| !v.is_empty()) {
+                return Err(ConfigError::Unsupported { key, what });
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates into a [`Config`].
+    pub fn build(self) -> Result<Config, ConfigError> {
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_owned(),
+        };
+        let http_addr = self.http_addr.as_deref().unwrap_or("127.0.0.1:8080");
+        let http_addr = http_addr
+            .parse()
+            .map_err(|e| invalid("PALAVER_HTTP_ADDR", &format!("{http_addr:?}: {e}")))?;
+        let jwt = match (self.jwt_secret, self.jwt_public_key) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "PALAVER_JWT_SECRET",
+                    "set either a secret or a public key, not both",
+                ));
+            }
+            (Some(s), None) if s.len() < 16 => {
+                return Err(invalid("PALAVER_JWT_SECRET", "must be at least 16 bytes"));
+            }
+            (Some(s), None) => JwtKey::Secret(s),
+            (None, Some(k)) => JwtKey::PublicKey {
+                pem: if k.trim_start().starts_with("-----BEGIN") {
+                    k
+                } else {
+                    std::fs::read_to_string(&k).map_err(|e| {
+                        invalid("PALAVER_JWT_PUBLIC_KEY", &format!("cannot read {k}: {e}"))
+                    })?
+                },
+                algorithm: self.jwt_algorithm,
+            },
+            (None, None) => JwtKey::SecretFile,
+        };
+        let positive = |v: Option<usize>, d: usize, key| match v {
+            Some(0) => Err(invalid(key, "must be greater than 0")),
+            Some(n) => Ok(n),
+            None => Ok(d),
+        };
+        let max_frame_bytes = positive(self.max_frame_bytes, 64 * 1024, "PALAVER_MAX_FRAME_BYTES")?;
+        if max_frame_bytes < 1024 {
+            return Err(invalid("PALAVER_MAX_FRAME_BYTES", "must be at least 1024"));
+        }
+        let outbound_queue = positive(self.outbound_queue, 1024, "PALAVER_OUTBOUND_QUEUE")?;
+        let secs = |v: Option<u64>, d: u64, key| match v {
+            Some(0) => Err(invalid(key, "must be greater than 0")),
+            v => Ok(Duration::from_secs(v.unwrap_or(d))),
+        };
+        let durability = match self.store_durability.as_deref() {
+            None | Some("full") => Durability::Full,
+            Some("normal") => Durability::Normal,
+            Some(o) => {
+                return Err(invalid(
+                    "PALAVER_STORE_DURABILITY",
+                    &format!("{o:?}: expected full or normal"),
+                ));
+            }
+        };
+        let log_format = match self.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(o) => {
+                return Err(invalid(
+                    "PALAVER_LOG_FORMAT",
+                    &format!("{o:?}: expected text or json"),
+                ));
+            }
+        };
+        let mut node = NodeConfig {
+            idle_timeout: secs(self.actor_idle_secs, 300, "PALAVER_ACTOR_IDLE_SECS")?,
+            group_max_members: positive(
+                self.group_max_members,
+                10_000,
+                "PALAVER_GROUP_MAX_MEMBERS",
+            )?,
+            max_text_chars: positive(self.max_text_chars, 4096, "PALAVER_MAX_TEXT_CHARS")?,
+            ..NodeConfig::default()
+        };
+        if let Some(id) = self.node_id {
+            node.node_id = NodeId::new(id);
+        }
+        if let Some(n) = self.history_max_limit {
+            if n == 0 {
+                return Err(invalid(
+                    "PALAVER_HISTORY_MAX_LIMIT",
+                    "must be greater than 0",
+                ));
+            }
+            node.history_max_limit = n;
+            node.history_default_limit = node.history_default_limit.min(n);
+        }
+        Ok(Config {
+            http_addr,
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
+            jwt,
+            gateway_id: GatewayId::new(self.gateway_id.unwrap_or_else(|| "gateway-local".into())),
+            max_frame_bytes,
+            outbound_queue,
+            ping_interval: secs(self.ping_interval_secs, 25, "PALAVER_PING_INTERVAL_SECS")?,
+            shutdown_grace: secs(self.shutdown_grace_secs, 10, "PALAVER_SHUTDOWN_GRACE_SECS")?,
+            durability,
+            log_format,
+            node,
+        })
+    }
+}
+
+impl Config {
+    /// Loads the configuration: the optional file, then the environment `env`.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut b = match file {
+            Some(p) => ConfigBuilder::from_file(p)?,
+            None => ConfigBuilder::default(),
+        };
+        b.apply_env(env)?;
+        b.build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::load(None, &HashMap::new()).expect("defaults");
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.max_frame_bytes, 65536);
+        assert!(matches!(c.jwt, JwtKey::SecretFile));
+        assert_eq!(c.durability, Durability::Full);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("p.toml");
+        std::fs::write(&p, "http_addr = \"127.0.0.1:1\"\nmax_frame_bytes = 2048\n").expect("w");
+        let c = Config::load(Some(&p), &env(&[("PALAVER_HTTP_ADDR", "127.0.0.1:2")])).expect("c");
+        assert_eq!(c.http_addr.port(), 2);
+        assert_eq!(c.max_frame_bytes, 2048);
+    }
+
+    #[test]
+    fn refuses_bad_values_with_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("p.toml");
+        std::fs::write(&p, "http_adr = \"x\"\n").expect("w");
+        assert!(matches!(
+            Config::load(Some(&p), &HashMap::new()),
+            Err(ConfigError::Parse { .. })
+        ));
+        let e = Config::load(None, &env(&[("PALAVER_MAX_FRAME_BYTES", "lots")])).unwrap_err();
+        assert!(e.to_string().contains("PALAVER_MAX_FRAME_BYTES"), "{e}");
+        let e = Config::load(None, &env(&[("PALAVER_JWT_SECRET", "short")])).unwrap_err();
+        assert!(e.to_string().contains("at least 16"), "{e}");
+        let e = Config::load(None, &env(&[("PALAVER_KAFKA_BROKERS", "k:9092")])).unwrap_err();
+        assert!(matches!(e, ConfigError::Unsupported { .. }), "{e}");
+    }
+}

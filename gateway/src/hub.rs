@@ -1,0 +1,273 @@
+//! The gateway's local session registry and its delivery loop.
+//!
+//! The hub knows which local sessions belong to which user and which rooms each session
+//! follows. It consumes this gateway's deliveries from the bus and puts each event on the
+//! outbound queue of every local session it targets, without ever waiting: a session whose
+//! bounded queue is full is disconnected as a slow consumer, so one stalled client never slows a
+//! room. The hub subscribes a room at the node when its first local session follows it and
+//! unsubscribes when the last one leaves.
+
+use dashmap::DashMap;
+use futures::StreamExt;
+use node::Node;
+use node::bus::DeliveryStream;
+use parking_lot::Mutex;
+use schema::{Delivery, Event, GatewayId, RoomId, SessionId, Target, UserId};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Why a session is being closed by the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseReason {
+    /// WebSocket close code.
+    pub code: u16,
+    /// Short human reason (at most 123 bytes on the wire).
+    pub reason: String,
+}
+
+/// What the session writer sends.
+#[derive(Debug)]
+pub enum Outbound {
+    /// An event, encoded by the session's dialect.
+    Event(Arc<Event>),
+    /// A frame already encoded (replies).
+    Text(String),
+}
+
+/// The hub's handle on one session.
+pub struct SessionHandle {
+    /// Whose session.
+    pub user: UserId,
+    tx: mpsc::Sender<Outbound>,
+    close: CancellationToken,
+    reason: Mutex<Option<CloseReason>>,
+    rooms: Mutex<Vec<RoomId>>,
+}
+
+impl SessionHandle {
+    /// Asks the session to close with `reason` (the first reason wins).
+    pub fn kick(&self, reason: CloseReason) {
+        let mut r = self.reason.lock();
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        self.close.cancel();
+    }
+
+    /// Resolves when the session has been asked to close.
+    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.close.cancelled()
+    }
+
+    /// The reason it was asked to close, if it was.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.reason.lock().clone()
+    }
+
+    /// Queues a frame without waiting. A full queue means the client stopped reading: the
+    /// session is closed as a slow consumer. False when the frame was not queued.
+    pub fn offer(&self, out: Outbound) -> bool {
+        match self.tx.try_send(out) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.kick(CloseReason {
+                    code: 1008,
+                    reason: format!(
+                        "slow consumer: {} frames queued and unread",
+                        self.tx.max_capacity()
+                    ),
+                });
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// Local sessions of this gateway.
+pub struct Hub {
+    gateway: GatewayId,
+    node: Arc<Node>,
+    queue: usize,
+    next_id: AtomicU64,
+    sessions: DashMap<SessionId, Arc<SessionHandle>>,
+    by_user: DashMap<UserId, Vec<SessionId>>,
+    by_room: DashMap<RoomId, Vec<SessionId>>,
+}
+
+/// A session registered with the hub: its id, handle and the receiving end of its queue.
+pub struct Registered {
+    /// Session id.
+    pub id: SessionId,
+    /// Handle (close signal).
+    pub handle: Arc<SessionHandle>,
+    /// Outbound queue.
+    pub rx: mpsc::Receiver<Outbound>,
+}
+
+impl Hub {
+    /// A hub for `gateway` with per-session queues of `queue` events.
+    pub fn new(gateway: GatewayId, node: Arc<Node>, queue: usize) -> Arc<Self> {
+        Arc::new(Self {
+            gateway,
+            node,
+            queue,
+            next_id: AtomicU64::new(1),
+            sessions: DashMap::new(),
+            by_user: DashMap::new(),
+            by_room: DashMap::new(),
+        })
+    }
+
+    /// This gateway's id.
+    pub fn gateway(&self) -> &GatewayId {
+        &self.gateway
+    }
+
+    /// A fresh session id.
+    pub fn next_session_id(&self) -> SessionId {
+        SessionId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Number of connected sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether no session is connected.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Registers a session of `user` following `rooms`.
+    pub fn register(&self, id: SessionId, user: UserId, rooms: Vec<RoomId>) -> Registered {
+        let (tx, rx) = mpsc::channel(self.queue);
+        let handle = Arc::new(SessionHandle {
+            user: user.clone(),
+            tx,
+            close: CancellationToken::new(),
+            reason: Mutex::new(None),
+            rooms: Mutex::new(Vec::new()),
+        });
+        self.sessions.insert(id, handle.clone());
+        self.by_user.entry(user).or_default().push(id);
+        self.follow(id, &handle, &rooms);
+        Registered { id, handle, rx }
+    }
+
+    /// Adds rooms to a session, subscribing the ones new to this gateway.
+    fn follow(&self, id: SessionId, handle: &SessionHandle, rooms: &[RoomId]) {
+        let mut new_here = Vec::new();
+        {
+            let mut mine = handle.rooms.lock();
+            for &room in rooms {
+                if mine.contains(&room) {
+                    continue;
+                }
+                mine.push(room);
+                let mut e = self.by_room.entry(room).or_default();
+                if e.is_empty() {
+                    new_here.push(room);
+                }
+                e.push(id);
+            }
+        }
+        if !new_here.is_empty() {
+            self.node.subscribe(&self.gateway, &new_here);
+        }
+    }
+
+    /// Removes a session; unsubscribes rooms no local session follows any more.
+    pub fn unregister(&self, id: SessionId) {
+        let Some((_, handle)) = self.sessions.remove(&id) else {
+            return;
+        };
+        self.by_user.remove_if_mut(&handle.user, |_, v| {
+            v.retain(|s| *s != id);
+            v.is_empty()
+        });
+        let rooms = std::mem::take(&mut *handle.rooms.lock());
+        let mut gone = Vec::new();
+        for room in rooms {
+            if self
+                .by_room
+                .remove_if_mut(&room, |_, v| {
+                    v.retain(|s| *s != id);
+                    v.is_empty()
+                })
+                .is_some()
+            {
+                gone.push(room);
+            }
+        }
+        if !gone.is_empty() {
+            self.node.unsubscribe(&self.gateway, &gone);
+        }
+    }
+
+    /// Asks every session to close with `reason`.
+    pub fn kick_all(&self, reason: &CloseReason) {
+        for s in self.sessions.iter() {
+            s.kick(reason.clone());
+        }
+    }
+
+    fn sessions_of_room(&self, room: RoomId) -> Vec<Arc<SessionHandle>> {
+        self.by_room
+            .get(&room)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| self.sessions.get(id).map(|s| s.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Delivers one envelope to the local sessions it targets.
+    pub fn deliver(&self, d: Delivery) {
+        let event = Arc::new(d.event);
+        match d.target {
+            Target::Room { room } => {
+                for s in self.sessions_of_room(room) {
+                    s.offer(Outbound::Event(event.clone()));
+                }
+            }
+            Target::Users { users } => {
+                for user in users {
+                    let ids = self
+                        .by_user
+                        .get(&user)
+                        .map(|v| v.clone())
+                        .unwrap_or_default();
+                    for id in ids {
+                        let Some(s) = self.sessions.get(&id).map(|s| s.clone()) else {
+                            continue;
+                        };
+                        if let Event::RoomJoined { room } = &*event {
+                            self.follow(id, &s, &[room.room.id]);
+                        }
+                        s.offer(Outbound::Event(event.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the delivery loop until the stream ends or `stop` fires.
+    pub async fn run(self: Arc<Self>, mut stream: DeliveryStream, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                d = stream.next() => match d {
+                    Some(d) => self.deliver(d),
+                    None => {
+                        tracing::warn!(gateway = %self.gateway, "delivery stream ended");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The HTTP server: axum router on `PALAVER_HTTP_ADDR`, start-up wiring and graceful drain.
+//!
+//! [`Palaver::start`] wires one process together (`palaver serve`): embedded store, in-process
+//! bus, a node alone on its ring, this gateway's hub and the router. [`Palaver::shutdown`] drains:
+//! stop accepting, close every socket with 1001 "going away", wait for sessions (up to the grace
+//! period), stop the actors after they finish their mailboxes, close the bus, flush and close the
+//! store.
+
+use crate::auth::{Auth, AuthError};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::rest;
+use crate::session;
+use axum::Router;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use node::Node;
+use node::bus::Bus;
+use node::bus::local::LocalBus;
+use node::store::Store;
+use node::store::embedded::EmbeddedStore;
+use schema::{Error, ErrorCode, Profile};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Deliveries queued per gateway on the in-process bus.
+const BUS_QUEUE: usize = 65_536;
+
+/// What request handlers share.
+pub struct App {
+    /// Configuration.
+    pub config: Config,
+    /// Token verification.
+    pub auth: Auth,
+    /// The node (local in `serve`).
+    pub node: Arc<Node>,
+    /// Local sessions.
+    pub hub: Arc<Hub>,
+    /// Session tasks, waited for on shutdown.
+    pub sessions: TaskTracker,
+    /// True once draining started.
+    pub draining: AtomicBool,
+}
+
+/// A running Palaver.
+pub struct Palaver {
+    addr: SocketAddr,
+    app: Arc<App>,
+    stop: CancellationToken,
+    serve: JoinHandle<std::io::Result<()>>,
+    hub_stop: CancellationToken,
+    hub_task: JoinHandle<()>,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+}
+
+impl Palaver {
+    /// Starts everything and binds the listener; returns once it accepts connections.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let auth = Auth::new(&config.jwt, &config.data_dir).map_err(anyhow::Error::msg)?;
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&config.data_dir, config.durability)?);
+        let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(BUS_QUEUE));
+        let node = Node::start(config.node.clone(), store.clone(), bus.clone()).await?;
+        let hub = Hub::new(
+            config.gateway_id.clone(),
+            node.clone(),
+            config.outbound_queue,
+        );
+        let deliveries = bus.subscribe(&config.gateway_id).await?;
+        let hub_stop = CancellationToken::new();
+        let hub_task = tokio::spawn(hub.clone().run(deliveries, hub_stop.clone()));
+
+        let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
+        let addr = listener.local_addr()?;
+        let app = Arc::new(App {
+            config,
+            auth,
+            node,
+            hub,
+            sessions: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+        });
+        let stop = CancellationToken::new();
+        let signal = {
+            let app = app.clone();
+            let stop = stop.clone();
+            async move {
+                stop.cancelled().await;
+                app.draining.store(true, Ordering::SeqCst);
+                app.hub.kick_all(&session::going_away());
+            }
+        };
+        let service = router(app.clone()).into_make_service();
+        let serve = tokio::spawn(async move {
+            axum::serve(listener, service)
+                .with_graceful_shutdown(signal)
+                .await
+        });
+        Ok(Self {
+            addr,
+            app,
+            stop,
+            serve,
+            hub_stop,
+            hub_task,
+            store,
+            bus,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Shared state (for tests and embedding).
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Drains and stops: no new connections, every socket closed with 1001, sessions waited for
+    /// (up to the grace period), actors stopped after their mailboxes, bus closed, store
+    /// flushed and closed.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let grace = self.app.config.shutdown_grace;
+        self.stop.cancel();
+        self.app.sessions.close();
+        let deadline = tokio::time::Instant::now() + grace;
+        if tokio::time::timeout_at(deadline, self.app.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.app.hub.len(),
+                "sessions still open after the grace period"
+            );
+        }
+        match tokio::time::timeout_at(deadline, self.serve).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "http server task failed"),
+            Err(_) => tracing::warn!("http connections still open after the grace period"),
+        }
+        self.app.node.shutdown().await;
+        self.hub_stop.cancel();
+        if let Err(e) = self.hub_task.await {
+            tracing::warn!(error = %e, "delivery loop failed");
+        }
+        self.bus.close().await;
+        self.store.close().await?;
+        tracing::info!("palaver stopped");
+        Ok(())
+    }
+}
+
+/// Builds the router.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/ws", get(native_ws))
+        .nest("/v1", rest::routes())
+        .layer(axum::extract::DefaultBodyLimit::max(
+            app.config.max_frame_bytes,
+        ))
+        .with_state(app)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        (StatusCode::OK, "ready").into_response()
+    }
+}
+
+/// An error as an HTTP response: the code's status and `{"error":{"code","message"}}`.
+pub fn error_response(e: &Error) -> Response {
+    let status =
+        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::json!({ "error": { "code": e.code, "message": e.message } });
+    let mut resp = (status, axum::Json(body)).into_response();
+    if e.code == ErrorCode::Unauthorized {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
+/// The bearer token of a request: `Authorization: Bearer`, else `?token=`.
+pub fn bearer<'a>(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Option<&'a str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .or(query_token)
+}
+
+/// Authenticates a request, or answers 401 with the reason.
+pub fn authenticate(app: &App, token: Option<&str>) -> Result<Profile, Response> {
+    let token = token.unwrap_or_default();
+    app.auth.verify(token).map_err(|e| {
+        let msg = match e {
+            AuthError::Missing => {
+                "missing token: send Authorization: Bearer <jwt> or ?token=<jwt>".into()
+            }
+            other => other.to_string(),
+        };
+        error_response(&Error::new(ErrorCode::Unauthorized, msg))
+    })
+}
+
+/// The authenticated user of a REST request (`Authorization: Bearer`). As an extractor it runs
+/// before the body is read, so a request without a valid token is a 401 whatever its body.
+pub struct Caller(pub Profile);
+
+impl axum::extract::FromRequestParts<Arc<App>> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Response> {
+        authenticate(app, bearer(&parts.headers, None)).map(Caller)
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+async fn native_ws(
+    State(app): State<Arc<App>>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    // Authenticate before anything else: a bad token is a 401, never an upgraded socket.
+    let profile = match authenticate(&app, bearer(&headers, q.token.as_deref())) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    if app.draining.load(Ordering::SeqCst) {
+        return error_response(&Error::unavailable(
+            "server is shutting down; reconnect elsewhere",
+        ));
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rej) => return rej.into_response(),
+    };
+    // Register before answering 101: once connected, the user exists for everyone else.
+    let opened = match session::open(&app, profile, "native").await {
+        Ok(o) => o,
+        Err(e) => return error_response(&e),
+    };
+    let limit = app.config.max_frame_bytes;
+    let tracker = app.sessions.clone();
+    let failed = opened.clone_for_failure(&app);
+    ws.max_frame_size(limit)
+        .max_message_size(limit)
+        .on_failed_upgrade(move |e| failed.abandon(e))
+        .on_upgrade(move |socket| tracker.track_future(session::run_native(socket, app, opened)))
+}

@@ -1,0 +1,284 @@
+//! One task per connection: frames in -> dialect decode -> node -> dialect encode -> frames out.
+//!
+//! The loop is written against `Stream + Sink` of WebSocket messages. The reader handles one
+//! request at a time, in order, and puts its reply on the session's bounded outbound queue; a
+//! writer task drains that queue (replies and events) to the socket and sends keepalive pings.
+//! Whoever ends the session (client close, slow consumer, keepalive timeout, shutdown) leads to
+//! one exit path: the writer sends the close frame, the hub forgets the session, the node marks
+//! it disconnected.
+
+use crate::dialect::native;
+use crate::hub::{CloseReason, Outbound, Registered, SessionHandle};
+use crate::server::App;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes};
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use node::user::SessionInfo;
+use schema::{Error, ErrorCode, Profile, RoomId, SessionId, UserId};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Longest a single socket write may take before the client is treated as not reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Close code and reason for a server shutdown.
+pub fn going_away() -> CloseReason {
+    CloseReason {
+        code: 1001,
+        reason: "server shutting down; reconnect".into(),
+    }
+}
+
+/// A session registered with the node, not yet attached to a socket.
+pub struct Opened {
+    id: SessionId,
+    user: UserId,
+    rooms: Vec<RoomId>,
+}
+
+/// What is needed to undo an [`Opened`] session whose upgrade failed.
+pub struct Abandon {
+    app: Arc<App>,
+    id: SessionId,
+    user: UserId,
+}
+
+impl Opened {
+    /// A handle that can undo the registration if the upgrade fails.
+    pub fn clone_for_failure(&self, app: &Arc<App>) -> Abandon {
+        Abandon {
+            app: app.clone(),
+            id: self.id,
+            user: self.user.clone(),
+        }
+    }
+}
+
+impl Abandon {
+    /// Undoes the registration (the client went away during the upgrade).
+    pub fn abandon(self, e: axum::Error) {
+        tracing::debug!(user = %self.user, error = %e, "websocket upgrade failed");
+        tokio::spawn(async move {
+            self.app
+                .node
+                .disconnect(&self.user, self.app.hub.gateway(), self.id)
+                .await;
+        });
+    }
+}
+
+/// Registers a new session of `profile` with the node: refreshes the user from the token and
+/// learns its rooms. Done before the WebSocket upgrade, so a failure is a plain HTTP error.
+pub async fn open(
+    app: &Arc<App>,
+    profile: Profile,
+    dialect: &'static str,
+) -> Result<Opened, Error> {
+    let id = app.hub.next_session_id();
+    let user = profile.id.clone();
+    let info = SessionInfo {
+        gateway: app.hub.gateway().clone(),
+        session: id,
+        dialect,
+        device: None,
+    };
+    let rooms = app.node.connect(profile, info).await?;
+    Ok(Opened { id, user, rooms })
+}
+
+/// Runs a native-protocol session over `socket` until it ends.
+pub async fn run_native<S, E>(socket: S, app: Arc<App>, opened: Opened)
+where
+    S: Stream<Item = Result<WsMessage, E>> + Sink<WsMessage> + Send + 'static,
+    E: Into<axum::Error>,
+{
+    let (mut sink, mut stream) = socket.split();
+    let Opened { id, user, rooms } = opened;
+    let Registered { id, handle, mut rx } = app.hub.register(id, user.clone(), rooms);
+    tracing::debug!(%user, session = id.0, "session open");
+
+    let last_rx = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let ping_every = app.config.ping_interval;
+    let writer_handle = handle.clone();
+    let writer_last_rx = last_rx.clone();
+    let writer = tokio::spawn(async move {
+        let mut ping = tokio::time::interval(ping_every);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                () = writer_handle.closed() => break,
+                out = rx.recv() => {
+                    let Some(out) = out else { break };
+                    let text = match out {
+                        Outbound::Text(t) => t,
+                        Outbound::Event(ev) => native::encode_event(&ev),
+                    };
+                    let frame = WsMessage::Text(Utf8Bytes::from(text));
+                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => {
+                            writer_handle.kick(CloseReason { code: 1006, reason: "write failed".into() });
+                            return;
+                        }
+                        Err(_) => {
+                            writer_handle.kick(CloseReason {
+                                code: 1008,
+                                reason: "slow consumer: socket write timed out".into(),
+                            });
+                            return;
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    let silent = started.elapsed().as_secs()
+                        .saturating_sub(writer_last_rx.load(Ordering::Relaxed));
+                    if Duration::from_secs(silent) > ping_every * 2 {
+                        writer_handle.kick(CloseReason {
+                            code: 4000,
+                            reason: format!("keepalive timeout: silent for {silent} s"),
+                        });
+                        break;
+                    }
+                    if sink.send(WsMessage::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let reason = writer_handle.close_reason().unwrap_or(CloseReason {
+            code: 1000,
+            reason: String::new(),
+        });
+        // Flush what is already queued (a last error reply, say), briefly, unless the client is
+        // the reason we are closing.
+        if reason.code != 1008 {
+            let flush = async {
+                while let Ok(out) = rx.try_recv() {
+                    let text = match out {
+                        Outbound::Text(t) => t,
+                        Outbound::Event(ev) => native::encode_event(&ev),
+                    };
+                    if sink
+                        .send(WsMessage::Text(Utf8Bytes::from(text)))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            };
+            let _flushed = tokio::time::timeout(Duration::from_secs(1), flush).await;
+        }
+        // Best effort: the peer may already be gone.
+        if sink.send(close_frame(&reason)).await.is_ok() {
+            let _flushed = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+        }
+    });
+
+    loop {
+        let frame = tokio::select! {
+            biased;
+            () = handle.closed() => break,
+            f = stream.next() => f,
+        };
+        last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
+        let text = match frame {
+            None => break,
+            Some(Err(e)) => {
+                let e: axum::Error = e.into();
+                if let Some(limit) = too_large(e) {
+                    let err = Error::new(
+                        ErrorCode::FrameTooLarge,
+                        format!("frame exceeds the {limit}-byte limit"),
+                    );
+                    // The rest of the oversized frame is still on the wire unread, so the
+                    // connection cannot continue: reply, then close with 1009.
+                    reply(
+                        &handle,
+                        native::encode_error(&serde_json::Value::Null, &err),
+                    );
+                    handle.kick(CloseReason {
+                        code: 1009,
+                        reason: format!("frame exceeds the {limit}-byte limit"),
+                    });
+                }
+                break;
+            }
+            Some(Ok(WsMessage::Text(t))) => t,
+            Some(Ok(WsMessage::Binary(_))) => {
+                let err = Error::new(
+                    ErrorCode::MalformedJson,
+                    "binary frames are not accepted; send JSON as text frames",
+                );
+                reply(
+                    &handle,
+                    native::encode_error(&serde_json::Value::Null, &err),
+                );
+                continue;
+            }
+            Some(Ok(WsMessage::Close(_))) => break,
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+        };
+        let out = match native::decode(text.as_str()) {
+            Err(de) => native::encode_error(&de.id, &de.error),
+            Ok(req) => match req.op {
+                native::Op::Ping => native::encode_pong(&req.id),
+                native::Op::Command(cmd) => match app.node.execute(&user, cmd).await {
+                    Ok(r) => native::encode_ok(&req.id, &r),
+                    Err(e) => native::encode_error(&req.id, &e),
+                },
+            },
+        };
+        if !reply(&handle, out) {
+            break;
+        }
+    }
+
+    handle.kick(CloseReason {
+        code: 1000,
+        reason: String::new(),
+    });
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        // Stuck on a peer that does not read: dropping the socket is the only way out.
+        writer.abort();
+        tracing::debug!(%user, "session writer aborted");
+    }
+    app.hub.unregister(id);
+    app.node.disconnect(&user, app.hub.gateway(), id).await;
+    tracing::debug!(%user, session = id.0, "session closed");
+}
+
+/// Queues a reply; false when the session is closing (or was just closed as a slow consumer).
+fn reply(handle: &SessionHandle, text: String) -> bool {
+    handle.offer(Outbound::Text(text))
+}
+
+fn close_frame(r: &CloseReason) -> WsMessage {
+    let mut reason = r.reason.clone();
+    // A close frame's reason holds at most 123 bytes.
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    WsMessage::Close(Some(CloseFrame {
+        code: r.code,
+        reason: Utf8Bytes::from(reason),
+    }))
+}
+
+/// If `e` is tungstenite refusing an oversized frame or message, the limit.
+fn too_large(e: axum::Error) -> Option<usize> {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(tungstenite::error::CapacityError::MessageTooLong {
+            max_size,
+            ..
+        })) => Some(*max_size),
+        _ => None,
+    }
+}
