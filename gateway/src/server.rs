@@ -215,7 +215,7 @@ pub fn bearer<'a>(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Optio
 }
 
 /// Authenticates a request, or answers 401 with the reason.
-pub fn authenticate(app: &App, token: Option<&str>) -> Result<Profile, Response> {
+pub fn authenticate(app: &App, token: Option<&str>) -> Result<Profile, ApiError> {
     let token = token.unwrap_or_default();
     app.auth.verify(token).map_err(|e| {
         let msg = match e {
@@ -224,8 +224,18 @@ pub fn authenticate(app: &App, token: Option<&str>) -> Result<Profile, Response>
             }
             other => other.to_string(),
         };
-        error_response(&Error::new(ErrorCode::Unauthorized, msg))
+        ApiError(Error::new(ErrorCode::Unauthorized, msg))
     })
+}
+
+/// An error answered as an HTTP response (see [`error_response`]).
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(&self.0)
+    }
 }
 
 /// The authenticated user of a REST request (`Authorization: Bearer`). As an extractor it runs
@@ -233,12 +243,12 @@ pub fn authenticate(app: &App, token: Option<&str>) -> Result<Profile, Response>
 pub struct Caller(pub Profile);
 
 impl axum::extract::FromRequestParts<Arc<App>> for Caller {
-    type Rejection = Response;
+    type Rejection = ApiError;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
         app: &Arc<App>,
-    ) -> Result<Self, Response> {
+    ) -> Result<Self, ApiError> {
         authenticate(app, bearer(&parts.headers, None)).map(Caller)
     }
 }
@@ -257,7 +267,7 @@ async fn native_ws(
     // Authenticate before anything else: a bad token is a 401, never an upgraded socket.
     let profile = match authenticate(&app, bearer(&headers, q.token.as_deref())) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     if app.draining.load(Ordering::SeqCst) {
         return error_response(&Error::unavailable(

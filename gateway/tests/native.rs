@@ -1,4 +1,5 @@
 //! The native protocol against a real server over real WebSockets.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

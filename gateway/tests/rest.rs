@@ -1,4 +1,5 @@
 //! The native REST routes share the node with the WebSocket protocol.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -191,6 +191,17 @@ impl Node {
         self.ring.read().clone()
     }
 
+    /// Replaces the ring (membership change). Calls routed from now on use the new ring; keys
+    /// this node no longer owns answer `not_owner`.
+    pub fn set_ring(&self, ring: Ring) {
+        *self.ring.write() = Arc::new(ring);
+    }
+
+    /// The running actor of `room`, if any (operations and tests).
+    pub fn room_actor(&self, room: RoomId) -> Option<ractor::ActorRef<RoomMsg>> {
+        self.rooms.get(&room)
+    }
+
     /// Number of running room and user actors.
     pub fn active_actors(&self) -> (usize, usize) {
         (self.rooms.len(), self.users.len())

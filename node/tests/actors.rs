@@ -1,0 +1,207 @@
+//! Room and user actors on a real embedded store: crash recovery, idle stop, ring routing.
+#![allow(clippy::unwrap_used)]
+
+use palaver_node as node;
+
+use node::bus::Bus;
+use node::bus::local::LocalBus;
+use node::ring::Ring;
+use node::store::Store;
+use node::store::embedded::{Durability, EmbeddedStore};
+use node::user::SessionInfo;
+use node::{Node, NodeConfig};
+use schema::{
+    Command, ErrorCode, GatewayId, HistoryQuery, MessageBody, NodeId, Profile, Reply, RoomId,
+    SessionId, UserId,
+};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn uid(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+async fn node_with(config: NodeConfig) -> (Arc<Node>, Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(dir.path(), Durability::Normal).unwrap());
+    let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(1024));
+    let node = Node::start(config, store.clone(), bus).await.unwrap();
+    (node, store, dir)
+}
+
+async fn connect(node: &Node, user: &str, session: u64) {
+    let profile = Profile {
+        id: uid(user),
+        username: None,
+        name: None,
+        avatar: None,
+    };
+    let info = SessionInfo {
+        gateway: GatewayId::new("gw"),
+        session: SessionId(session),
+        dialect: "native",
+        device: None,
+    };
+    node.connect(profile, info).await.unwrap();
+}
+
+async fn group(node: &Node) -> RoomId {
+    connect(node, "a", 1).await;
+    connect(node, "b", 2).await;
+    let cmd = Command::CreateGroup {
+        name: "g".into(),
+        members: vec![uid("b")],
+    };
+    match node.execute(&uid("a"), cmd).await.unwrap() {
+        Reply::Room { room, .. } => room.room.id,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn send(room: RoomId, text: String) -> Command {
+    Command::Send {
+        room,
+        body: MessageBody::Text { text: text.clone() },
+        client_ref: Some(text),
+    }
+}
+
+#[tokio::test]
+async fn a_killed_room_actor_is_restarted_and_loses_nothing() {
+    let (node, store, _dir) = node_with(NodeConfig::default()).await;
+    let room = group(&node).await;
+    // Senders retry on failure with the same client_ref, as clients do.
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..150 {
+                let text = format!("{t}-{n}");
+                let sender = uid(if t % 2 == 0 { "a" } else { "b" });
+                let id = loop {
+                    match node.execute(&sender, send(room, text.clone())).await {
+                        Ok(Reply::Message { message }) => break message.id,
+                        Ok(other) => panic!("{other:?}"),
+                        Err(e) if e.code.is_retryable() => continue,
+                        Err(e) => panic!("{e}"),
+                    }
+                };
+                ids.push((text, id));
+            }
+            ids
+        }));
+    }
+    // Kill the room actor a few times while the senders run.
+    let mut kills = 0;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Some(actor) = node.room_actor(room) {
+            actor.kill();
+            kills += 1;
+        }
+    }
+    assert!(kills > 0);
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    let page = store
+        .history(room, &HistoryQuery::default(), 1000)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 600, "no loss, no duplicate");
+    let mut seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    seqs.reverse();
+    assert_eq!(
+        seqs,
+        (1..=600).collect::<Vec<_>>(),
+        "dense sequence across restarts"
+    );
+    for (text, id) in acked {
+        let m = page.messages.iter().find(|m| m.id == id).unwrap();
+        assert_eq!(m.client_ref.as_deref(), Some(text.as_str()));
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_actors_stop_and_come_back_on_use() {
+    let config = NodeConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..NodeConfig::default()
+    };
+    let (node, _store, _dir) = node_with(config).await;
+    let room = group(&node).await;
+    node.execute(&uid("a"), send(room, "one".into()))
+        .await
+        .unwrap();
+    assert!(node.room_actor(room).is_some());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while node.room_actor(room).is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "room actor never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Next use starts it again from the store, where it left off.
+    match node
+        .execute(&uid("b"), send(room, "two".into()))
+        .await
+        .unwrap()
+    {
+        Reply::Message { message } => assert_eq!(message.seq, 2),
+        other => panic!("{other:?}"),
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn keys_owned_by_another_node_answer_not_owner() {
+    let (node, _store, _dir) = node_with(NodeConfig::default()).await;
+    let room = group(&node).await;
+    // A ring where this node owns nothing.
+    node.set_ring(Ring::new(2, [NodeId::new("elsewhere")]));
+    let e = node
+        .execute(&uid("a"), send(room, "x".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotOwner);
+    assert!(e.message.contains("elsewhere"), "{}", e.message);
+    node.set_ring(Ring::new(3, [NodeId::new("local")]));
+    node.execute(&uid("a"), send(room, "x".into()))
+        .await
+        .unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn presence_tracks_sessions_and_last_seen() {
+    let (node, store, _dir) = node_with(NodeConfig::default()).await;
+    connect(&node, "p", 1).await;
+    connect(&node, "p", 2).await;
+    let sessions = &node.ctx().sessions;
+    assert_eq!(sessions.sessions(&uid("p")).len(), 2);
+    node.disconnect(&uid("p"), &GatewayId::new("gw"), SessionId(1))
+        .await;
+    assert!(sessions.is_online(&uid("p")));
+    assert_eq!(
+        store.user(&uid("p")).await.unwrap().unwrap().last_seen,
+        None
+    );
+    node.disconnect(&uid("p"), &GatewayId::new("gw"), SessionId(2))
+        .await;
+    assert!(!sessions.is_online(&uid("p")));
+    assert!(
+        store
+            .user(&uid("p"))
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen
+            .is_some()
+    );
+    node.shutdown().await;
+}
