@@ -17,6 +17,7 @@ use axum::extract::{Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use node::Node;
 use node::bus::Bus;
 use node::bus::local::LocalBus;
@@ -100,6 +101,12 @@ impl Palaver {
             }
         };
         let service = router(app.clone()).into_make_service();
+        // Chat frames are small and latency-bound: never let Nagle hold them back.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let serve = tokio::spawn(async move {
             axum::serve(listener, service)
                 .with_graceful_shutdown(signal)

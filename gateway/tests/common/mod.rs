@@ -117,9 +117,13 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(url.into_client_request().unwrap())
-            .await
-            .unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(
+            url.into_client_request().unwrap(),
+            None,
+            true,
+        )
+        .await
+        .unwrap();
         Self {
             ws,
             next: 0,
