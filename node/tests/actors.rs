@@ -205,3 +205,30 @@ async fn presence_tracks_sessions_and_last_seen() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_profile_is_refreshed_from_the_claims_of_each_connect() {
+    let (node, store, _dir) = node_with(NodeConfig::default()).await;
+    let info = |session| SessionInfo {
+        gateway: GatewayId::new("gw"),
+        session: SessionId(session),
+        dialect: "native",
+        device: None,
+    };
+    let mut profile = Profile {
+        id: uid("42"),
+        username: Some("ann".into()),
+        name: Some("Ann".into()),
+        avatar: None,
+    };
+    node.connect(profile.clone(), info(1)).await.unwrap();
+    let first = store.user(&uid("42")).await.unwrap().unwrap();
+    assert_eq!(first.profile, profile);
+    profile.name = Some("Ann B.".into());
+    profile.avatar = Some("https://example.invalid/a.png".into());
+    node.connect(profile.clone(), info(2)).await.unwrap();
+    let second = store.user(&uid("42")).await.unwrap().unwrap();
+    assert_eq!(second.profile, profile);
+    assert_eq!(second.created_at, first.created_at);
+    node.shutdown().await;
+}
