@@ -10,6 +10,8 @@
 //! 3. [`hub`] receives this gateway's deliveries from the bus and queues each event on the
 //!    bounded outbound queue of every local session it targets; a session that cannot keep up
 //!    is disconnected, never waited for.
+//!    [`ws`] upgrades WebSockets behind a frame-size guard that refuses oversized frames from
+//!    their header and keeps the connection usable.
 //! 4. [`rest`] serves the same commands over HTTP under `/v1`.
 //!
 //! [`config`] reads settings (TOML file, then `PALAVER_*` environment), [`telemetry`] sets up
@@ -23,5 +25,6 @@ pub mod rest;
 pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod ws;
 
 pub use server::Palaver;

@@ -11,9 +11,9 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::rest;
 use crate::session;
+use crate::ws;
 use axum::Router;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -269,7 +269,7 @@ async fn native_ws(
     State(app): State<Arc<App>>,
     Query(q): Query<TokenQuery>,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<ws::Upgrade, ws::NotUpgrade>,
 ) -> Response {
     // Authenticate before anything else: a bad token is a 401, never an upgraded socket.
     let profile = match authenticate(&app, bearer(&headers, q.token.as_deref())) {
@@ -281,8 +281,8 @@ async fn native_ws(
             "server is shutting down; reconnect elsewhere",
         ));
     }
-    let ws = match ws {
-        Ok(ws) => ws,
+    let upgrade = match upgrade {
+        Ok(u) => u,
         Err(rej) => return rej.into_response(),
     };
     // Register before answering 101: once connected, the user exists for everyone else.
@@ -292,9 +292,14 @@ async fn native_ws(
     };
     let limit = app.config.max_frame_bytes;
     let tracker = app.sessions.clone();
+    let task_app = app.clone();
     let failed = opened.clone_for_failure(&app);
-    ws.max_frame_size(limit)
-        .max_message_size(limit)
-        .on_failed_upgrade(move |e| failed.abandon(e))
-        .on_upgrade(move |socket| tracker.track_future(session::run_native(socket, app, opened)))
+    upgrade.on_upgrade(
+        limit,
+        None,
+        move |socket, dropped| {
+            tracker.track_future(session::run_native(socket, task_app, opened, dropped))
+        },
+        move || failed.abandon(),
+    )
 }

@@ -10,13 +10,15 @@
 use crate::dialect::native;
 use crate::hub::{CloseReason, Outbound, Registered, SessionHandle};
 use crate::server::App;
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use node::user::SessionInfo;
 use schema::{Error, ErrorCode, Profile, RoomId, SessionId, UserId};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 
 /// Longest a single socket write may take before the client is treated as not reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,8 +58,7 @@ impl Opened {
 
 impl Abandon {
     /// Undoes the registration (the client went away during the upgrade).
-    pub fn abandon(self, e: axum::Error) {
-        tracing::debug!(user = %self.user, error = %e, "websocket upgrade failed");
+    pub fn abandon(self) {
         tokio::spawn(async move {
             self.app
                 .node
@@ -86,11 +87,15 @@ pub async fn open(
     Ok(Opened { id, user, rooms })
 }
 
-/// Runs a native-protocol session over `socket` until it ends.
-pub async fn run_native<S, E>(socket: S, app: Arc<App>, opened: Opened)
-where
-    S: Stream<Item = Result<WsMessage, E>> + Sink<WsMessage> + Send + 'static,
-    E: Into<axum::Error>,
+/// Runs a native-protocol session over `socket` until it ends. `dropped` reports frames the
+/// [`crate::ws::FrameGuard`] refused for their size.
+pub async fn run_native<S>(
+    socket: S,
+    app: Arc<App>,
+    opened: Opened,
+    mut dropped: crate::ws::Dropped,
+) where
+    S: Stream<Item = Result<WsMessage, tungstenite::Error>> + Sink<WsMessage> + Send + 'static,
 {
     let (mut sink, mut stream) = socket.split();
     let Opened { id, user, rooms } = opened;
@@ -181,20 +186,32 @@ where
         let frame = tokio::select! {
             biased;
             () = handle.closed() => break,
+            Some(size) = dropped.recv() => {
+                // Refused from its header; the connection goes on.
+                last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
+                let limit = app.config.max_frame_bytes;
+                let err = Error::new(
+                    ErrorCode::FrameTooLarge,
+                    format!("frame of {size} bytes exceeds the {limit}-byte limit; it was discarded"),
+                );
+                if !reply(&handle, native::encode_error(&serde_json::Value::Null, &err)) {
+                    break;
+                }
+                continue;
+            }
             f = stream.next() => f,
         };
         last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
         let text = match frame {
             None => break,
             Some(Err(e)) => {
-                let e: axum::Error = e.into();
-                if let Some(limit) = too_large(e) {
+                if let Some(limit) = too_large(&e) {
                     let err = Error::new(
                         ErrorCode::FrameTooLarge,
                         format!("frame exceeds the {limit}-byte limit"),
                     );
-                    // The rest of the oversized frame is still on the wire unread, so the
-                    // connection cannot continue: reply, then close with 1009.
+                    // Past what the guard skips (a fragmented message that outgrew the limit,
+                    // or a frame far beyond it): reply, then close with 1009.
                     reply(
                         &handle,
                         native::encode_error(&serde_json::Value::Null, &err),
@@ -219,7 +236,7 @@ where
                 continue;
             }
             Some(Ok(WsMessage::Close(_))) => break,
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
         };
         let out = match native::decode(text.as_str()) {
             Err(de) => native::encode_error(&de.id, &de.error),
@@ -266,19 +283,18 @@ fn close_frame(r: &CloseReason) -> WsMessage {
         reason.pop();
     }
     WsMessage::Close(Some(CloseFrame {
-        code: r.code,
+        code: r.code.into(),
         reason: Utf8Bytes::from(reason),
     }))
 }
 
 /// If `e` is tungstenite refusing an oversized frame or message, the limit.
-fn too_large(e: axum::Error) -> Option<usize> {
-    let inner = e.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(tungstenite::error::CapacityError::MessageTooLong {
+fn too_large(e: &tungstenite::Error) -> Option<usize> {
+    match e {
+        tungstenite::Error::Capacity(tungstenite::error::CapacityError::MessageTooLong {
             max_size,
             ..
-        })) => Some(*max_size),
+        }) => Some(*max_size),
         _ => None,
     }
 }

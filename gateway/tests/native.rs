@@ -443,28 +443,57 @@ async fn bad_requests_get_precise_errors_and_the_connection_survives() {
 }
 
 #[tokio::test]
-async fn oversized_frames_are_refused_with_1009() {
+async fn oversized_frames_are_refused_from_their_header_and_the_connection_survives() {
     let s = TestServer::start_with(|b| b.max_frame_bytes = Some(4096)).await;
     let mut a = s.connect("1").await;
     let room = group(&mut a, "g", &[]).await;
     // Just under the limit is fine.
     let text = "x".repeat(3000);
     a.ok("send", json!({"room": room, "text": text})).await;
+    // Over it: discarded unread, answered, and the connection goes on.
     let big = json!({"id": 1, "op": "send", "room": room, "text": "y".repeat(10_000)}).to_string();
+    let big_len = big.len();
     a.send_text(big).await;
     let r = a.next_reply().await;
     assert_eq!(r["error"]["code"], "frame_too_large", "{r}");
+    let msg = r["error"]["message"].as_str().unwrap();
     assert!(
-        r["error"]["message"].as_str().unwrap().contains("4096"),
-        "{r}"
+        msg.contains("4096") && msg.contains(&big_len.to_string()),
+        "{msg}"
     );
+    a.ok("ping", json!({})).await;
+    a.ok("send", json!({"room": room, "text": "after"})).await;
+    let h = a.ok("history", json!({"room": room})).await;
+    assert_eq!(
+        h["messages"].as_array().unwrap().len(),
+        2,
+        "nothing of the big frame was stored"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn frames_far_beyond_the_limit_and_overgrown_fragmented_messages_close_with_1009() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let s = TestServer::start_with(|b| b.max_frame_bytes = Some(4096)).await;
+    // A frame declaring 20x the limit is not worth reading: reply, then close.
+    let mut a = s.connect("1").await;
+    a.send_text("z".repeat(4096 * 20)).await;
+    let r = a.next_reply().await;
+    assert_eq!(r["error"]["code"], "frame_too_large", "{r}");
     let (code, reason) = a.closed().await.expect("a close frame");
     assert_eq!(code, 1009);
     assert!(reason.contains("4096"), "{reason}");
-    // Nothing was stored, and the user reconnects fine.
-    let mut again = s.connect("1").await;
-    let h = again.ok("history", json!({"room": room})).await;
-    assert_eq!(h["messages"].as_array().unwrap().len(), 1);
+    // A fragmented message whose fragments fit but whose total does not.
+    let mut b = s.connect("1").await;
+    let first = Frame::message(vec![b'a'; 3000], OpCode::Data(Data::Text), false);
+    let rest = Frame::message(vec![b'b'; 3000], OpCode::Data(Data::Continue), true);
+    b.ws.send(Message::Frame(first)).await.unwrap();
+    b.ws.send(Message::Frame(rest)).await.unwrap();
+    let r = b.next_reply().await;
+    assert_eq!(r["error"]["code"], "frame_too_large", "{r}");
+    assert_eq!(b.closed().await.map(|c| c.0), Some(1009));
     s.shutdown().await;
 }
 
