@@ -157,6 +157,13 @@ impl Hub {
         Registered { id, handle, rx }
     }
 
+    /// Makes session `id` follow `rooms` (see [`Hub::register`]).
+    pub fn follow_rooms(&self, id: SessionId, rooms: &[RoomId]) {
+        if let Some(h) = self.sessions.get(&id).map(|h| h.clone()) {
+            self.follow(id, &h, rooms);
+        }
+    }
+
     /// Adds rooms to a session, subscribing the ones new to this gateway.
     fn follow(&self, id: SessionId, handle: &SessionHandle, rooms: &[RoomId]) {
         let mut new_here = Vec::new();

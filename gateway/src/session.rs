@@ -12,7 +12,7 @@ use crate::hub::{CloseReason, Outbound, Registered, SessionHandle};
 use crate::server::App;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use node::user::SessionInfo;
-use schema::{Error, ErrorCode, Profile, RoomId, SessionId, UserId};
+use schema::{Error, ErrorCode, Profile, SessionId, UserId};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,11 +31,12 @@ pub fn going_away() -> CloseReason {
     }
 }
 
-/// A session registered with the node, not yet attached to a socket.
+/// A session registered with the hub and the node, not yet attached to a socket. Events for it
+/// queue (bounded) from the moment it is registered, so nothing published during the WebSocket
+/// upgrade is lost.
 pub struct Opened {
-    id: SessionId,
     user: UserId,
-    rooms: Vec<RoomId>,
+    reg: Registered,
 }
 
 /// What is needed to undo an [`Opened`] session whose upgrade failed.
@@ -50,7 +51,7 @@ impl Opened {
     pub fn clone_for_failure(&self, app: &Arc<App>) -> Abandon {
         Abandon {
             app: app.clone(),
-            id: self.id,
+            id: self.reg.id,
             user: self.user.clone(),
         }
     }
@@ -59,6 +60,7 @@ impl Opened {
 impl Abandon {
     /// Undoes the registration (the client went away during the upgrade).
     pub fn abandon(self) {
+        self.app.hub.unregister(self.id);
         tokio::spawn(async move {
             self.app
                 .node
@@ -68,8 +70,10 @@ impl Abandon {
     }
 }
 
-/// Registers a new session of `profile` with the node: refreshes the user from the token and
-/// learns its rooms. Done before the WebSocket upgrade, so a failure is a plain HTTP error.
+/// Registers a new session of `profile`: first with the hub (so that events addressed to the
+/// user from now on are queued for it), then with the node, which refreshes the user from the
+/// token and answers the user's rooms, which the session then follows. Done before the WebSocket
+/// upgrade, so a failure is a plain HTTP error.
 pub async fn open(
     app: &Arc<App>,
     profile: Profile,
@@ -77,14 +81,23 @@ pub async fn open(
 ) -> Result<Opened, Error> {
     let id = app.hub.next_session_id();
     let user = profile.id.clone();
+    let reg = app.hub.register(id, user.clone(), Vec::new());
     let info = SessionInfo {
         gateway: app.hub.gateway().clone(),
         session: id,
         dialect,
         device: None,
     };
-    let rooms = app.node.connect(profile, info).await?;
-    Ok(Opened { id, user, rooms })
+    match app.node.connect(profile, info).await {
+        Ok(rooms) => {
+            app.hub.follow_rooms(id, &rooms);
+            Ok(Opened { user, reg })
+        }
+        Err(e) => {
+            app.hub.unregister(id);
+            Err(e)
+        }
+    }
 }
 
 /// Runs a native-protocol session over `socket` until it ends. `dropped` reports frames the
@@ -98,8 +111,12 @@ pub async fn run_native<S>(
     S: Stream<Item = Result<WsMessage, tungstenite::Error>> + Sink<WsMessage> + Send + 'static,
 {
     let (mut sink, mut stream) = socket.split();
-    let Opened { id, user, rooms } = opened;
-    let Registered { id, handle, mut rx } = app.hub.register(id, user.clone(), rooms);
+    let Opened { user, reg } = opened;
+    let Registered { id, handle, mut rx } = reg;
+    if app.draining.load(Ordering::SeqCst) {
+        // Upgraded just as the server began to drain: close it like the others.
+        handle.kick(going_away());
+    }
     tracing::debug!(%user, session = id.0, "session open");
 
     let last_rx = Arc::new(AtomicU64::new(0));
