@@ -91,6 +91,11 @@ pub struct ConfigBuilder {
     pub max_text_chars: Option<usize>,
     /// `text` (default) or `json` logs.
     pub log_format: Option<String>,
+    /// PostgreSQL connection string (URL or `key=value` form); when set, the PostgreSQL store
+    /// replaces the embedded one.
+    pub postgres_url: Option<String>,
+    /// Connections in the PostgreSQL pool. Default 16.
+    pub postgres_pool: Option<usize>,
 }
 
 /// Where tokens are verified from.
@@ -106,6 +111,20 @@ pub enum JwtKey {
         pem: String,
         /// Pinned algorithm, if configured.
         algorithm: Option<String>,
+    },
+}
+
+/// Which store backend to run on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// SQLite in the data dir (default).
+    Embedded,
+    /// A shared PostgreSQL database.
+    Postgres {
+        /// Connection string.
+        url: String,
+        /// Pool size.
+        pool: usize,
     },
 }
 
@@ -141,6 +160,8 @@ pub struct Config {
     pub durability: Durability,
     /// Log format.
     pub log_format: LogFormat,
+    /// Which store backend.
+    pub store: StoreChoice,
     /// Node tunables.
     pub node: NodeConfig,
 }
@@ -204,6 +225,8 @@ impl ConfigBuilder {
         over!(history_max_limit, "PALAVER_HISTORY_MAX_LIMIT");
         over!(max_text_chars, "PALAVER_MAX_TEXT_CHARS");
         over!(log_format, "PALAVER_LOG_FORMAT");
+        over!(postgres_url, "PALAVER_POSTGRES_URL");
+        over!(postgres_pool, "PALAVER_POSTGRES_POOL");
         // Settings of backends this build cannot run yet: refuse rather than silently ignore.
         for (key, what) in [
             (
@@ -293,6 +316,13 @@ impl ConfigBuilder {
                 ));
             }
         };
+        let store = match self.postgres_url.filter(|u| !u.trim().is_empty()) {
+            None => StoreChoice::Embedded,
+            Some(url) => StoreChoice::Postgres {
+                url,
+                pool: positive(self.postgres_pool, 16, "PALAVER_POSTGRES_POOL")?,
+            },
+        };
         let mut node = NodeConfig {
             idle_timeout: secs(self.actor_idle_secs, 300, "PALAVER_ACTOR_IDLE_SECS")?,
             group_max_members: positive(
@@ -327,6 +357,7 @@ impl ConfigBuilder {
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "PALAVER_SHUTDOWN_GRACE_SECS")?,
             durability,
             log_format,
+            store,
             node,
         })
     }
@@ -392,5 +423,11 @@ mod tests {
         assert!(e.to_string().contains("at least 16"), "{e}");
         let e = Config::load(None, &env(&[("PALAVER_KAFKA_BROKERS", "k:9092")])).unwrap_err();
         assert!(matches!(e, ConfigError::Unsupported { .. }), "{e}");
+        let c = Config::load(
+            None,
+            &env(&[("PALAVER_POSTGRES_URL", "host=/tmp dbname=x")]),
+        )
+        .expect("postgres");
+        assert!(matches!(c.store, StoreChoice::Postgres { pool: 16, .. }));
     }
 }

@@ -7,7 +7,7 @@
 //! store.
 
 use crate::auth::{Auth, AuthError};
-use crate::config::Config;
+use crate::config::{Config, StoreChoice};
 use crate::hub::Hub;
 use crate::rest;
 use crate::session;
@@ -23,6 +23,7 @@ use node::bus::Bus;
 use node::bus::local::LocalBus;
 use node::store::Store;
 use node::store::embedded::EmbeddedStore;
+use node::store::postgres::PostgresStore;
 use schema::{Error, ErrorCode, Profile};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -67,8 +68,14 @@ impl Palaver {
     /// Starts everything and binds the listener; returns once it accepts connections.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let auth = Auth::new(&config.jwt, &config.data_dir).map_err(anyhow::Error::msg)?;
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&config.data_dir, config.durability)?);
+        let store: Arc<dyn Store> = match &config.store {
+            StoreChoice::Embedded => {
+                Arc::new(EmbeddedStore::open(&config.data_dir, config.durability)?)
+            }
+            StoreChoice::Postgres { url, pool } => {
+                Arc::new(PostgresStore::connect(url, *pool).await?)
+            }
+        };
         let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(BUS_QUEUE));
         let node = Node::start(config.node.clone(), store.clone(), bus.clone()).await?;
         let hub = Hub::new(

@@ -9,6 +9,7 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod postgres;
 
 use async_trait::async_trait;
 use schema::{

@@ -1,0 +1,575 @@
+//! The PostgreSQL store: the shared store for small clusters (and the multi-process tests).
+//!
+//! Every node and gateway process connects to the same database. Tables mirror the embedded
+//! store; migrations are ordered SQL applied at start-up under an advisory lock, so several
+//! processes starting together migrate once. Each `append_messages` call (one room's batch from
+//! its sequencer) is one transaction with one multi-row insert (`UNNEST`), committed with
+//! PostgreSQL's default `synchronous_commit = on`: an `Ok` is on disk. Unique constraints on
+//! `(room, seq)` and `(room, sender, client_ref)` turn a second writer for one room (possible only
+//! for a moment during a ring change) into a `Conflict` instead of a silent fork.
+
+use super::{HistoryPage, NewRoom, Store, StoreError, StoreResult};
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use schema::{
+    HistoryQuery, Member, Message, MessageBody, MessageId, Millis, Profile, Role, Room, RoomId,
+    RoomKind, RoomSummary, User, UserId,
+};
+use std::collections::HashMap;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+
+/// Ordered migrations; `palaver_migrations` records which ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    username TEXT,
+    name TEXT,
+    avatar TEXT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    last_seen BIGINT
+);
+CREATE INDEX users_username ON users(username);
+CREATE TABLE rooms (
+    id BIGINT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT,
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    direct_key TEXT UNIQUE,
+    last_seq BIGINT NOT NULL DEFAULT 0,
+    last_message_id BIGINT,
+    last_activity BIGINT NOT NULL
+);
+CREATE TABLE members (
+    room BIGINT NOT NULL REFERENCES rooms(id),
+    "user" TEXT NOT NULL,
+    role TEXT NOT NULL,
+    joined_at BIGINT NOT NULL,
+    PRIMARY KEY (room, "user")
+);
+CREATE INDEX members_by_user ON members("user", room);
+CREATE TABLE messages (
+    room BIGINT NOT NULL,
+    id BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    sender TEXT NOT NULL,
+    client_ref TEXT,
+    body TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (room, id)
+);
+CREATE UNIQUE INDEX messages_by_seq ON messages(room, seq);
+CREATE UNIQUE INDEX messages_by_client_ref ON messages(room, sender, client_ref)
+    WHERE client_ref IS NOT NULL;
+"#];
+
+/// Serializes migrations across processes (an arbitrary constant key).
+const MIGRATION_LOCK: i64 = 0x0070_616c_6176_6572; // "palaver"
+
+/// The PostgreSQL store.
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::FOREIGN_KEY_VIOLATION => {
+            StoreError::Conflict(e.to_string())
+        }
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_err(e),
+        deadpool_postgres::PoolError::Closed => StoreError::Closed,
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn corrupt(msg: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(msg.to_string())
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl PostgresStore {
+    /// Connects to `url` (a libpq-style URL or key=value string) with up to `pool_size`
+    /// connections, and migrates the schema.
+    pub async fn connect(url: &str, pool_size: usize) -> StoreResult<Self> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Unavailable(format!("invalid PostgreSQL URL: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        let mut c = self.client().await?;
+        c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg_err)?;
+        let res = async {
+            c.batch_execute(
+                "CREATE TABLE IF NOT EXISTS palaver_migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+            )
+            .await
+            .map_err(pg_err)?;
+            let done: i32 = c
+                .query_one("SELECT coalesce(max(version), 0) FROM palaver_migrations", &[])
+                .await
+                .map_err(pg_err)?
+                .get(0);
+            let done = usize::try_from(done).unwrap_or(0);
+            if done > MIGRATIONS.len() {
+                return Err(corrupt(format!(
+                    "database schema version {done} is newer than this binary ({})",
+                    MIGRATIONS.len()
+                )));
+            }
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+                let tx = c.transaction().await.map_err(pg_err)?;
+                tx.batch_execute(sql).await.map_err(pg_err)?;
+                let v = i32::try_from(i + 1).unwrap_or(i32::MAX);
+                tx.execute("INSERT INTO palaver_migrations (version) VALUES ($1)", &[&v])
+                    .await
+                    .map_err(pg_err)?;
+                tx.commit().await.map_err(pg_err)?;
+            }
+            Ok(())
+        }
+        .await;
+        c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg_err)?;
+        res
+    }
+}
+
+const USER_COLS: &str = "id, username, name, avatar, created_at, updated_at, last_seen";
+const ROOM_COLS: &str = "id, kind, name, created_by, created_at, last_seq, last_message_id";
+const MSG_COLS: &str = "id, room, seq, sender, client_ref, body, created_at";
+
+fn uid(s: String) -> StoreResult<UserId> {
+    UserId::parse(&s).map_err(corrupt)
+}
+
+fn user_row(r: &Row) -> StoreResult<User> {
+    Ok(User {
+        profile: Profile {
+            id: uid(r.get(0))?,
+            username: r.get(1),
+            name: r.get(2),
+            avatar: r.get(3),
+        },
+        created_at: r.get(4),
+        updated_at: r.get(5),
+        last_seen: r.get(6),
+    })
+}
+
+fn room_row(r: &Row) -> StoreResult<Room> {
+    let kind: String = r.get(1);
+    Ok(Room {
+        id: RoomId(u64_of(r.get(0))),
+        kind: match kind.as_str() {
+            "direct" => RoomKind::Direct,
+            "group" => RoomKind::Group,
+            o => return Err(corrupt(format!("unknown room kind {o:?}"))),
+        },
+        name: r.get(2),
+        created_by: uid(r.get(3))?,
+        created_at: r.get(4),
+        last_seq: u64_of(r.get(5)),
+        last_message_id: r.get::<_, Option<i64>>(6).map(|v| MessageId(u64_of(v))),
+    })
+}
+
+fn member_row(r: &Row) -> StoreResult<Member> {
+    let role: String = r.get(1);
+    Ok(Member {
+        user: uid(r.get(0))?,
+        role: match role.as_str() {
+            "owner" => Role::Owner,
+            "admin" => Role::Admin,
+            "member" => Role::Member,
+            o => return Err(corrupt(format!("unknown role {o:?}"))),
+        },
+        joined_at: r.get(2),
+    })
+}
+
+fn message_row(r: &Row) -> StoreResult<Message> {
+    let body: String = r.get(5);
+    let body: MessageBody = serde_json::from_str(&body).map_err(corrupt)?;
+    Ok(Message {
+        id: MessageId(u64_of(r.get(0))),
+        room: RoomId(u64_of(r.get(1))),
+        seq: u64_of(r.get(2)),
+        sender: uid(r.get(3))?,
+        client_ref: r.get(4),
+        body,
+        created_at: r.get(6),
+    })
+}
+
+fn kind_str(k: RoomKind) -> &'static str {
+    match k {
+        RoomKind::Direct => "direct",
+        RoomKind::Group => "group",
+    }
+}
+
+fn role_str(r: Role) -> &'static str {
+    match r {
+        Role::Owner => "owner",
+        Role::Admin => "admin",
+        Role::Member => "member",
+    }
+}
+
+async fn insert_room(
+    tx: &deadpool_postgres::Transaction<'_>,
+    new: &NewRoom,
+    direct_key: Option<&str>,
+) -> StoreResult<bool> {
+    let r = &new.room;
+    let inserted = tx
+        .execute(
+            "INSERT INTO rooms (id, kind, name, created_by, created_at, direct_key, last_activity)
+             VALUES ($1, $2, $3, $4, $5, $6, $5) ON CONFLICT (direct_key) DO NOTHING",
+            &[
+                &i64_of(r.id.0),
+                &kind_str(r.kind),
+                &r.name,
+                &r.created_by.as_str(),
+                &r.created_at,
+                &direct_key,
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    let rooms: Vec<i64> = vec![i64_of(r.id.0); new.members.len()];
+    let users: Vec<&str> = new.members.iter().map(|m| m.user.as_str()).collect();
+    let roles: Vec<&str> = new.members.iter().map(|m| role_str(m.role)).collect();
+    let joined: Vec<i64> = new.members.iter().map(|m| m.joined_at).collect();
+    tx.execute(
+        r#"INSERT INTO members (room, "user", role, joined_at)
+           SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[])"#,
+        &[&rooms, &users, &roles, &joined],
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(true)
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn upsert_user(&self, p: &Profile, now: Millis) -> StoreResult<User> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO users (id, username, name, avatar, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $5)
+             ON CONFLICT (id) DO UPDATE SET username = excluded.username, name = excluded.name,
+               avatar = excluded.avatar, updated_at = excluded.updated_at
+             WHERE (users.username, users.name, users.avatar)
+               IS DISTINCT FROM (excluded.username, excluded.name, excluded.avatar)",
+            &[&p.id.as_str(), &p.username, &p.name, &p.avatar, &now],
+        )
+        .await
+        .map_err(pg_err)?;
+        let row = c
+            .query_one(
+                &format!("SELECT {USER_COLS} FROM users WHERE id = $1"),
+                &[&p.id.as_str()],
+            )
+            .await
+            .map_err(pg_err)?;
+        user_row(&row)
+    }
+
+    async fn user(&self, id: &UserId) -> StoreResult<Option<User>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE id = $1"))
+            .await
+            .map_err(pg_err)?;
+        c.query_opt(&st, &[&id.as_str()])
+            .await
+            .map_err(pg_err)?
+            .map(|r| user_row(&r))
+            .transpose()
+    }
+
+    async fn set_last_seen(&self, id: &UserId, at: Millis) -> StoreResult<()> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE users SET last_seen = $2 WHERE id = $1",
+            &[&id.as_str(), &at],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn create_room(&self, new: NewRoom) -> StoreResult<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        insert_room(&tx, &new, None).await?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn get_or_create_direct(&self, candidate: NewRoom) -> StoreResult<(Room, bool)> {
+        let [a, b] = match candidate.members.as_slice() {
+            [a, b] => [&a.user, &b.user],
+            _ => return Err(StoreError::Conflict("a direct room has two members".into())),
+        };
+        let key = super::direct_key(a, b);
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        let created = insert_room(&tx, &candidate, Some(&key)).await?;
+        let row = tx
+            .query_one(
+                &format!("SELECT {ROOM_COLS} FROM rooms WHERE direct_key = $1"),
+                &[&key],
+            )
+            .await
+            .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok((room_row(&row)?, created))
+    }
+
+    async fn room(&self, id: RoomId) -> StoreResult<Option<Room>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!("SELECT {ROOM_COLS} FROM rooms WHERE id = $1"))
+            .await
+            .map_err(pg_err)?;
+        c.query_opt(&st, &[&i64_of(id.0)])
+            .await
+            .map_err(pg_err)?
+            .map(|r| room_row(&r))
+            .transpose()
+    }
+
+    async fn members(&self, room: RoomId) -> StoreResult<Vec<Member>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                r#"SELECT "user", role, joined_at FROM members WHERE room = $1
+                   ORDER BY joined_at, "user""#,
+                &[&i64_of(room.0)],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(member_row).collect()
+    }
+
+    async fn room_ids_of(&self, user: &UserId) -> StoreResult<Vec<RoomId>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                r#"SELECT room FROM members WHERE "user" = $1"#,
+                &[&user.as_str()],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(rows.iter().map(|r| RoomId(u64_of(r.get(0)))).collect())
+    }
+
+    async fn rooms_of(&self, user: &UserId) -> StoreResult<Vec<RoomSummary>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                r#"SELECT r.id, r.kind, r.name, r.created_by, r.created_at, r.last_seq,
+                          r.last_message_id
+                   FROM members m JOIN rooms r ON r.id = m.room
+                   WHERE m."user" = $1 ORDER BY r.last_activity DESC, r.id DESC"#,
+                &[&user.as_str()],
+            )
+            .await
+            .map_err(pg_err)?;
+        let rooms: Vec<Room> = rows.iter().map(room_row).collect::<StoreResult<_>>()?;
+        let ids: Vec<i64> = rooms.iter().map(|r| i64_of(r.id.0)).collect();
+        let mut members: HashMap<u64, Vec<Member>> = HashMap::new();
+        for r in c
+            .query(
+                r#"SELECT "user", role, joined_at, room FROM members WHERE room = ANY($1)
+                   ORDER BY joined_at, "user""#,
+                &[&ids],
+            )
+            .await
+            .map_err(pg_err)?
+        {
+            members
+                .entry(u64_of(r.get(3)))
+                .or_default()
+                .push(member_row(&r)?);
+        }
+        let last_ids: Vec<i64> = rooms
+            .iter()
+            .filter_map(|r| r.last_message_id.map(|m| i64_of(m.0)))
+            .collect();
+        let last_rooms: Vec<i64> = rooms
+            .iter()
+            .filter(|r| r.last_message_id.is_some())
+            .map(|r| i64_of(r.id.0))
+            .collect();
+        let mut last: HashMap<u64, Message> = HashMap::new();
+        for r in c
+            .query(
+                &format!(
+                    "SELECT {MSG_COLS} FROM messages WHERE (room, id) IN
+                     (SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[]))"
+                ),
+                &[&last_rooms, &last_ids],
+            )
+            .await
+            .map_err(pg_err)?
+        {
+            let m = message_row(&r)?;
+            last.insert(m.room.0, m);
+        }
+        Ok(rooms
+            .into_iter()
+            .map(|room| RoomSummary {
+                members: members.remove(&room.id.0).unwrap_or_default(),
+                last_message: last.remove(&room.id.0),
+                room,
+            })
+            .collect())
+    }
+
+    async fn append_messages(&self, room: RoomId, batch: Vec<Message>) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut seqs = Vec::with_capacity(batch.len());
+        let mut senders = Vec::with_capacity(batch.len());
+        let mut refs: Vec<Option<&str>> = Vec::with_capacity(batch.len());
+        let mut bodies = Vec::with_capacity(batch.len());
+        let mut ats = Vec::with_capacity(batch.len());
+        for m in &batch {
+            ids.push(i64_of(m.id.0));
+            seqs.push(i64_of(m.seq));
+            senders.push(m.sender.as_str());
+            refs.push(m.client_ref.as_deref());
+            bodies.push(serde_json::to_string(&m.body).map_err(corrupt)?);
+            ats.push(m.created_at);
+        }
+        let rooms = vec![i64_of(room.0); batch.len()];
+        let max_seq = seqs.iter().copied().max().unwrap_or(0);
+        let max_id = ids.iter().copied().max().unwrap_or(0);
+        let max_at = ats.iter().copied().max().unwrap_or(0);
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        tx.execute(
+            "INSERT INTO messages (room, id, seq, sender, client_ref, body, created_at)
+             SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[],
+                                  $5::TEXT[], $6::TEXT[], $7::BIGINT[])",
+            &[&rooms, &ids, &seqs, &senders, &refs, &bodies, &ats],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.execute(
+            "UPDATE rooms SET last_seq = greatest(last_seq, $2),
+               last_message_id = greatest(coalesce(last_message_id, 0), $3),
+               last_activity = greatest(last_activity, $4) WHERE id = $1",
+            &[&i64_of(room.0), &max_seq, &max_id, &max_at],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn messages_by_client_ref(
+        &self,
+        room: RoomId,
+        keys: Vec<(UserId, String)>,
+    ) -> StoreResult<Vec<Message>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let senders: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let refs: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT {MSG_COLS} FROM messages WHERE room = $1 AND (sender, client_ref) IN
+                     (SELECT * FROM UNNEST($2::TEXT[], $3::TEXT[]))"
+                ),
+                &[&i64_of(room.0), &senders, &refs],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(message_row).collect()
+    }
+
+    async fn history(
+        &self,
+        room: RoomId,
+        q: &HistoryQuery,
+        limit: u32,
+    ) -> StoreResult<HistoryPage> {
+        let lo = q.after.map_or(0, |m| i64_of(m.0));
+        let hi = q.before.map_or(i64::MAX, |m| i64_of(m.0));
+        let fetch = i64::from(limit) + 1;
+        let ascending = q.after.is_some();
+        let order = if ascending { "ASC" } else { "DESC" };
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {MSG_COLS} FROM messages WHERE room = $1 AND id > $2 AND id < $3
+                 ORDER BY id {order} LIMIT $4"
+            ))
+            .await
+            .map_err(pg_err)?;
+        let rows = c
+            .query(&st, &[&i64_of(room.0), &lo, &hi, &fetch])
+            .await
+            .map_err(pg_err)?;
+        let mut messages: Vec<Message> =
+            rows.iter().map(message_row).collect::<StoreResult<_>>()?;
+        let has_more = messages.len() as i64 > i64::from(limit);
+        messages.truncate(limit as usize);
+        if ascending {
+            messages.reverse();
+        }
+        Ok(HistoryPage { messages, has_more })
+    }
+
+    async fn close(&self) -> StoreResult<()> {
+        self.pool.close();
+        Ok(())
+    }
+}
