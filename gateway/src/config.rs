@@ -234,10 +234,6 @@ impl ConfigBuilder {
                 "the Kafka bus is not in this build yet",
             ),
             (
-                "PALAVER_POSTGRES_URL",
-                "the PostgreSQL store is not in this build yet",
-            ),
-            (
                 "PALAVER_SCYLLA_NODES",
                 "the ScyllaDB store is not in this build yet",
             ),

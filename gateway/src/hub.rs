@@ -9,7 +9,7 @@
 
 use dashmap::DashMap;
 use futures::StreamExt;
-use node::Node;
+use node::api::NodeApi;
 use node::bus::DeliveryStream;
 use parking_lot::Mutex;
 use schema::{Delivery, Event, GatewayId, RoomId, SessionId, Target, UserId};
@@ -86,10 +86,19 @@ impl SessionHandle {
     }
 }
 
+/// A change of this gateway's room subscriptions, applied in order by one task.
+enum SubChange {
+    Subscribe(Vec<RoomId>),
+    Unsubscribe(Vec<RoomId>),
+}
+
+/// Pending subscription changes before `follow` waits.
+const SUB_QUEUE: usize = 4096;
+
 /// Local sessions of this gateway.
 pub struct Hub {
     gateway: GatewayId,
-    node: Arc<Node>,
+    subs: mpsc::Sender<SubChange>,
     queue: usize,
     next_id: AtomicU64,
     sessions: DashMap<SessionId, Arc<SessionHandle>>,
@@ -108,11 +117,22 @@ pub struct Registered {
 }
 
 impl Hub {
-    /// A hub for `gateway` with per-session queues of `queue` events.
-    pub fn new(gateway: GatewayId, node: Arc<Node>, queue: usize) -> Arc<Self> {
+    /// A hub for `gateway` with per-session queues of `queue` events. Subscription changes are
+    /// sent to `node` in order by a task that ends when the hub is dropped.
+    pub fn new(gateway: GatewayId, node: Arc<dyn NodeApi>, queue: usize) -> Arc<Self> {
+        let (subs, mut rx) = mpsc::channel::<SubChange>(SUB_QUEUE);
+        let gw = gateway.clone();
+        tokio::spawn(async move {
+            while let Some(change) = rx.recv().await {
+                match change {
+                    SubChange::Subscribe(rooms) => node.subscribe(&gw, rooms).await,
+                    SubChange::Unsubscribe(rooms) => node.unsubscribe(&gw, rooms).await,
+                }
+            }
+        });
         Arc::new(Self {
             gateway,
-            node,
+            subs,
             queue,
             next_id: AtomicU64::new(1),
             sessions: DashMap::new(),
@@ -142,7 +162,7 @@ impl Hub {
     }
 
     /// Registers a session of `user` following `rooms`.
-    pub fn register(&self, id: SessionId, user: UserId, rooms: Vec<RoomId>) -> Registered {
+    pub async fn register(&self, id: SessionId, user: UserId, rooms: Vec<RoomId>) -> Registered {
         let (tx, rx) = mpsc::channel(self.queue);
         let handle = Arc::new(SessionHandle {
             user: user.clone(),
@@ -153,19 +173,20 @@ impl Hub {
         });
         self.sessions.insert(id, handle.clone());
         self.by_user.entry(user).or_default().push(id);
-        self.follow(id, &handle, &rooms);
+        self.follow(id, &handle, &rooms).await;
         Registered { id, handle, rx }
     }
 
     /// Makes session `id` follow `rooms` (see [`Hub::register`]).
-    pub fn follow_rooms(&self, id: SessionId, rooms: &[RoomId]) {
-        if let Some(h) = self.sessions.get(&id).map(|h| h.clone()) {
-            self.follow(id, &h, rooms);
+    pub async fn follow_rooms(&self, id: SessionId, rooms: &[RoomId]) {
+        let handle = self.sessions.get(&id).map(|h| h.clone());
+        if let Some(h) = handle {
+            self.follow(id, &h, rooms).await;
         }
     }
 
     /// Adds rooms to a session, subscribing the ones new to this gateway.
-    fn follow(&self, id: SessionId, handle: &SessionHandle, rooms: &[RoomId]) {
+    async fn follow(&self, id: SessionId, handle: &SessionHandle, rooms: &[RoomId]) {
         let mut new_here = Vec::new();
         {
             let mut mine = handle.rooms.lock();
@@ -182,12 +203,12 @@ impl Hub {
             }
         }
         if !new_here.is_empty() {
-            self.node.subscribe(&self.gateway, &new_here);
+            self.change(SubChange::Subscribe(new_here)).await;
         }
     }
 
     /// Removes a session; unsubscribes rooms no local session follows any more.
-    pub fn unregister(&self, id: SessionId) {
+    pub async fn unregister(&self, id: SessionId) {
         let Some((_, handle)) = self.sessions.remove(&id) else {
             return;
         };
@@ -210,7 +231,22 @@ impl Hub {
             }
         }
         if !gone.is_empty() {
-            self.node.unsubscribe(&self.gateway, &gone);
+            self.change(SubChange::Unsubscribe(gone)).await;
+        }
+    }
+
+    async fn change(&self, c: SubChange) {
+        if self.subs.send(c).await.is_err() {
+            tracing::warn!(gateway = %self.gateway, "subscription task stopped");
+        }
+    }
+
+    /// Subscribes again every room a local session follows (after the ring changed, the new
+    /// owners do not know this gateway yet).
+    pub async fn resubscribe_all(&self) {
+        let rooms: Vec<RoomId> = self.by_room.iter().map(|e| *e.key()).collect();
+        for chunk in rooms.chunks(512) {
+            self.change(SubChange::Subscribe(chunk.to_vec())).await;
         }
     }
 
@@ -233,7 +269,7 @@ impl Hub {
     }
 
     /// Delivers one envelope to the local sessions it targets.
-    pub fn deliver(&self, d: Delivery) {
+    pub async fn deliver(&self, d: Delivery) {
         let event = Arc::new(d.event);
         match d.target {
             Target::Room { room } => {
@@ -253,7 +289,7 @@ impl Hub {
                             continue;
                         };
                         if let Event::RoomJoined { room } = &*event {
-                            self.follow(id, &s, &[room.room.id]);
+                            self.follow(id, &s, &[room.room.id]).await;
                         }
                         s.offer(Outbound::Event(event.clone()));
                     }
@@ -268,7 +304,7 @@ impl Hub {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 d = stream.next() => match d {
-                    Some(d) => self.deliver(d),
+                    Some(d) => self.deliver(d).await,
                     None => {
                         tracing::warn!(gateway = %self.gateway, "delivery stream ended");
                         break;

@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use node::Node;
+use node::api::NodeApi;
 use node::bus::Bus;
 use node::bus::local::LocalBus;
 use node::store::Store;
@@ -42,8 +43,8 @@ pub struct App {
     pub config: Config,
     /// Token verification.
     pub auth: Auth,
-    /// The node (local in `serve`).
-    pub node: Arc<Node>,
+    /// The nodes: the local node in `serve`, the cluster client in `gateway`.
+    pub node: Arc<dyn NodeApi>,
     /// Local sessions.
     pub hub: Arc<Hub>,
     /// Session tasks, waited for on shutdown.
@@ -60,6 +61,7 @@ pub struct Palaver {
     serve: JoinHandle<std::io::Result<()>>,
     hub_stop: CancellationToken,
     hub_task: JoinHandle<()>,
+    local: Arc<Node>,
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
 }
@@ -77,7 +79,8 @@ impl Palaver {
             }
         };
         let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(BUS_QUEUE));
-        let node = Node::start(config.node.clone(), store.clone(), bus.clone()).await?;
+        let local = Node::start(config.node.clone(), store.clone(), bus.clone()).await?;
+        let node: Arc<dyn NodeApi> = local.clone();
         let hub = Hub::new(
             config.gateway_id.clone(),
             node.clone(),
@@ -126,6 +129,7 @@ impl Palaver {
             serve,
             hub_stop,
             hub_task,
+            local,
             store,
             bus,
         })
@@ -164,7 +168,7 @@ impl Palaver {
             Ok(Err(e)) => tracing::warn!(error = %e, "http server task failed"),
             Err(_) => tracing::warn!("http connections still open after the grace period"),
         }
-        self.app.node.shutdown().await;
+        self.local.shutdown().await;
         self.hub_stop.cancel();
         if let Err(e) = self.hub_task.await {
             tracing::warn!(error = %e, "delivery loop failed");

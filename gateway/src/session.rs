@@ -60,8 +60,8 @@ impl Opened {
 impl Abandon {
     /// Undoes the registration (the client went away during the upgrade).
     pub fn abandon(self) {
-        self.app.hub.unregister(self.id);
         tokio::spawn(async move {
+            self.app.hub.unregister(self.id).await;
             self.app
                 .node
                 .disconnect(&self.user, self.app.hub.gateway(), self.id)
@@ -81,7 +81,7 @@ pub async fn open(
 ) -> Result<Opened, Error> {
     let id = app.hub.next_session_id();
     let user = profile.id.clone();
-    let reg = app.hub.register(id, user.clone(), Vec::new());
+    let reg = app.hub.register(id, user.clone(), Vec::new()).await;
     let info = SessionInfo {
         gateway: app.hub.gateway().clone(),
         session: id,
@@ -90,11 +90,11 @@ pub async fn open(
     };
     match app.node.connect(profile, info).await {
         Ok(rooms) => {
-            app.hub.follow_rooms(id, &rooms);
+            app.hub.follow_rooms(id, &rooms).await;
             Ok(Opened { user, reg })
         }
         Err(e) => {
-            app.hub.unregister(id);
+            app.hub.unregister(id).await;
             Err(e)
         }
     }
@@ -283,7 +283,7 @@ pub async fn run_native<S>(
         writer.abort();
         tracing::debug!(%user, "session writer aborted");
     }
-    app.hub.unregister(id);
+    app.hub.unregister(id).await;
     app.node.disconnect(&user, app.hub.gateway(), id).await;
     tracing::debug!(%user, session = id.0, "session closed");
 }

@@ -19,6 +19,7 @@
 //! room actor checks membership -> its sequencer writes a batch to the store -> ack -> one
 //! `Delivery` per subscribed gateway on the bus -> each gateway writes to its sessions.
 
+pub mod api;
 pub mod bus;
 pub mod directory;
 pub mod ids;
@@ -271,20 +272,6 @@ impl Node {
         }
     }
 
-    /// Subscribes `gateway` to the events of `rooms`.
-    pub fn subscribe(&self, gateway: &GatewayId, rooms: &[RoomId]) {
-        for &room in rooms {
-            self.ctx.subscriptions.add(room, gateway);
-        }
-    }
-
-    /// Unsubscribes `gateway` from the events of `rooms`.
-    pub fn unsubscribe(&self, gateway: &GatewayId, rooms: &[RoomId]) {
-        for &room in rooms {
-            self.ctx.subscriptions.remove(room, gateway);
-        }
-    }
-
     /// Executes `cmd` for `caller` (the authenticated user; nothing in the command can change
     /// who is speaking).
     pub async fn execute(&self, caller: &UserId, cmd: Command) -> Result<Reply, Error> {
@@ -506,6 +493,20 @@ impl Node {
         }
     }
 
+    /// Subscribes `gateway` to the events of `rooms`.
+    pub fn subscribe_local(&self, gateway: &GatewayId, rooms: &[RoomId]) {
+        for &room in rooms {
+            self.ctx.subscriptions.add(room, gateway);
+        }
+    }
+
+    /// Unsubscribes `gateway` from the events of `rooms`.
+    pub fn unsubscribe_local(&self, gateway: &GatewayId, rooms: &[RoomId]) {
+        for &room in rooms {
+            self.ctx.subscriptions.remove(room, gateway);
+        }
+    }
+
     /// Stops every actor after it has handled its mailbox, and waits for room sequencers to
     /// finish their writes. The store and bus are closed by their owner afterwards.
     pub async fn shutdown(&self) {
@@ -513,5 +514,28 @@ impl Node {
         self.users.shutdown().await;
         self.ctx.tasks.close();
         self.ctx.tasks.wait().await;
+    }
+}
+
+#[async_trait::async_trait]
+impl api::NodeApi for Node {
+    async fn connect(&self, profile: Profile, session: SessionInfo) -> Result<Vec<RoomId>, Error> {
+        Node::connect(self, profile, session).await
+    }
+
+    async fn disconnect(&self, user: &UserId, gateway: &GatewayId, session: SessionId) {
+        Node::disconnect(self, user, gateway, session).await;
+    }
+
+    async fn execute(&self, caller: &UserId, cmd: Command) -> Result<Reply, Error> {
+        Node::execute(self, caller, cmd).await
+    }
+
+    async fn subscribe(&self, gateway: &GatewayId, rooms: Vec<RoomId>) {
+        self.subscribe_local(gateway, &rooms);
+    }
+
+    async fn unsubscribe(&self, gateway: &GatewayId, rooms: Vec<RoomId>) {
+        self.unsubscribe_local(gateway, &rooms);
     }
 }

@@ -5,6 +5,7 @@
 //! (in-process channels, for `palaver serve`); the Kafka backend of the cluster implements the
 //! same trait.
 
+pub mod kafka;
 pub mod local;
 
 use async_trait::async_trait;
