@@ -44,7 +44,7 @@ async fn next(s: &mut palaver_node::bus::DeliveryStream) -> Delivery {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn deliveries_reach_only_their_gateway_in_order() {
-    let broker = support::kafka::TestBroker::start();
+    let broker = support::kafka::TestBroker::start().await;
     let mut config = KafkaConfig::new(broker.brokers());
     config.deliver_partitions = 8;
     let bus = KafkaBus::connect(config).await.unwrap();
@@ -79,7 +79,7 @@ async fn deliveries_reach_only_their_gateway_in_order() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn delivery_resumes_after_a_broker_restart_that_lost_every_topic() {
-    let mut broker = support::kafka::TestBroker::start();
+    let mut broker = support::kafka::TestBroker::start().await;
     let mut config = KafkaConfig::new(broker.brokers());
     config.deliver_partitions = 4;
     config.publish_timeout = Duration::from_secs(5);
@@ -88,7 +88,7 @@ async fn delivery_resumes_after_a_broker_restart_that_lost_every_topic() {
     let mut s = bus.subscribe(&gw).await.unwrap();
     bus.publish(delivery("gw-restart", 1, 1)).await.unwrap();
     assert_eq!(seq_of(&next(&mut s).await), 1);
-    broker.restart();
+    broker.restart().await;
     // Publishing succeeds again once the bus has re-created its topics.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut seq = 2;

@@ -52,7 +52,7 @@ impl TestBroker {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self) {
+    async fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let child = Command::new(&self.bin)
             .args([
@@ -89,9 +89,9 @@ impl TestBroker {
     }
 
     /// Kills and starts it again on the same port.
-    pub fn restart(&mut self) {
+    pub async fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        self.spawn().await;
     }
 }
 
