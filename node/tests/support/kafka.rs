@@ -37,13 +37,13 @@ fn free_port() -> u16 {
 }
 
 impl TestBroker {
-    pub fn start() -> Self {
+    pub async fn start() -> Self {
         let mut b = Self {
             child: None,
             port: free_port(),
             bin: bin(),
         };
-        b.spawn();
+        b.spawn().await;
         b
     }
 
