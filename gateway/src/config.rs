@@ -96,6 +96,15 @@ pub struct ConfigBuilder {
     pub postgres_url: Option<String>,
     /// Connections in the PostgreSQL pool. Default 16.
     pub postgres_pool: Option<usize>,
+    /// Kafka bootstrap brokers `host:port,...`; when set, the Kafka bus replaces the in-process
+    /// one (required by `node` and `gateway`).
+    pub kafka_brokers: Option<String>,
+    /// Partitions of `palaver.deliver` when Palaver creates it. Default 64.
+    pub kafka_partitions: Option<i32>,
+    /// The cluster's nodes, `id@host:port,...` (required by `node` and `gateway`).
+    pub nodes: Option<String>,
+    /// Where a node's cluster service listens (required by `node`).
+    pub cluster_addr: Option<String>,
 }
 
 /// Where tokens are verified from.
@@ -162,6 +171,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Which store backend.
     pub store: StoreChoice,
+    /// Kafka bus settings, if configured.
+    pub kafka: Option<node::bus::kafka::KafkaConfig>,
+    /// The cluster's nodes, if configured.
+    pub nodes: Option<Vec<node::cluster::Member>>,
+    /// Where this node's cluster service listens, if configured.
+    pub cluster_addr: Option<SocketAddr>,
     /// Node tunables.
     pub node: NodeConfig,
 }
@@ -227,17 +242,15 @@ impl ConfigBuilder {
         over!(log_format, "PALAVER_LOG_FORMAT");
         over!(postgres_url, "PALAVER_POSTGRES_URL");
         over!(postgres_pool, "PALAVER_POSTGRES_POOL");
+        over!(kafka_brokers, "PALAVER_KAFKA_BROKERS");
+        over!(kafka_partitions, "PALAVER_KAFKA_PARTITIONS");
+        over!(nodes, "PALAVER_NODES");
+        over!(cluster_addr, "PALAVER_CLUSTER_ADDR");
         // Settings of backends this build cannot run yet: refuse rather than silently ignore.
-        for (key, what) in [
-            (
-                "PALAVER_KAFKA_BROKERS",
-                "the Kafka bus is not in this build yet",
-            ),
-            (
-                "PALAVER_SCYLLA_NODES",
-                "the ScyllaDB store is not in this build yet",
-            ),
-        ] {
+        for (key, what) in [(
+            "PALAVER_SCYLLA_NODES",
+            "the ScyllaDB store is not in this build yet",
+        )] {
             if env.get(key).is_some_and(|v| !v.is_empty()) {
                 return Err(ConfigError::Unsupported { key, what });
             }
@@ -319,6 +332,35 @@ impl ConfigBuilder {
                 pool: positive(self.postgres_pool, 16, "PALAVER_POSTGRES_POOL")?,
             },
         };
+        let kafka = match self.kafka_brokers.filter(|b| !b.trim().is_empty()) {
+            None => None,
+            Some(b) => {
+                let mut k = node::bus::kafka::KafkaConfig::new(b);
+                if let Some(p) = self.kafka_partitions {
+                    if p <= 0 {
+                        return Err(invalid(
+                            "PALAVER_KAFKA_PARTITIONS",
+                            "must be greater than 0",
+                        ));
+                    }
+                    k.deliver_partitions = p;
+                }
+                Some(k)
+            }
+        };
+        let nodes = match self.nodes.filter(|n| !n.trim().is_empty()) {
+            None => None,
+            Some(n) => {
+                Some(node::cluster::parse_nodes(&n).map_err(|e| invalid("PALAVER_NODES", &e))?)
+            }
+        };
+        let cluster_addr = match self.cluster_addr {
+            None => None,
+            Some(a) => Some(
+                a.parse()
+                    .map_err(|e| invalid("PALAVER_CLUSTER_ADDR", &format!("{a:?}: {e}")))?,
+            ),
+        };
         let mut node = NodeConfig {
             idle_timeout: secs(self.actor_idle_secs, 300, "PALAVER_ACTOR_IDLE_SECS")?,
             group_max_members: positive(
@@ -354,6 +396,9 @@ impl ConfigBuilder {
             durability,
             log_format,
             store,
+            kafka,
+            nodes,
+            cluster_addr,
             node,
         })
     }
@@ -417,8 +462,20 @@ mod tests {
         assert!(e.to_string().contains("PALAVER_MAX_FRAME_BYTES"), "{e}");
         let e = Config::load(None, &env(&[("PALAVER_JWT_SECRET", "short")])).unwrap_err();
         assert!(e.to_string().contains("at least 16"), "{e}");
-        let e = Config::load(None, &env(&[("PALAVER_KAFKA_BROKERS", "k:9092")])).unwrap_err();
+        let e = Config::load(None, &env(&[("PALAVER_SCYLLA_NODES", "s:9042")])).unwrap_err();
         assert!(matches!(e, ConfigError::Unsupported { .. }), "{e}");
+        let e = Config::load(None, &env(&[("PALAVER_NODES", "a@h:1,a@h:2")])).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let c = Config::load(
+            None,
+            &env(&[
+                ("PALAVER_NODES", "a@h:1, b@h:2"),
+                ("PALAVER_KAFKA_BROKERS", "k:9092"),
+            ]),
+        )
+        .expect("cluster");
+        assert_eq!(c.nodes.map(|n| n.len()), Some(2));
+        assert!(c.kafka.is_some());
         let c = Config::load(
             None,
             &env(&[("PALAVER_POSTGRES_URL", "host=/tmp dbname=x")]),

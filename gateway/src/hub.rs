@@ -12,7 +12,7 @@ use futures::StreamExt;
 use node::api::NodeApi;
 use node::bus::DeliveryStream;
 use parking_lot::Mutex;
-use schema::{Delivery, Event, GatewayId, RoomId, SessionId, Target, UserId};
+use schema::{Delivery, Event, GatewayId, Profile, RoomId, SessionId, Target, UserId};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
@@ -40,6 +40,10 @@ pub enum Outbound {
 pub struct SessionHandle {
     /// Whose session.
     pub user: UserId,
+    /// The claims it connected with (to register again with a new owner after a ring change).
+    pub profile: Profile,
+    /// Its wire dialect.
+    pub dialect: String,
     tx: mpsc::Sender<Outbound>,
     close: CancellationToken,
     reason: Mutex<Option<CloseReason>>,
@@ -162,10 +166,19 @@ impl Hub {
     }
 
     /// Registers a session of `user` following `rooms`.
-    pub async fn register(&self, id: SessionId, user: UserId, rooms: Vec<RoomId>) -> Registered {
+    pub async fn register(
+        &self,
+        id: SessionId,
+        profile: Profile,
+        dialect: String,
+        rooms: Vec<RoomId>,
+    ) -> Registered {
         let (tx, rx) = mpsc::channel(self.queue);
+        let user = profile.id.clone();
         let handle = Arc::new(SessionHandle {
             user: user.clone(),
+            profile,
+            dialect,
             tx,
             close: CancellationToken::new(),
             reason: Mutex::new(None),
@@ -248,6 +261,14 @@ impl Hub {
         for chunk in rooms.chunks(512) {
             self.change(SubChange::Subscribe(chunk.to_vec())).await;
         }
+    }
+
+    /// Every session: id, profile and dialect.
+    pub fn snapshot(&self) -> Vec<(SessionId, Profile, String)> {
+        self.sessions
+            .iter()
+            .map(|s| (*s.key(), s.profile.clone(), s.dialect.clone()))
+            .collect()
     }
 
     /// Asks every session to close with `reason`.

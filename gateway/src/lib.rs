@@ -21,6 +21,7 @@ pub mod auth;
 pub mod config;
 pub mod dialect;
 pub mod hub;
+pub mod node_process;
 pub mod rest;
 pub mod server;
 pub mod session;

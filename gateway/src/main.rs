@@ -1,9 +1,11 @@
-//! The `palaver` binary: `serve` (the default: everything in one process) and `token`.
+//! The `palaver` binary: `serve` (the default: everything in one process), `node` and `gateway`
+//! (the processes of a cluster), and `token`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use palaver_gateway::auth::{Auth, Claims, now_secs};
 use palaver_gateway::config::Config;
+use palaver_gateway::node_process::NodeProcess;
 use palaver_gateway::{Palaver, telemetry};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,6 +25,11 @@ struct Cli {
 enum Cmd {
     /// Run everything in one process: gateway, node, embedded store, in-process bus (default).
     Serve,
+    /// Run one node of a cluster (needs PALAVER_NODES, PALAVER_NODE_ID, PALAVER_CLUSTER_ADDR,
+    /// PALAVER_KAFKA_BROKERS and a shared store).
+    Node,
+    /// Run one gateway of a cluster (needs PALAVER_NODES and PALAVER_KAFKA_BROKERS).
+    Gateway,
     /// Print a JWT signed with the configured HS256 secret.
     Token {
         /// User id (`sub`).
@@ -48,14 +55,9 @@ fn main() -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = Config::load(cli.config.as_deref(), &env)?;
     match cli.command.unwrap_or(Cmd::Serve) {
-        Cmd::Serve => {
-            telemetry::init(config.log_format);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("palaver")
-                .build()?;
-            rt.block_on(serve(config))
-        }
+        Cmd::Serve => runtime(&config)?.block_on(serve(config, false)),
+        Cmd::Gateway => runtime(&config)?.block_on(serve(config, true)),
+        Cmd::Node => runtime(&config)?.block_on(node(config)),
         Cmd::Token {
             sub,
             name,
@@ -79,11 +81,41 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let data_dir = config.data_dir.clone();
-    let palaver = Palaver::start(config)
+fn runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
+    telemetry::init(config.log_format);
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("palaver")
+        .build()?)
+}
+
+async fn node(config: Config) -> anyhow::Result<()> {
+    let id = config.node.node_id.clone();
+    let process = NodeProcess::start(config)
         .await
-        .with_context(|| format!("starting palaver (data dir {})", data_dir.display()))?;
+        .with_context(|| format!("starting node {id}"))?;
+    tracing::info!(node = %id, http = %process.http_addr(), cluster = %process.cluster_addr(), "node listening");
+    println!(
+        "listening on {} cluster {}",
+        process.http_addr(),
+        process.cluster_addr()
+    );
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    process.shutdown().await
+}
+
+async fn serve(config: Config, gateway_only: bool) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let palaver = if gateway_only {
+        Palaver::start_gateway(config)
+            .await
+            .context("starting the gateway")?
+    } else {
+        Palaver::start(config)
+            .await
+            .with_context(|| format!("starting palaver (data dir {})", data_dir.display()))?
+    };
     tracing::info!(addr = %palaver.addr(), data_dir = %data_dir.display(), "palaver listening");
     // One machine-readable line on stdout, for scripts and tests.
     println!("listening on {}", palaver.addr());

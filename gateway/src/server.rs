@@ -21,10 +21,14 @@ use axum::serve::ListenerExt;
 use node::Node;
 use node::api::NodeApi;
 use node::bus::Bus;
+use node::bus::kafka::KafkaBus;
 use node::bus::local::LocalBus;
+use node::cluster::Cluster;
+use node::cluster::remote::RemoteNodes;
 use node::store::Store;
 use node::store::embedded::EmbeddedStore;
 use node::store::postgres::PostgresStore;
+use node::user::SessionInfo;
 use schema::{Error, ErrorCode, Profile};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -36,6 +40,39 @@ use tokio_util::task::TaskTracker;
 
 /// Deliveries queued per gateway on the in-process bus.
 const BUS_QUEUE: usize = 65_536;
+
+/// How often cluster members are health-checked.
+pub const HEALTH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// After each ring change, registers every local session again with its user's (possibly new)
+/// owner and subscribes every followed room again at its (possibly new) owner.
+async fn follow_ring(app: Arc<App>, cluster: Arc<Cluster>, stop: CancellationToken) {
+    let mut ring = cluster.watch();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = ring.changed() => if changed.is_err() { return },
+        }
+        let version = ring.borrow_and_update().version();
+        tracing::info!(
+            version,
+            "ring changed; re-registering sessions and subscriptions"
+        );
+        for (id, profile, dialect) in app.hub.snapshot() {
+            let info = SessionInfo {
+                gateway: app.hub.gateway().clone(),
+                session: id,
+                dialect,
+                device: None,
+            };
+            match app.node.connect(profile, info).await {
+                Ok(rooms) => app.hub.follow_rooms(id, &rooms).await,
+                Err(e) => tracing::warn!(session = id.0, error = %e, "re-register failed"),
+            }
+        }
+        app.hub.resubscribe_all().await;
+    }
+}
 
 /// What request handlers share.
 pub struct App {
@@ -53,7 +90,7 @@ pub struct App {
     pub draining: AtomicBool,
 }
 
-/// A running Palaver.
+/// A running Palaver gateway: `serve` (with a local node) or `gateway` (cluster client).
 pub struct Palaver {
     addr: SocketAddr,
     app: Arc<App>,
@@ -61,26 +98,62 @@ pub struct Palaver {
     serve: JoinHandle<std::io::Result<()>>,
     hub_stop: CancellationToken,
     hub_task: JoinHandle<()>,
-    local: Arc<Node>,
-    store: Arc<dyn Store>,
+    local: Option<Arc<Node>>,
+    store: Option<Arc<dyn Store>>,
     bus: Arc<dyn Bus>,
 }
 
+/// Opens the configured store.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &config.store {
+        StoreChoice::Embedded => {
+            Arc::new(EmbeddedStore::open(&config.data_dir, config.durability)?)
+        }
+        StoreChoice::Postgres { url, pool } => Arc::new(PostgresStore::connect(url, *pool).await?),
+    })
+}
+
 impl Palaver {
-    /// Starts everything and binds the listener; returns once it accepts connections.
+    /// `palaver serve`: everything in one process; returns once it accepts connections.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let auth = Auth::new(&config.jwt, &config.data_dir).map_err(anyhow::Error::msg)?;
-        let store: Arc<dyn Store> = match &config.store {
-            StoreChoice::Embedded => {
-                Arc::new(EmbeddedStore::open(&config.data_dir, config.durability)?)
-            }
-            StoreChoice::Postgres { url, pool } => {
-                Arc::new(PostgresStore::connect(url, *pool).await?)
-            }
+        let store = open_store(&config).await?;
+        let bus: Arc<dyn Bus> = match &config.kafka {
+            Some(k) => KafkaBus::connect(k.clone()).await?,
+            None => Arc::new(LocalBus::new(BUS_QUEUE)),
         };
-        let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(BUS_QUEUE));
         let local = Node::start(config.node.clone(), store.clone(), bus.clone()).await?;
         let node: Arc<dyn NodeApi> = local.clone();
+        Self::launch(config, auth, node, bus, Some(local), Some(store), None).await
+    }
+
+    /// `palaver gateway`: sockets only; every call goes to the node owning its key, deliveries
+    /// arrive over Kafka.
+    pub async fn start_gateway(config: Config) -> anyhow::Result<Self> {
+        let auth = Auth::new(&config.jwt, &config.data_dir).map_err(anyhow::Error::msg)?;
+        let members = config
+            .nodes
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("PALAVER_NODES is required for `palaver gateway`"))?;
+        let kafka = config.kafka.clone().ok_or_else(|| {
+            anyhow::anyhow!("PALAVER_KAFKA_BROKERS is required for `palaver gateway`")
+        })?;
+        let cluster = Cluster::new(members, config.node.call_timeout)?;
+        cluster.refresh().await;
+        let bus: Arc<dyn Bus> = KafkaBus::connect(kafka).await?;
+        let node: Arc<dyn NodeApi> = Arc::new(RemoteNodes::new(cluster.clone()));
+        Self::launch(config, auth, node, bus, None, None, Some(cluster)).await
+    }
+
+    async fn launch(
+        config: Config,
+        auth: Auth,
+        node: Arc<dyn NodeApi>,
+        bus: Arc<dyn Bus>,
+        local: Option<Arc<Node>>,
+        store: Option<Arc<dyn Store>>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> anyhow::Result<Self> {
         let hub = Hub::new(
             config.gateway_id.clone(),
             node.clone(),
@@ -100,6 +173,10 @@ impl Palaver {
             sessions: TaskTracker::new(),
             draining: AtomicBool::new(false),
         });
+        if let Some(cluster) = cluster {
+            cluster.spawn_health(HEALTH_EVERY, hub_stop.clone());
+            tokio::spawn(follow_ring(app.clone(), cluster, hub_stop.clone()));
+        }
         let stop = CancellationToken::new();
         let signal = {
             let app = app.clone();
@@ -168,13 +245,17 @@ impl Palaver {
             Ok(Err(e)) => tracing::warn!(error = %e, "http server task failed"),
             Err(_) => tracing::warn!("http connections still open after the grace period"),
         }
-        self.local.shutdown().await;
+        if let Some(local) = &self.local {
+            local.shutdown().await;
+        }
         self.hub_stop.cancel();
         if let Err(e) = self.hub_task.await {
             tracing::warn!(error = %e, "delivery loop failed");
         }
         self.bus.close().await;
-        self.store.close().await?;
+        if let Some(store) = &self.store {
+            store.close().await?;
+        }
         tracing::info!("palaver stopped");
         Ok(())
     }

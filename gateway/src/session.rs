@@ -81,11 +81,14 @@ pub async fn open(
 ) -> Result<Opened, Error> {
     let id = app.hub.next_session_id();
     let user = profile.id.clone();
-    let reg = app.hub.register(id, user.clone(), Vec::new()).await;
+    let reg = app
+        .hub
+        .register(id, profile.clone(), dialect.to_owned(), Vec::new())
+        .await;
     let info = SessionInfo {
         gateway: app.hub.gateway().clone(),
         session: id,
-        dialect,
+        dialect: dialect.into(),
         device: None,
     };
     match app.node.connect(profile, info).await {

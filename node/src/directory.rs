@@ -158,6 +158,25 @@ impl<S: ChildSpec> Directory<S> {
         )))
     }
 
+    /// Stops the actors whose key `keep` rejects (keys this node no longer owns), after they
+    /// handle their mailboxes. A later call for such a key starts a fresh actor that reloads from
+    /// the store, so no stale state survives a move away and back.
+    pub fn retain(&self, keep: impl Fn(&S::Key) -> bool) {
+        let gone: Vec<(S::Key, Entry<ChildMsg<S>>)> = self
+            .entries
+            .iter()
+            .filter(|e| !keep(e.key()))
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        for (key, entry) in gone {
+            let id = entry.actor.get_id();
+            self.entries.remove_if(&key, |_, e| e.actor.get_id() == id);
+            if entry.actor.drain().is_err() {
+                tracing::debug!(kind = S::KIND, ?key, "actor already stopped");
+            }
+        }
+    }
+
     /// Stops every child after it has handled what is already in its mailbox, then the
     /// supervisor.
     pub async fn shutdown(&self) {

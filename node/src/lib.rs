@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod bus;
+pub mod cluster;
 pub mod directory;
 pub mod ids;
 pub mod ring;
@@ -148,6 +149,7 @@ impl NodeCtx {
 pub struct Node {
     ctx: Arc<NodeCtx>,
     ring: RwLock<Arc<Ring>>,
+    peers: std::sync::OnceLock<Arc<cluster::Cluster>>,
     rooms: Directory<RoomSpec>,
     users: Directory<UserSpec>,
 }
@@ -177,6 +179,7 @@ impl Node {
         Ok(Arc::new(Self {
             ctx,
             ring: RwLock::new(Arc::new(ring)),
+            peers: std::sync::OnceLock::new(),
             rooms,
             users,
         }))
@@ -194,8 +197,30 @@ impl Node {
 
     /// Replaces the ring (membership change). Calls routed from now on use the new ring; keys
     /// this node no longer owns answer `not_owner`.
-    pub fn set_ring(&self, ring: Ring) {
-        *self.ring.write() = Arc::new(ring);
+    ///
+    /// Actors, sessions and subscriptions of keys this node no longer owns are dropped: their new
+    /// owner reloads them from the store, and gateways re-register with it.
+    pub fn set_ring(&self, ring: Arc<Ring>) {
+        let me = self.ctx.config.node_id.clone();
+        let owns = |k: &RingKey| ring.owner(k) == Some(&me);
+        self.rooms.retain(|r| owns(&RingKey::Room(*r)));
+        self.users.retain(|u| owns(&RingKey::User(u.clone())));
+        self.ctx
+            .sessions
+            .retain(|u| owns(&RingKey::User(u.clone())));
+        self.ctx.subscriptions.retain(|r| owns(&RingKey::Room(r)));
+        *self.ring.write() = ring;
+    }
+
+    /// Joins this node to a cluster: `peers` reaches the owners of keys this node does not own.
+    pub fn set_peers(&self, peers: Arc<cluster::Cluster>) {
+        if self.peers.set(peers).is_err() {
+            tracing::warn!("cluster peers were already set");
+        }
+    }
+
+    fn owns(&self, key: &RingKey) -> bool {
+        self.ring().owner(key) == Some(&self.ctx.config.node_id)
     }
 
     /// The running actor of `room`, if any (operations and tests).
@@ -275,6 +300,17 @@ impl Node {
     /// Executes `cmd` for `caller` (the authenticated user; nothing in the command can change
     /// who is speaking).
     pub async fn execute(&self, caller: &UserId, cmd: Command) -> Result<Reply, Error> {
+        self.execute_with_ref(caller, cmd, None).await
+    }
+
+    /// [`Node::execute`], with the idempotency key a gateway chose for a send that came without
+    /// `client_ref` (so that the gateway's retries of it stay idempotent).
+    pub async fn execute_with_ref(
+        &self,
+        caller: &UserId,
+        cmd: Command,
+        auto_ref: Option<String>,
+    ) -> Result<Reply, Error> {
         match cmd {
             Command::Send {
                 room,
@@ -286,7 +322,10 @@ impl Node {
                         check_client_ref(&r).map_err(Error::invalid)?;
                         r
                     }
-                    None => format!("{AUTO_REF_PREFIX}{}", self.ctx.ids.next()),
+                    None => match auto_ref {
+                        Some(r) => format!("{AUTO_REF_PREFIX}{r}"),
+                        None => format!("{AUTO_REF_PREFIX}{}", self.ctx.ids.next()),
+                    },
                 };
                 let message = self
                     .call_room(room, |reply| RoomMsg::Send {
@@ -470,16 +509,21 @@ impl Node {
 
     /// Tells the members of a new room about it: subscribes the gateways of their sessions first
     /// (so the room's first message reaches them), then sends `room_joined` to those sessions.
+    /// In a cluster, members' sessions and the room's subscriptions may live on other nodes.
     async fn announce(&self, summary: &RoomSummary) {
         let room = summary.room.id;
         let mut by_gateway: BTreeMap<GatewayId, Vec<UserId>> = BTreeMap::new();
         for m in &summary.members {
-            for gw in self.ctx.sessions.gateways(&m.user) {
+            for gw in self.user_gateways(&m.user).await {
                 by_gateway.entry(gw).or_default().push(m.user.clone());
             }
         }
+        if by_gateway.is_empty() {
+            return;
+        }
+        let gateways: Vec<GatewayId> = by_gateway.keys().cloned().collect();
+        self.subscribe_room(room, &gateways).await;
         for (gateway, users) in by_gateway {
-            self.ctx.subscriptions.add(room, &gateway);
             let d = Delivery {
                 gateway,
                 target: Target::Users { users },
@@ -491,6 +535,66 @@ impl Node {
                 tracing::warn!(%room, error = %e, "room_joined publish failed");
             }
         }
+    }
+
+    /// The gateways hosting sessions of `user`, asking its owner if that is another node.
+    async fn user_gateways(&self, user: &UserId) -> Vec<GatewayId> {
+        let key = RingKey::User(user.clone());
+        match self.peers.get() {
+            Some(peers) if !self.owns(&key) => {
+                let req = cluster::wire::NodeRequest::UserGateways { user: user.clone() };
+                match peers.call(&key, req, true).await {
+                    Ok(cluster::wire::NodeResponse::Gateways { gateways }) => gateways,
+                    Ok(other) => {
+                        tracing::warn!(?other, "unexpected answer to user_gateways");
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        tracing::warn!(%user, error = %e, "cannot learn the user's gateways");
+                        Vec::new()
+                    }
+                }
+            }
+            _ => self.ctx.sessions.gateways(user),
+        }
+    }
+
+    /// Subscribes `gateways` to `room` at the room's owner.
+    async fn subscribe_room(&self, room: RoomId, gateways: &[GatewayId]) {
+        let key = RingKey::Room(room);
+        match self.peers.get() {
+            Some(peers) if !self.owns(&key) => {
+                for gateway in gateways {
+                    let req = cluster::wire::NodeRequest::Subscribe {
+                        gateway: gateway.clone(),
+                        rooms: vec![room],
+                    };
+                    if let Err(e) = peers.call(&key, req, true).await {
+                        tracing::warn!(%room, error = %e, "cannot subscribe a member's gateway");
+                    }
+                }
+            }
+            _ => {
+                for gateway in gateways {
+                    self.ctx.subscriptions.add(room, gateway);
+                }
+            }
+        }
+    }
+
+    /// The gateways hosting sessions of `user`, if this node owns the user.
+    pub fn local_user_gateways(&self, user: &UserId) -> Result<Vec<GatewayId>, Error> {
+        self.route(&RingKey::User(user.clone()))?;
+        Ok(self.ctx.sessions.gateways(user))
+    }
+
+    /// Subscribes `gateway` to `rooms`, all of which this node must own.
+    pub fn subscribe_owned(&self, gateway: &GatewayId, rooms: &[RoomId]) -> Result<(), Error> {
+        for &room in rooms {
+            self.route(&RingKey::Room(room))?;
+        }
+        self.subscribe_local(gateway, rooms);
+        Ok(())
     }
 
     /// Subscribes `gateway` to the events of `rooms`.

@@ -36,6 +36,11 @@ impl Subscriptions {
         self.rooms.get(&room).map(|g| g.clone()).unwrap_or_default()
     }
 
+    /// Forgets rooms for which `keep` is false (rooms this node no longer owns).
+    pub fn retain(&self, keep: impl Fn(RoomId) -> bool) {
+        self.rooms.retain(|r, _| keep(*r));
+    }
+
     /// Number of rooms with at least one subscriber.
     pub fn len(&self) -> usize {
         self.rooms.len()

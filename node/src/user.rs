@@ -17,14 +17,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// One connected session of a user.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionInfo {
     /// The gateway holding the socket.
     pub gateway: GatewayId,
     /// The session on that gateway.
     pub session: SessionId,
     /// The wire dialect ("native", ...).
-    pub dialect: &'static str,
+    pub dialect: String,
     /// The client's device id, if it named one.
     pub device: Option<String>,
 }
@@ -56,6 +56,11 @@ impl SessionTable {
     /// Whether `user` has a connected session.
     pub fn is_online(&self, user: &UserId) -> bool {
         self.users.get(user).is_some_and(|s| !s.is_empty())
+    }
+
+    /// Forgets the sessions of users for which `keep` is false (users this node no longer owns).
+    pub fn retain(&self, keep: impl Fn(&UserId) -> bool) {
+        self.users.retain(|u, _| keep(u));
     }
 
     /// Number of users with a connected session.

@@ -40,7 +40,7 @@ async fn connect(node: &Node, user: &str, session: u64) {
     let info = SessionInfo {
         gateway: GatewayId::new("gw"),
         session: SessionId(session),
-        dialect: "native",
+        dialect: "native".into(),
         device: None,
     };
     node.connect(profile, info).await.unwrap();
@@ -163,14 +163,14 @@ async fn keys_owned_by_another_node_answer_not_owner() {
     let (node, _store, _dir) = node_with(NodeConfig::default()).await;
     let room = group(&node).await;
     // A ring where this node owns nothing.
-    node.set_ring(Ring::new(2, [NodeId::new("elsewhere")]));
+    node.set_ring(Arc::new(Ring::new(2, [NodeId::new("elsewhere")])));
     let e = node
         .execute(&uid("a"), send(room, "x".into()))
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::NotOwner);
     assert!(e.message.contains("elsewhere"), "{}", e.message);
-    node.set_ring(Ring::new(3, [NodeId::new("local")]));
+    node.set_ring(Arc::new(Ring::new(3, [NodeId::new("local")])));
     node.execute(&uid("a"), send(room, "x".into()))
         .await
         .unwrap();
@@ -212,7 +212,7 @@ async fn the_profile_is_refreshed_from_the_claims_of_each_connect() {
     let info = |session| SessionInfo {
         gateway: GatewayId::new("gw"),
         session: SessionId(session),
-        dialect: "native",
+        dialect: "native".into(),
         device: None,
     };
     let mut profile = Profile {
