@@ -1,7 +1,7 @@
 //! `palaver node`: one shard of the cluster. Hosts the room and user actors of its share of the
 //! ring, serves them to gateways and peers over gRPC on `PALAVER_CLUSTER_ADDR`, publishes
-//! deliveries to Kafka, and stores everything in the shared store. `/healthz` and `/readyz` are on
-//! `PALAVER_HTTP_ADDR`.
+//! deliveries to Kafka, and stores everything in the shared store. `/healthz`, `/readyz` and
+//! `/ring` (this node's view of the live ring) are on `PALAVER_HTTP_ADDR`.
 
 use crate::config::{Config, StoreChoice};
 use crate::server::{HEALTH_EVERY, open_store};
@@ -110,8 +110,23 @@ impl NodeProcess {
         });
 
         let draining = Arc::new(AtomicBool::new(false));
+        let ring_view = node.clone();
         let router = Router::new()
             .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/ring",
+                get(move || {
+                    let node = ring_view.clone();
+                    async move {
+                        let ring = node.ring();
+                        axum::Json(serde_json::json!({
+                            "node": node.ctx().config.node_id,
+                            "version": ring.version(),
+                            "nodes": ring.nodes(),
+                        }))
+                    }
+                }),
+            )
             .route("/readyz", get(readyz))
             .with_state(draining.clone());
         let http_listener = tokio::net::TcpListener::bind(config.http_addr).await?;

@@ -88,7 +88,7 @@ async fn delivery_resumes_after_a_broker_restart_that_lost_every_topic() {
     let mut s = bus.subscribe(&gw).await.unwrap();
     bus.publish(delivery("gw-restart", 1, 1)).await.unwrap();
     assert_eq!(seq_of(&next(&mut s).await), 1);
-    broker.restart().await;
+    broker.restart(Duration::from_secs(2)).await;
     // Publishing succeeds again once the bus has re-created its topics.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut seq = 2;

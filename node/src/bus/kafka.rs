@@ -10,12 +10,20 @@
 //! history. Gateways whose ids hash to the same partition share it and drop deliveries addressed to
 //! the other, so give the topic several times more partitions than gateways.
 //!
-//! Failure handling: the producer is idempotent (`enable.idempotence`) with unlimited in-flight
-//! retries bounded by `delivery.timeout.ms`; librdkafka reconnects by itself. After a broker
-//! restart that lost its topics (in-memory brokers), producing fails with an unknown topic, so
-//! the bus re-creates its topics and retries; consumers whose offset no longer exists restart at
-//! the beginning of the new log (`auto.offset.reset = earliest`), so nothing produced after the
-//! restart is skipped.
+//! Failure handling: the producer is idempotent (`enable.idempotence`, `acks=all`) and
+//! librdkafka retries and reconnects by itself. A publish that still fails re-creates the topics
+//! (an in-memory broker loses them on restart) and, unless the topic was simply missing, replaces
+//! the producer (a restarted broker no longer knows its producer id), then retries.
+//!
+//! The reader survives broker restarts. A watcher probes the brokers' listeners; when none
+//! answers, it unassigns the consumer at once. This works around a crash we found in
+//! librdkafka 2.12 against tansu 0.6 with in-memory storage: after a restart that lost the topic,
+//! the broker answers the consumer's fetch for the missing partition with a leader-change hint
+//! (KIP-951 `CurrentLeader`) carrying neither topic id nor name, and librdkafka dereferences the
+//! missing name (`rd_kafka_metadata_update_op` -> `strcmp(NULL)`). Once a broker answers again,
+//! the reader re-creates the topics, checks whether the last record it read is still there
+//! unchanged (same offset, same payload digest): if so it reads on from there, otherwise the log is
+//! new and it reads it from the beginning, so nothing published after the restart is skipped.
 
 use super::{Bus, BusError, DeliveryStream};
 use async_trait::async_trait;
@@ -69,7 +77,7 @@ impl KafkaConfig {
 /// The Kafka [`Bus`].
 pub struct KafkaBus {
     config: KafkaConfig,
-    producer: FutureProducer,
+    producer: parking_lot::RwLock<FutureProducer>,
     admin: AdminClient<DefaultClientContext>,
     partitions: std::sync::atomic::AtomicI32,
 }
@@ -89,22 +97,7 @@ pub fn partition_of(gateway: &GatewayId, partitions: i32) -> i32 {
 impl KafkaBus {
     /// Connects, creates the topics if they are missing, and reads the partition count.
     pub async fn connect(config: KafkaConfig) -> Result<Arc<Self>, BusError> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .set("compression.type", "none")
-            .set(
-                "delivery.timeout.ms",
-                config.publish_timeout.as_millis().to_string(),
-            )
-            .set(
-                "message.timeout.ms",
-                config.publish_timeout.as_millis().to_string(),
-            )
-            .create()
-            .map_err(unavailable)?;
+        let producer = new_producer(&config)?;
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .create()
@@ -112,13 +105,34 @@ impl KafkaBus {
         let bus = Arc::new(Self {
             partitions: std::sync::atomic::AtomicI32::new(config.deliver_partitions),
             config,
-            producer,
+            producer: parking_lot::RwLock::new(producer),
             admin,
         });
         bus.ensure_topics().await?;
         Ok(bus)
     }
+}
 
+fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("compression.type", "none")
+        .set(
+            "delivery.timeout.ms",
+            config.publish_timeout.as_millis().to_string(),
+        )
+        .set(
+            "message.timeout.ms",
+            config.publish_timeout.as_millis().to_string(),
+        )
+        .create()
+        .map_err(unavailable)
+}
+
+impl KafkaBus {
     /// Creates the topics if missing and refreshes the partition count of `palaver.deliver`.
     async fn ensure_topics(&self) -> Result<(), BusError> {
         let topics = [
@@ -149,6 +163,7 @@ impl KafkaBus {
         }
         let md = self
             .producer
+            .read()
             .client()
             .fetch_metadata(Some(DELIVER_TOPIC), Duration::from_secs(10))
             .map_err(unavailable)?;
@@ -185,15 +200,17 @@ impl Bus for KafkaBus {
                 .key(key)
                 .payload(&payload)
                 .partition(partition);
-            match self
-                .producer
-                .send(record, self.config.publish_timeout)
-                .await
-            {
+            let producer = self.producer.read().clone();
+            match producer.send(record, self.config.publish_timeout).await {
                 Ok(_) => return Ok(()),
-                Err((e, _)) if topic_missing(&e) && attempt < 2 => {
-                    tracing::warn!(error = %e, "deliver topic missing; re-creating it");
+                Err((e, _)) if attempt < 2 => {
+                    tracing::warn!(error = %e, attempt, "publish failed; repairing and retrying");
+                    // The broker may have lost the topic (re-create it) or the idempotent
+                    // producer's identity (start a new producer).
                     self.ensure_topics().await?;
+                    if !topic_missing(&e) {
+                        *self.producer.write() = new_producer(&self.config)?;
+                    }
                 }
                 Err((e, _)) => return Err(unavailable(e)),
             }
@@ -202,57 +219,212 @@ impl Bus for KafkaBus {
     }
 
     async fn subscribe(&self, gateway: &GatewayId) -> Result<DeliveryStream, BusError> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
-            .set("group.id", format!("palaver-gateway-{gateway}"))
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "10")
-            .set("topic.metadata.refresh.interval.ms", "2000")
-            .create()
-            .map_err(unavailable)?;
-        let mut tpl = TopicPartitionList::new();
         let partition = partition_of(gateway, self.deliver_partitions());
+        let (down_tx, down) = tokio::sync::mpsc::channel::<()>(1);
         // Start at the current end, resolved now rather than at the first fetch, so that every
         // delivery published after `subscribe` returns is read.
+        let consumer = self.consumer(gateway)?;
         let (_, high) = consumer
             .fetch_watermarks(DELIVER_TOPIC, partition, Duration::from_secs(10))
             .map_err(unavailable)?;
-        tpl.add_partition_offset(DELIVER_TOPIC, partition, Offset::Offset(high))
-            .map_err(unavailable)?;
-        consumer.assign(&tpl).map_err(unavailable)?;
-        let me = gateway.clone();
+        assign(&consumer, partition, high)?;
         let consumer = Arc::new(consumer);
-        let stream = futures::stream::unfold(consumer, move |consumer| {
-            let me = me.clone();
-            async move {
-                loop {
-                    match consumer.recv().await {
-                        Ok(m) => {
-                            let Some(payload) = m.payload() else { continue };
-                            match serde_json::from_slice::<Delivery>(payload) {
-                                Ok(d) if d.gateway == me => return Some((d, consumer.clone())),
-                                Ok(_) => continue, // another gateway sharing the partition
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "undecodable delivery skipped");
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            // librdkafka reconnects by itself; keep polling.
-                            tracing::warn!(error = %e, "deliver consumer error");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            }
-        });
-        Ok(stream.boxed())
+        let assigned = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        tokio::spawn(watch_brokers(
+            self.config.brokers.clone(),
+            consumer.clone(),
+            assigned.clone(),
+            down_tx,
+        ));
+        let state = ReadState {
+            admin_config: self.config.clone(),
+            gateway: gateway.clone(),
+            partition,
+            consumer,
+            assigned,
+            next_offset: high,
+            last: None,
+            down,
+        };
+        Ok(futures::stream::unfold(state, |mut st| async move {
+            let d = st.next().await;
+            Some((d, st))
+        })
+        .boxed())
     }
 
     async fn close(&self) {
-        if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
+        let producer = self.producer.read().clone();
+        if let Err(e) = producer.flush(Duration::from_secs(5)) {
             tracing::warn!(error = %e, "kafka producer flush failed");
         }
     }
+}
+
+/// Watches the brokers' listeners: librdkafka does not surface a lost connection to a
+/// `StreamConsumer`, so a plain TCP probe tells the reader when every broker is gone.
+async fn watch_brokers(
+    brokers: String,
+    consumer: Arc<DeliverConsumer>,
+    assigned: Arc<std::sync::atomic::AtomicBool>,
+    down: tokio::sync::mpsc::Sender<()>,
+) {
+    let addrs: Vec<String> = brokers.split(',').map(|b| b.trim().to_owned()).collect();
+    let mut was_up = true;
+    loop {
+        let mut up = false;
+        for a in &addrs {
+            let probe = tokio::net::TcpStream::connect(a.as_str());
+            if matches!(
+                tokio::time::timeout(Duration::from_millis(300), probe).await,
+                Ok(Ok(_))
+            ) {
+                up = true;
+                break;
+            }
+        }
+        if was_up && !up {
+            // Stop fetching at once, whether or not the reader is being polled: after a broker
+            // restart that lost the topic, librdkafka 2.12 crashes on the broker's fetch answer
+            // for the missing partition (a leader-change hint with neither topic id nor name).
+            // The reader assigns again once the topic exists.
+            assigned.store(false, std::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = consumer.unassign() {
+                tracing::warn!(error = %e, "deliver consumer: unassign failed");
+            }
+            tracing::warn!("every Kafka broker is unreachable; deliver consumer paused");
+            if down.send(()).await.is_err() {
+                return; // the reader is gone
+            }
+        }
+        was_up = up;
+        if down.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+type DeliverConsumer = StreamConsumer;
+
+fn assign(c: &DeliverConsumer, partition: i32, offset: i64) -> Result<(), BusError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(DELIVER_TOPIC, partition, Offset::Offset(offset))
+        .map_err(unavailable)?;
+    c.assign(&tpl).map_err(unavailable)
+}
+
+impl KafkaBus {
+    fn consumer(&self, gateway: &GatewayId) -> Result<DeliverConsumer, BusError> {
+        new_consumer(&self.config.brokers, gateway)
+    }
+}
+
+fn new_consumer(brokers: &str, gateway: &GatewayId) -> Result<DeliverConsumer, BusError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("palaver-gateway-{gateway}"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .set("topic.metadata.refresh.interval.ms", "2000")
+        .set("reconnect.backoff.ms", "500")
+        .create()
+        .map_err(unavailable)
+}
+
+/// The reading side of one gateway's subscription.
+struct ReadState {
+    admin_config: KafkaConfig,
+    gateway: GatewayId,
+    partition: i32,
+    consumer: Arc<DeliverConsumer>,
+    assigned: Arc<std::sync::atomic::AtomicBool>,
+    /// The offset after the last delivery read.
+    next_offset: i64,
+    /// Offset and digest of the last record read, to tell a surviving log from a new one.
+    last: Option<(i64, u64)>,
+    down: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl ReadState {
+    async fn next(&mut self) -> Delivery {
+        loop {
+            if !self.assigned.load(std::sync::atomic::Ordering::SeqCst) {
+                self.reconnect().await;
+                continue;
+            }
+            tokio::select! {
+                biased;
+                // The watcher paused the consumer: go and reconnect.
+                Some(()) = self.down.recv() => {}
+                m = self.consumer.recv() => match m {
+                    Ok(m) => {
+                        self.next_offset = m.offset() + 1;
+                        self.last = Some((m.offset(), payload_digest(m.payload())));
+                        let Some(payload) = m.payload() else { continue };
+                        match serde_json::from_slice::<Delivery>(payload) {
+                            Ok(d) if d.gateway == self.gateway => return d,
+                            Ok(_) => continue, // another gateway sharing the partition
+                            Err(e) => tracing::warn!(error = %e, "undecodable delivery skipped"),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "deliver consumer error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Waits for the broker and the topic, then reads on: from where it stopped if the log
+    /// survived, from the start of the new log if the broker lost it.
+    async fn reconnect(&mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.try_reconnect().await {
+                Ok(()) => {
+                    while self.down.try_recv().is_ok() {}
+                    self.assigned
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "deliver consumer: broker not back yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn try_reconnect(&mut self) -> Result<(), BusError> {
+        // Re-creates the topics if the broker lost them.
+        drop(KafkaBus::connect(self.admin_config.clone()).await?);
+        let (low, high) = self
+            .consumer
+            .fetch_watermarks(DELIVER_TOPIC, self.partition, Duration::from_secs(5))
+            .map_err(unavailable)?;
+        // Did the log survive? Only if the last record read is still there, unchanged.
+        let survived = match self.last {
+            Some((offset, digest)) if high > offset => {
+                assign(&self.consumer, self.partition, offset)?;
+                let peek = tokio::time::timeout(Duration::from_secs(5), self.consumer.recv()).await;
+                matches!(peek, Ok(Ok(m)) if m.offset() == offset && payload_digest(m.payload()) == digest)
+            }
+            Some(_) => false,
+            None => high >= self.next_offset,
+        };
+        let start = if survived { self.next_offset } else { low };
+        tracing::info!(start, high, survived, "deliver consumer reconnected");
+        self.next_offset = start;
+        assign(&self.consumer, self.partition, start)
+    }
+}
+
+fn payload_digest(p: Option<&[u8]>) -> u64 {
+    let mut h = siphasher::sip::SipHasher::new();
+    p.unwrap_or_default().hash(&mut h);
+    h.finish()
 }

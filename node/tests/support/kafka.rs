@@ -91,9 +91,11 @@ impl TestBroker {
         }
     }
 
-    /// Kills and starts it again on the same port.
-    pub async fn restart(&mut self) {
+    /// Kills it, keeps it down for `outage` (a real broker takes seconds to come back; clients
+    /// see the connection fail in the meantime), and starts it again on the same port.
+    pub async fn restart(&mut self, outage: Duration) {
         self.kill();
+        tokio::time::sleep(outage).await;
         self.spawn().await;
     }
 }

@@ -1,0 +1,296 @@
+//! Cluster mode with real processes on loopback: PostgreSQL, tansu, `palaver node` x3,
+//! `palaver gateway` x2, real WebSocket clients, and the history checker.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "../../node/tests/support/kafka.rs"]
+mod kafka;
+#[path = "../../node/tests/support/pg.rs"]
+mod pg;
+mod cluster {
+    pub mod checker;
+    pub mod sandbox;
+}
+
+use cluster::checker::{Acked, ClientLog, Seen, check};
+use cluster::sandbox::Sandbox;
+use common::Client;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+fn seen(m: &Value) -> Seen {
+    Seen {
+        room: m["room"].as_u64().unwrap(),
+        id: m["id"].as_u64().unwrap(),
+        seq: m["seq"].as_u64().unwrap(),
+        client_ref: m["client_ref"].as_str().map(str::to_owned),
+    }
+}
+
+/// Moves buffered `message` events into the log.
+fn absorb(c: &mut Client, log: &mut ClientLog) {
+    while let Some(e) = c.events.pop_front() {
+        if e["event"] == "message" {
+            log.received.push(seen(&e["data"]["message"]));
+        }
+    }
+}
+
+/// Sends until acknowledged, retrying with the same client_ref on retryable errors.
+async fn send(c: &mut Client, log: &mut ClientLog, room: u64, cref: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let r = c
+            .request(
+                "send",
+                json!({"room": room, "text": cref, "client_ref": cref}),
+            )
+            .await;
+        absorb(c, log);
+        if r["ok"] == true {
+            let m = seen(&r["data"]["message"]);
+            log.acked.push(Acked {
+                room,
+                client_ref: cref.into(),
+                id: m.id,
+                seq: m.seq,
+            });
+            return start.elapsed();
+        }
+        let code = r["error"]["code"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            ["unavailable", "timeout", "not_owner"].contains(&code.as_str()),
+            "send {cref} failed for good: {r}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "send {cref} kept failing: {r}"
+        );
+    }
+}
+
+/// Reads events until none arrives for `quiet`.
+async fn drain(c: &mut Client, log: &mut ClientLog, quiet: Duration) {
+    absorb(c, log);
+    use futures::StreamExt;
+    loop {
+        match tokio::time::timeout(quiet, c.ws.next()).await {
+            Err(_) | Ok(None) => return,
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "event" && v["event"] == "message" {
+                    log.received.push(seen(&v["data"]["message"]));
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_))) => return,
+        }
+    }
+}
+
+/// Reads the whole history of `room`, oldest first.
+async fn history(c: &mut Client, room: u64) -> Vec<Seen> {
+    let mut out = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let mut q = json!({"room": room, "limit": 200});
+        if after > 0 {
+            q["after"] = json!(after);
+        }
+        let d = c.ok("history", q).await;
+        let mut page: Vec<Seen> = d["messages"].as_array().unwrap().iter().map(seen).collect();
+        page.reverse();
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        out.extend(page);
+        if d["has_more"] != true {
+            break;
+        }
+    }
+    out
+}
+
+/// Fills the log's gaps from history the way a reconnecting client does: everything after the
+/// last message it received (or the whole room if it received nothing).
+async fn resume(c: &mut Client, log: &mut ClientLog, room: u64) {
+    let last = log
+        .received
+        .iter()
+        .filter(|s| s.room == room)
+        .map(|s| s.id)
+        .max()
+        .unwrap_or(0);
+    let all = history(c, room).await;
+    log.resumed.extend(all.into_iter().filter(|s| s.id > last));
+}
+
+fn assert_clean(logs: &[ClientLog], hist: &BTreeMap<u64, Vec<Seen>>) {
+    let violations = check(logs, hist);
+    assert!(
+        violations.is_empty(),
+        "checker found:\n{}",
+        violations.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_different_gateways_chat_and_see_one_history() {
+    let sb = Sandbox::start(3, 3, 2).await;
+    let mut a = sb.connect(0, "1").await;
+    let mut b = sb.connect(1, "2").await;
+    let mut c = sb.connect(1, "3").await;
+    // A direct room across gateways.
+    let d = a.ok("open_direct", json!({"user": "2"})).await;
+    let dm = d["room"]["id"].as_u64().unwrap();
+    assert_eq!(b.event_named("room_joined").await["room"], dm);
+    let (mut la, mut lb, mut lc) = (
+        ClientLog::default(),
+        ClientLog::default(),
+        ClientLog::default(),
+    );
+    for i in 0..10 {
+        send(&mut a, &mut la, dm, &format!("a-dm-{i}")).await;
+    }
+    for i in 0..10 {
+        let e = b.event_named("message").await;
+        assert_eq!(e["seq"], i + 1);
+        assert_eq!(e["data"]["message"]["text"], format!("a-dm-{i}"));
+    }
+    send(&mut b, &mut lb, dm, "b-dm-reply").await;
+    assert_eq!(
+        a.event_named("message").await["data"]["message"]["text"],
+        "b-dm-reply"
+    );
+    // A group spanning both gateways.
+    let g = a
+        .ok(
+            "create_group",
+            json!({"name": "span", "members": ["2", "3"]}),
+        )
+        .await;
+    let room = g["room"]["id"].as_u64().unwrap();
+    b.event_named("room_joined").await;
+    c.event_named("room_joined").await;
+    for i in 0..5 {
+        send(&mut a, &mut la, room, &format!("a-g-{i}")).await;
+        send(&mut b, &mut lb, room, &format!("b-g-{i}")).await;
+        send(&mut c, &mut lc, room, &format!("c-g-{i}")).await;
+    }
+    for (cl, log) in [(&mut a, &mut la), (&mut b, &mut lb), (&mut c, &mut lc)] {
+        drain(cl, log, Duration::from_millis(700)).await;
+    }
+    // History is identical from both gateways.
+    let from0 = history(&mut a, room).await;
+    let from1 = history(&mut c, room).await;
+    assert_eq!(from0, from1);
+    assert_eq!(from0.len(), 15);
+    let mut hist = BTreeMap::new();
+    hist.insert(room, from0);
+    hist.insert(dm, history(&mut b, dm).await);
+    for (cl, log) in [(&mut a, &mut la), (&mut b, &mut lb), (&mut c, &mut lc)] {
+        for r in [room, dm] {
+            if log.received.iter().any(|s| s.room == r) {
+                resume(cl, log, r).await;
+            }
+        }
+    }
+    let group_logs: Vec<ClientLog> = vec![la, lb, lc];
+    assert_clean(&group_logs, &hist);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_node_under_traffic_loses_nothing() {
+    let mut sb = Sandbox::start(3, 3, 2).await;
+    let users = ["1", "2", "3", "4"];
+    let mut clients = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        clients.push(sb.connect(i % 2, u).await);
+    }
+    // Several rooms, so that every node owns some.
+    let mut rooms = Vec::new();
+    for k in 0..6 {
+        let g = clients[0]
+            .ok(
+                "create_group",
+                json!({"name": format!("r{k}"), "members": ["2", "3", "4"]}),
+            )
+            .await;
+        rooms.push(g["room"]["id"].as_u64().unwrap());
+    }
+    let ring = node::cluster::ring_of(
+        (0..3)
+            .map(|i| schema::NodeId::new(format!("n{i}")))
+            .collect(),
+    );
+    let victim = rooms
+        .iter()
+        .map(|r| {
+            ring.owner(&node::ring::RingKey::Room(schema::RoomId(*r)))
+                .unwrap()
+                .clone()
+        })
+        .next()
+        .unwrap();
+    let victim_idx: usize = victim.as_str()[1..].parse().unwrap();
+    let victim_rooms: Vec<u64> = rooms
+        .iter()
+        .copied()
+        .filter(|r| ring.owner(&node::ring::RingKey::Room(schema::RoomId(*r))) == Some(&victim))
+        .collect();
+
+    // Steady traffic from every client into every room, with the kill in the middle.
+    let mut logs: Vec<ClientLog> = users
+        .iter()
+        .map(|u| ClientLog {
+            name: format!("user{u}"),
+            ..Default::default()
+        })
+        .collect();
+    const ROUNDS: usize = 12;
+    let mut failover = Duration::ZERO;
+    for round in 0..ROUNDS {
+        if round == ROUNDS / 2 {
+            sb.kill_node(victim_idx);
+            // The first send into a room the dead node owned: how long until it serves again.
+            let c = &mut clients[0];
+            let took = send(
+                c,
+                &mut logs[0],
+                victim_rooms[0],
+                &format!("failover-{round}"),
+            )
+            .await;
+            failover = took;
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            for &room in &rooms {
+                send(c, &mut logs[i], room, &format!("u{i}-r{room}-n{round}")).await;
+            }
+        }
+    }
+    println!("failover: rooms of the killed node served again after {failover:?}");
+    assert!(
+        failover < Duration::from_secs(2),
+        "failover took {failover:?}"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        drain(c, &mut logs[i], Duration::from_millis(700)).await;
+    }
+    let mut hist = BTreeMap::new();
+    for &room in &rooms {
+        hist.insert(room, history(&mut clients[1], room).await);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        for &room in &rooms {
+            resume(c, &mut logs[i], room).await;
+        }
+    }
+    let acked: usize = logs.iter().map(|l| l.acked.len()).sum();
+    let stored: usize = hist.values().map(Vec::len).sum();
+    assert_eq!(
+        acked, stored,
+        "every acknowledged message stored once, nothing else"
+    );
+    assert_clean(&logs, &hist);
+}

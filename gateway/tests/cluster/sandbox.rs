@@ -1,0 +1,211 @@
+//! A real cluster on loopback: PostgreSQL, a Kafka-protocol broker (tansu), `palaver node` and
+//! `palaver gateway` processes. Ports are picked free; readiness is awaited (the processes print
+//! their address once serving, nodes report their live ring on `/ring`); teardown is explicit.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use super::super::common::{Client, SECRET, token};
+use super::super::{kafka::TestBroker, pg::TestPostgres};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct Proc {
+    pub child: Child,
+    /// The HTTP address the process printed.
+    pub http: String,
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn spawn(args: &[&str], env: Vec<(&str, String)>) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_palaver"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "PALAVER_LOG",
+            std::env::var("PALAVER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn palaver");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = tokio::time::timeout(Duration::from_secs(60), rx)
+        .await
+        .expect("process did not start in time")
+        .unwrap_or_default();
+    let http = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?} from palaver {args:?}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    Proc { child, http }
+}
+
+pub struct Sandbox {
+    pub pg: TestPostgres,
+    pub broker: TestBroker,
+    pub db: String,
+    data: tempfile::TempDir,
+    ports: Vec<u16>,
+    pub nodes: Vec<Option<Proc>>,
+    pub gateways: Vec<Option<Proc>>,
+}
+
+impl Sandbox {
+    /// Starts `nodes` of `slots` listed nodes, and `gateways` gateways.
+    pub async fn start(slots: usize, nodes: usize, gateways: usize) -> Self {
+        let pg = TestPostgres::start();
+        let db = pg.database();
+        let broker = TestBroker::start().await;
+        let mut s = Self {
+            pg,
+            broker,
+            db,
+            data: tempfile::tempdir().unwrap(),
+            ports: (0..slots).map(|_| free_port()).collect(),
+            nodes: (0..slots).map(|_| None).collect(),
+            gateways: Vec::new(),
+        };
+        for i in 0..nodes {
+            s.start_node(i).await;
+        }
+        s.wait_ring(nodes).await;
+        for _ in 0..gateways {
+            s.start_gateway().await;
+        }
+        s
+    }
+
+    pub fn nodes_spec(&self) -> String {
+        self.ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("n{i}@127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn common_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PALAVER_NODES", self.nodes_spec()),
+            ("PALAVER_KAFKA_BROKERS", self.broker.brokers()),
+            ("PALAVER_KAFKA_PARTITIONS", "16".into()),
+            ("PALAVER_POSTGRES_URL", self.db.clone()),
+            ("PALAVER_JWT_SECRET", SECRET.into()),
+            ("PALAVER_HTTP_ADDR", "127.0.0.1:0".into()),
+            ("PALAVER_DATA_DIR", self.data.path().display().to_string()),
+        ]
+    }
+
+    pub async fn start_node(&mut self, i: usize) {
+        let mut env = self.common_env();
+        env.push(("PALAVER_NODE_ID", format!("n{i}")));
+        env.push((
+            "PALAVER_CLUSTER_ADDR",
+            format!("127.0.0.1:{}", self.ports[i]),
+        ));
+        self.nodes[i] = Some(spawn(&["node"], env).await);
+    }
+
+    pub async fn start_gateway(&mut self) -> usize {
+        let j = self.gateways.len();
+        let mut env = self.common_env();
+        env.push(("PALAVER_GATEWAY_ID", format!("g{j}")));
+        self.gateways.push(Some(spawn(&["gateway"], env).await));
+        j
+    }
+
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].take() {
+            p.kill9();
+        }
+    }
+
+    pub fn kill_gateway(&mut self, j: usize) {
+        if let Some(mut p) = self.gateways[j].take() {
+            p.kill9();
+        }
+    }
+
+    /// Waits until every running node sees exactly `n` live nodes.
+    pub async fn wait_ring(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut all = true;
+            for p in self.nodes.iter().flatten() {
+                let ring = get_json(&p.http, "/ring").await;
+                if ring["nodes"].as_array().map(Vec::len) != Some(n) {
+                    all = false;
+                }
+            }
+            if all {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "ring never reached {n} nodes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn gateway_ws(&self, j: usize) -> String {
+        format!(
+            "ws://{}/ws",
+            self.gateways[j].as_ref().expect("gateway running").http
+        )
+    }
+
+    pub async fn connect(&self, j: usize, user: &str) -> Client {
+        Client::connect(&format!("{}?token={}", self.gateway_ws(j), token(user))).await
+    }
+}
+
+/// GET over a raw socket, JSON body (`serde_json::Value::Null` when the process is gone).
+pub async fn get_json(addr: &str, path: &str) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return serde_json::Value::Null;
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return serde_json::Value::Null;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out.split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
