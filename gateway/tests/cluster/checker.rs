@@ -49,12 +49,10 @@ pub fn check(logs: &[ClientLog], history: &BTreeMap<u64, Vec<Seen>>) -> Vec<Stri
         }
         let mut refs = HashSet::new();
         for m in msgs {
-            if let Some(r) = &m.client_ref {
-                if !refs.insert(r.clone()) {
-                    v.push(format!(
-                        "room {room}: client_ref {r} stored twice (duplicate)"
-                    ));
-                }
+            if let Some(r) = &m.client_ref
+                && !refs.insert(r.clone())
+            {
+                v.push(format!("room {room}: client_ref {r} stored twice (duplicate)"));
             }
         }
     }
@@ -84,13 +82,13 @@ pub fn check(logs: &[ClientLog], history: &BTreeMap<u64, Vec<Seen>>) -> Vec<Stri
         // Live events: per room strictly increasing, each one as stored.
         let mut last: HashMap<u64, u64> = HashMap::new();
         for r in &log.received {
-            if let Some(prev) = last.insert(r.room, r.seq) {
-                if r.seq <= prev {
-                    v.push(format!(
-                        "{}: room {} event seq {} after {prev} (reorder or duplicate)",
-                        log.name, r.room, r.seq
-                    ));
-                }
+            if let Some(prev) = last.insert(r.room, r.seq)
+                && r.seq <= prev
+            {
+                v.push(format!(
+                    "{}: room {} event seq {} after {prev} (reorder or duplicate)",
+                    log.name, r.room, r.seq
+                ));
             }
             match by_id.get(&(r.room, r.id)) {
                 Some(m) if m.seq == r.seq => {}
