@@ -52,7 +52,9 @@ pub fn check(logs: &[ClientLog], history: &BTreeMap<u64, Vec<Seen>>) -> Vec<Stri
             if let Some(r) = &m.client_ref
                 && !refs.insert(r.clone())
             {
-                v.push(format!("room {room}: client_ref {r} stored twice (duplicate)"));
+                v.push(format!(
+                    "room {room}: client_ref {r} stored twice (duplicate)"
+                ));
             }
         }
     }

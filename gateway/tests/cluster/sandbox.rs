@@ -193,6 +193,18 @@ impl Sandbox {
     }
 }
 
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Clients of the store and the broker first, then the services.
+        for g in self.gateways.iter_mut().flatten() {
+            g.kill9();
+        }
+        for n in self.nodes.iter_mut().flatten() {
+            n.kill9();
+        }
+    }
+}
+
 /// GET over a raw socket, JSON body (`serde_json::Value::Null` when the process is gone).
 pub async fn get_json(addr: &str, path: &str) -> serde_json::Value {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
