@@ -11,9 +11,11 @@
 //! the other, so give the topic several times more partitions than gateways.
 //!
 //! Failure handling: the producer is idempotent (`enable.idempotence`, `acks=all`) and
-//! librdkafka retries and reconnects by itself. A publish that still fails re-creates the topics
-//! (an in-memory broker loses them on restart) and, unless the topic was simply missing, replaces
-//! the producer (a restarted broker no longer knows its producer id), then retries.
+//! librdkafka retries and reconnects by itself. `publish` only enqueues (a room actor never waits
+//! for the broker); a delivery the broker never took is logged, and triggers a repair: the topics
+//! are re-created (an in-memory broker loses them on restart) and, unless the topic was simply
+//! missing, the producer is replaced (a restarted broker no longer knows its producer id). Live
+//! delivery is best effort across a broker outage; history is complete.
 //!
 //! The reader survives broker restarts. A watcher probes the brokers' listeners; when none
 //! answers, it unassigns the consumer at once. This works around a crash we found in
@@ -76,6 +78,8 @@ impl KafkaConfig {
 
 /// The Kafka [`Bus`].
 pub struct KafkaBus {
+    me: std::sync::Weak<KafkaBus>,
+    repairing: tokio::sync::Mutex<()>,
     config: KafkaConfig,
     producer: parking_lot::RwLock<FutureProducer>,
     admin: AdminClient<DefaultClientContext>,
@@ -102,7 +106,9 @@ impl KafkaBus {
             .set("bootstrap.servers", &config.brokers)
             .create()
             .map_err(unavailable)?;
-        let bus = Arc::new(Self {
+        let bus = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            repairing: tokio::sync::Mutex::new(()),
             partitions: std::sync::atomic::AtomicI32::new(config.deliver_partitions),
             config,
             producer: parking_lot::RwLock::new(producer),
@@ -177,6 +183,25 @@ impl KafkaBus {
         Ok(())
     }
 
+    /// After a failed publish: re-creates the topics (a broker may have lost them) and, unless
+    /// the topic was simply missing, replaces the producer (a restarted broker no longer knows the
+    /// idempotent producer's id). One repair at a time.
+    async fn repair(&self, error: &KafkaError) {
+        let Ok(_one) = self.repairing.try_lock() else {
+            return;
+        };
+        if let Err(e) = self.ensure_topics().await {
+            tracing::warn!(error = %e, "kafka repair: topics not re-created yet");
+            return;
+        }
+        if !topic_missing(error) {
+            match new_producer(&self.config) {
+                Ok(p) => *self.producer.write() = p,
+                Err(e) => tracing::warn!(error = %e, "kafka repair: new producer failed"),
+            }
+        }
+    }
+
     fn deliver_partitions(&self) -> i32 {
         self.partitions.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -191,31 +216,34 @@ fn topic_missing(e: &KafkaError) -> bool {
 
 #[async_trait]
 impl Bus for KafkaBus {
+    /// Enqueues the delivery in the producer (in call order, which librdkafka keeps per
+    /// partition) and returns; the delivery report is awaited in the background. So a room never
+    /// waits for the broker: during an outage its messages are still stored and acknowledged, and
+    /// live deliveries that the broker never took are logged and left to history.
     async fn publish(&self, delivery: Delivery) -> Result<(), BusError> {
         let payload = serde_json::to_vec(&delivery).map_err(unavailable)?;
-        let key = delivery.gateway.as_str().as_bytes();
-        for attempt in 0..3 {
-            let partition = partition_of(&delivery.gateway, self.deliver_partitions());
-            let record = FutureRecord::to(DELIVER_TOPIC)
-                .key(key)
-                .payload(&payload)
-                .partition(partition);
-            let producer = self.producer.read().clone();
-            match producer.send(record, self.config.publish_timeout).await {
-                Ok(_) => return Ok(()),
-                Err((e, _)) if attempt < 2 => {
-                    tracing::warn!(error = %e, attempt, "publish failed; repairing and retrying");
-                    // The broker may have lost the topic (re-create it) or the idempotent
-                    // producer's identity (start a new producer).
-                    self.ensure_topics().await?;
-                    if !topic_missing(&e) {
-                        *self.producer.write() = new_producer(&self.config)?;
-                    }
-                }
-                Err((e, _)) => return Err(unavailable(e)),
+        let partition = partition_of(&delivery.gateway, self.deliver_partitions());
+        let record = FutureRecord::to(DELIVER_TOPIC)
+            .key(delivery.gateway.as_str().as_bytes())
+            .payload(&payload)
+            .partition(partition);
+        let producer = self.producer.read().clone();
+        let report = producer
+            .send_result(record)
+            .map_err(|(e, _)| unavailable(e))?;
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let failed = match report.await {
+                Ok(Ok(_)) => return,
+                Ok(Err((e, _))) => e,
+                Err(_) => KafkaError::Canceled,
+            };
+            tracing::warn!(error = %failed, "delivery not published");
+            if let Some(bus) = me.upgrade() {
+                bus.repair(&failed).await;
             }
-        }
-        Err(unavailable("deliver topic keeps disappearing"))
+        });
+        Ok(())
     }
 
     async fn subscribe(&self, gateway: &GatewayId) -> Result<DeliveryStream, BusError> {
