@@ -11,12 +11,25 @@ use std::time::Duration;
 
 pub struct Proc {
     pub child: Child,
+    pub role: String,
+    killed: bool,
     /// The HTTP address the process printed.
     pub http: String,
 }
 
 impl Proc {
     pub fn kill9(&mut self) {
+        if self.killed {
+            return;
+        }
+        if let Ok(Some(status)) = self.child.try_wait() {
+            // It died before we killed it: say so, it is a bug.
+            eprintln!(
+                "palaver {} ({}) had exited by itself: {status}",
+                self.role, self.http
+            );
+        }
+        self.killed = true;
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -70,7 +83,12 @@ async fn spawn(args: &[&str], env: Vec<(&str, String)>) -> Proc {
         .next()
         .unwrap()
         .to_owned();
-    Proc { child, http }
+    Proc {
+        child,
+        http,
+        role: args.join(" "),
+        killed: false,
+    }
 }
 
 pub struct Sandbox {

@@ -256,7 +256,7 @@ impl Bus for KafkaBus {
             .fetch_watermarks(DELIVER_TOPIC, partition, Duration::from_secs(10))
             .map_err(unavailable)?;
         assign(&consumer, partition, high)?;
-        let consumer = Arc::new(consumer);
+        let consumer: Slot = Arc::new(parking_lot::Mutex::new(Arc::new(consumer)));
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(true));
         tokio::spawn(watch_brokers(
             self.config.brokers.clone(),
@@ -293,7 +293,7 @@ impl Bus for KafkaBus {
 /// `StreamConsumer`, so a plain TCP probe tells the reader when every broker is gone.
 async fn watch_brokers(
     brokers: String,
-    consumer: Arc<DeliverConsumer>,
+    consumer: Slot,
     assigned: Arc<std::sync::atomic::AtomicBool>,
     down: tokio::sync::mpsc::Sender<()>,
 ) {
@@ -317,7 +317,8 @@ async fn watch_brokers(
             // for the missing partition (a leader-change hint with neither topic id nor name).
             // The reader assigns again once the topic exists.
             assigned.store(false, std::sync::atomic::Ordering::SeqCst);
-            if let Err(e) = consumer.unassign() {
+            let current = consumer.lock().clone();
+            if let Err(e) = current.unassign() {
                 tracing::warn!(error = %e, "deliver consumer: unassign failed");
             }
             tracing::warn!("every Kafka broker is unreachable; deliver consumer paused");
@@ -334,6 +335,9 @@ async fn watch_brokers(
 }
 
 type DeliverConsumer = StreamConsumer;
+
+/// The current consumer of a subscription, shared by its reader and its broker watcher.
+type Slot = Arc<parking_lot::Mutex<Arc<DeliverConsumer>>>;
 
 fn assign(c: &DeliverConsumer, partition: i32, offset: i64) -> Result<(), BusError> {
     let mut tpl = TopicPartitionList::new();
@@ -366,7 +370,7 @@ struct ReadState {
     admin_config: KafkaConfig,
     gateway: GatewayId,
     partition: i32,
-    consumer: Arc<DeliverConsumer>,
+    consumer: Slot,
     assigned: Arc<std::sync::atomic::AtomicBool>,
     /// The offset after the last delivery read.
     next_offset: i64,
@@ -382,11 +386,12 @@ impl ReadState {
                 self.reconnect().await;
                 continue;
             }
+            let current = self.consumer.lock().clone();
             tokio::select! {
                 biased;
                 // The watcher paused the consumer: go and reconnect.
                 Some(()) = self.down.recv() => {}
-                m = self.consumer.recv() => match m {
+                m = current.recv() => match m {
                     Ok(m) => {
                         self.next_offset = m.offset() + 1;
                         self.last = Some((m.offset(), payload_digest(m.payload())));
@@ -430,15 +435,20 @@ impl ReadState {
     async fn try_reconnect(&mut self) -> Result<(), BusError> {
         // Re-creates the topics if the broker lost them.
         drop(KafkaBus::connect(self.admin_config.clone()).await?);
-        let (low, high) = self
-            .consumer
+        // A fresh consumer: the old one's metadata describes the topic as it was before the
+        // restart (see the module documentation). The old one is unassigned and idle; close it
+        // off the async threads.
+        let fresh = Arc::new(new_consumer(&self.admin_config.brokers, &self.gateway)?);
+        let old = std::mem::replace(&mut *self.consumer.lock(), fresh.clone());
+        tokio::task::spawn_blocking(move || drop(old));
+        let (low, high) = fresh
             .fetch_watermarks(DELIVER_TOPIC, self.partition, Duration::from_secs(5))
             .map_err(unavailable)?;
         // Did the log survive? Only if the last record read is still there, unchanged.
         let survived = match self.last {
             Some((offset, digest)) if high > offset => {
-                assign(&self.consumer, self.partition, offset)?;
-                let peek = tokio::time::timeout(Duration::from_secs(5), self.consumer.recv()).await;
+                assign(&fresh, self.partition, offset)?;
+                let peek = tokio::time::timeout(Duration::from_secs(5), fresh.recv()).await;
                 matches!(peek, Ok(Ok(m)) if m.offset() == offset && payload_digest(m.payload()) == digest)
             }
             Some(_) => false,
@@ -447,7 +457,7 @@ impl ReadState {
         let start = if survived { self.next_offset } else { low };
         tracing::info!(start, high, survived, "deliver consumer reconnected");
         self.next_offset = start;
-        assign(&self.consumer, self.partition, start)
+        assign(&fresh, self.partition, start)
     }
 }
 
