@@ -96,6 +96,14 @@ pub struct ConfigBuilder {
     pub postgres_url: Option<String>,
     /// Connections in the PostgreSQL pool. Default 16.
     pub postgres_pool: Option<usize>,
+    /// ScyllaDB contact points `host:port,...`; when set, the ScyllaDB store replaces the
+    /// embedded one.
+    pub scylla_nodes: Option<String>,
+    /// ScyllaDB keyspace. Default `palaver`.
+    pub scylla_keyspace: Option<String>,
+    /// Replication map `palaver migrate` creates the keyspace with. Default
+    /// `{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}`.
+    pub scylla_replication: Option<String>,
     /// Kafka bootstrap brokers `host:port,...`; when set, the Kafka bus replaces the in-process
     /// one (required by `node` and `gateway`).
     pub kafka_brokers: Option<String>,
@@ -128,6 +136,8 @@ pub enum JwtKey {
 pub enum StoreChoice {
     /// SQLite in the data dir (default).
     Embedded,
+    /// A ScyllaDB cluster.
+    Scylla(node::store::scylla::ScyllaConfig),
     /// A shared PostgreSQL database.
     Postgres {
         /// Connection string.
@@ -242,6 +252,9 @@ impl ConfigBuilder {
         over!(log_format, "PALAVER_LOG_FORMAT");
         over!(postgres_url, "PALAVER_POSTGRES_URL");
         over!(postgres_pool, "PALAVER_POSTGRES_POOL");
+        over!(scylla_nodes, "PALAVER_SCYLLA_NODES");
+        over!(scylla_keyspace, "PALAVER_SCYLLA_KEYSPACE");
+        over!(scylla_replication, "PALAVER_SCYLLA_REPLICATION");
         over!(kafka_brokers, "PALAVER_KAFKA_BROKERS");
         over!(kafka_partitions, "PALAVER_KAFKA_PARTITIONS");
         over!(nodes, "PALAVER_NODES");
@@ -325,12 +338,31 @@ impl ConfigBuilder {
                 ));
             }
         };
-        let store = match self.postgres_url.filter(|u| !u.trim().is_empty()) {
-            None => StoreChoice::Embedded,
-            Some(url) => StoreChoice::Postgres {
+        let scylla = self.scylla_nodes.filter(|n| !n.trim().is_empty());
+        let postgres = self.postgres_url.filter(|u| !u.trim().is_empty());
+        let store = match (scylla, postgres) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "PALAVER_SCYLLA_NODES",
+                    "set either PALAVER_SCYLLA_NODES or PALAVER_POSTGRES_URL, not both",
+                ));
+            }
+            (Some(nodes), None) => StoreChoice::Scylla(node::store::scylla::ScyllaConfig {
+                nodes: nodes
+                    .split(',')
+                    .map(|n| n.trim().to_owned())
+                    .filter(|n| !n.is_empty())
+                    .collect(),
+                keyspace: self.scylla_keyspace.unwrap_or_else(|| "palaver".into()),
+                replication: self.scylla_replication.unwrap_or_else(|| {
+                    "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}".into()
+                }),
+            }),
+            (None, Some(url)) => StoreChoice::Postgres {
                 url,
                 pool: positive(self.postgres_pool, 16, "PALAVER_POSTGRES_POOL")?,
             },
+            (None, None) => StoreChoice::Embedded,
         };
         let kafka = match self.kafka_brokers.filter(|b| !b.trim().is_empty()) {
             None => None,
@@ -462,8 +494,20 @@ mod tests {
         assert!(e.to_string().contains("PALAVER_MAX_FRAME_BYTES"), "{e}");
         let e = Config::load(None, &env(&[("PALAVER_JWT_SECRET", "short")])).unwrap_err();
         assert!(e.to_string().contains("at least 16"), "{e}");
-        let e = Config::load(None, &env(&[("PALAVER_SCYLLA_NODES", "s:9042")])).unwrap_err();
-        assert!(matches!(e, ConfigError::Unsupported { .. }), "{e}");
+        let c = Config::load(None, &env(&[("PALAVER_SCYLLA_NODES", "s1:9042, s2:9042")]))
+            .expect("scylla");
+        assert!(
+            matches!(&c.store, StoreChoice::Scylla(s) if s.nodes.len() == 2 && s.keyspace == "palaver")
+        );
+        let e = Config::load(
+            None,
+            &env(&[
+                ("PALAVER_SCYLLA_NODES", "s:9042"),
+                ("PALAVER_POSTGRES_URL", "host=/x"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
         let e = Config::load(None, &env(&[("PALAVER_NODES", "a@h:1,a@h:2")])).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
         let c = Config::load(

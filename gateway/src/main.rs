@@ -30,6 +30,9 @@ enum Cmd {
     Node,
     /// Run one gateway of a cluster (needs PALAVER_NODES and PALAVER_KAFKA_BROKERS).
     Gateway,
+    /// Apply the store's schema migrations: the CQL of `schema/cql/` on ScyllaDB
+    /// (PALAVER_SCYLLA_NODES), the SQL migrations on PostgreSQL (PALAVER_POSTGRES_URL).
+    Migrate,
     /// Print a JWT signed with the configured HS256 secret.
     Token {
         /// User id (`sub`).
@@ -58,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve => runtime(&config)?.block_on(serve(config, false)),
         Cmd::Gateway => runtime(&config)?.block_on(serve(config, true)),
         Cmd::Node => runtime(&config)?.block_on(node(config)),
+        Cmd::Migrate => runtime(&config)?.block_on(migrate(config)),
         Cmd::Token {
             sub,
             name,
@@ -79,6 +83,25 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn migrate(config: Config) -> anyhow::Result<()> {
+    use palaver_gateway::config::StoreChoice;
+    match &config.store {
+        StoreChoice::Scylla(c) => {
+            let v = node::store::scylla::migrate(c).await?;
+            println!("keyspace {} at schema version {v}", c.keyspace);
+        }
+        StoreChoice::Postgres { url, .. } => {
+            node::store::postgres::PostgresStore::connect(url, 1).await?;
+            println!("postgres schema up to date");
+        }
+        StoreChoice::Embedded => {
+            node::store::embedded::EmbeddedStore::open(&config.data_dir, config.durability)?;
+            println!("embedded store in {} up to date", config.data_dir.display());
+        }
+    }
+    Ok(())
 }
 
 fn runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {

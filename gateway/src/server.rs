@@ -28,6 +28,7 @@ use node::cluster::remote::RemoteNodes;
 use node::store::Store;
 use node::store::embedded::EmbeddedStore;
 use node::store::postgres::PostgresStore;
+use node::store::scylla::ScyllaStore;
 use node::user::SessionInfo;
 use schema::{Error, ErrorCode, Profile};
 use serde::Deserialize;
@@ -110,6 +111,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             Arc::new(EmbeddedStore::open(&config.data_dir, config.durability)?)
         }
         StoreChoice::Postgres { url, pool } => Arc::new(PostgresStore::connect(url, *pool).await?),
+        StoreChoice::Scylla(c) => Arc::new(ScyllaStore::connect(c).await?),
     })
 }
 

@@ -10,6 +10,7 @@
 //! - [`event`]: the canonical [`Event`] enum, everything a client can be told. Every wire dialect
 //!   encodes an `Event` into its own frames.
 //! - [`envelope`]: what travels on the bus between node actors and gateways ([`Delivery`]).
+//! - `cql/`: the ScyllaDB schema as ordered migrations ([`CQL_MIGRATIONS`]).
 //! - [`error`]: the one small set of error codes ([`ErrorCode`]) every layer maps onto, and how
 //!   each maps to HTTP statuses and WebSocket close codes.
 //!
@@ -29,6 +30,10 @@ pub use envelope::{Delivery, Target};
 pub use error::{Error, ErrorCode};
 pub use event::Event;
 pub use ids::{GatewayId, MessageId, NodeId, RoomId, SessionId, UserId};
+
+/// The ScyllaDB schema as ordered migrations (`schema/cql/NNNN_name.cql`): version and CQL text.
+/// `palaver migrate` applies the ones a keyspace has not seen yet.
+pub const CQL_MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("../cql/0001_init.cql"))];
 
 /// Milliseconds since the Unix epoch, the one timestamp unit Palaver stores and sends.
 pub type Millis = i64;

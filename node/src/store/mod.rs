@@ -10,6 +10,7 @@
 pub mod conformance;
 pub mod embedded;
 pub mod postgres;
+pub mod scylla;
 
 use async_trait::async_trait;
 use schema::{
