@@ -39,14 +39,6 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
-    /// A setting names a feature this build does not have yet.
-    #[error("{key} is set, but {what}")]
-    Unsupported {
-        /// The setting.
-        key: &'static str,
-        /// What is missing.
-        what: &'static str,
-    },
 }
 
 /// The raw settings, every field optional. In TOML the keys are the field names; in the
@@ -259,15 +251,6 @@ impl ConfigBuilder {
         over!(kafka_partitions, "PALAVER_KAFKA_PARTITIONS");
         over!(nodes, "PALAVER_NODES");
         over!(cluster_addr, "PALAVER_CLUSTER_ADDR");
-        // Settings of backends this build cannot run yet: refuse rather than silently ignore.
-        for (key, what) in [(
-            "PALAVER_SCYLLA_NODES",
-            "the ScyllaDB store is not in this build yet",
-        )] {
-            if env.get(key).is_some_and(|v| !v.is_empty()) {
-                return Err(ConfigError::Unsupported { key, what });
-            }
-        }
         Ok(())
     }
 
