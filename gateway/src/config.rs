@@ -101,7 +101,8 @@ pub struct ConfigBuilder {
     pub kafka_brokers: Option<String>,
     /// Partitions of `palaver.deliver` when Palaver creates it. Default 64.
     pub kafka_partitions: Option<i32>,
-    /// The cluster's nodes, `id@host:port,...` (required by `node` and `gateway`).
+    /// The cluster's nodes, `id@host:port,...`, or `dns-name:port` of a headless Service listing
+    /// them (required by `node` and `gateway`).
     pub nodes: Option<String>,
     /// Where a node's cluster service listens (required by `node`).
     pub cluster_addr: Option<String>,
@@ -175,8 +176,8 @@ pub struct Config {
     pub store: StoreChoice,
     /// Kafka bus settings, if configured.
     pub kafka: Option<node::bus::kafka::KafkaConfig>,
-    /// The cluster's nodes, if configured.
-    pub nodes: Option<Vec<node::cluster::Member>>,
+    /// How the cluster's nodes are found, if configured.
+    pub nodes: Option<node::cluster::Discovery>,
     /// Where this node's cluster service listens, if configured.
     pub cluster_addr: Option<SocketAddr>,
     /// Node tunables.
@@ -501,8 +502,17 @@ mod tests {
             ]),
         )
         .expect("cluster");
-        assert_eq!(c.nodes.map(|n| n.len()), Some(2));
+        assert!(matches!(c.nodes, Some(node::cluster::Discovery::Static(ref m)) if m.len() == 2));
         assert!(c.kafka.is_some());
+        let c = Config::load(
+            None,
+            &env(&[("PALAVER_NODES", "palaver-nodes.default.svc:7000")]),
+        )
+        .expect("dns");
+        assert!(matches!(
+            c.nodes,
+            Some(node::cluster::Discovery::Dns { port: 7000, .. })
+        ));
         let c = Config::load(
             None,
             &env(&[("PALAVER_POSTGRES_URL", "host=/tmp dbname=x")]),

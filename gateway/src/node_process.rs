@@ -51,17 +51,9 @@ impl NodeProcess {
             .clone()
             .ok_or_else(|| anyhow::anyhow!("PALAVER_NODES is required for `palaver node`"))?;
         let me = config.node.node_id.clone();
-        let mut ids: Vec<_> = members.iter().map(|m| m.id.clone()).collect();
-        ids.sort();
-        let slot = ids
-            .iter()
-            .position(|id| id == &me)
-            .ok_or_else(|| anyhow::anyhow!("PALAVER_NODE_ID {me} is not in PALAVER_NODES"))?;
-        config.node.id_slot = u16::try_from(slot)
-            .ok()
-            .filter(|s| *s < node::ids::SLOTS)
-            .ok_or_else(|| anyhow::anyhow!("a cluster has at most {} nodes", node::ids::SLOTS))?;
-        if config.store == StoreChoice::Embedded && members.len() > 1 {
+        config.node.id_slot = node::cluster::slot_of(&members, &me).map_err(anyhow::Error::msg)?;
+        let several = !matches!(&members, node::cluster::Discovery::Static(m) if m.len() == 1);
+        if config.store == StoreChoice::Embedded && several {
             anyhow::bail!("a cluster needs a shared store: set PALAVER_POSTGRES_URL");
         }
         let kafka = config.kafka.clone().ok_or_else(|| {

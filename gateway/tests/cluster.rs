@@ -510,3 +510,33 @@ async fn adding_a_fourth_node_moves_about_a_quarter_of_the_rooms_and_traffic_con
     }
     assert_clean(&[la], &hist);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_found_through_a_dns_name_learn_their_ids_by_asking() {
+    let _one = SERIAL.lock().await;
+    // No static node: the gateway and the node know only `localhost:PORT`, as pods know a
+    // headless Service's name. (One node: this machine's `localhost` has one address.)
+    let mut sb = Sandbox::start(1, 0, 0).await;
+    let port = cluster::sandbox::free_port();
+    let mut env = sb.common_env();
+    env.retain(|(k, _)| *k != "PALAVER_NODES");
+    env.push(("PALAVER_NODES", format!("localhost:{port}")));
+    let mut node_env = env.clone();
+    node_env.push(("PALAVER_NODE_ID", "palaver-node-0".into()));
+    node_env.push(("PALAVER_CLUSTER_ADDR", format!("127.0.0.1:{port}")));
+    sb.nodes[0] = Some(cluster::sandbox::spawn(&["node"], node_env).await);
+    sb.wait_ring(1).await;
+    let ring = cluster::sandbox::get_json(&sb.nodes[0].as_ref().unwrap().http, "/ring").await;
+    assert_eq!(ring["nodes"], json!(["palaver-node-0"]));
+    let mut gw_env = env;
+    gw_env.push(("PALAVER_GATEWAY_ID", "g-dns".into()));
+    sb.gateways
+        .push(Some(cluster::sandbox::spawn(&["gateway"], gw_env).await));
+    let mut a = sb.connect(0, "1").await;
+    let _b = sb.connect(0, "2").await;
+    let d = a.ok("open_direct", json!({"user": "2"})).await;
+    let room = d["room"]["id"].as_u64().unwrap();
+    let mut la = ClientLog::default();
+    send(&mut a, &mut la, room, "through dns").await;
+    assert_eq!(history(&mut a, room).await.len(), 1);
+}

@@ -41,7 +41,7 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -49,7 +49,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn spawn(args: &[&str], env: Vec<(&str, String)>) -> Proc {
+pub async fn spawn(args: &[&str], env: Vec<(&str, String)>) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_palaver"));
     cmd.args(args)
         .env_clear()
@@ -135,7 +135,7 @@ impl Sandbox {
             .join(",")
     }
 
-    fn common_env(&self) -> Vec<(&'static str, String)> {
+    pub fn common_env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("PALAVER_NODES", self.nodes_spec()),
             ("PALAVER_KAFKA_BROKERS", self.broker.brokers()),

@@ -50,8 +50,40 @@ pub struct Member {
     pub addr: String,
 }
 
-/// Parses `PALAVER_NODES`: `id@host:port,id@host:port,...`.
-pub fn parse_nodes(spec: &str) -> Result<Vec<Member>, String> {
+/// How the node set is found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Discovery {
+    /// A fixed list of every node that may run.
+    Static(Vec<Member>),
+    /// A DNS name (a Kubernetes headless Service) resolved at every refresh; each address is
+    /// asked for its node id.
+    Dns {
+        /// The name to resolve.
+        host: String,
+        /// The nodes' cluster port.
+        port: u16,
+    },
+}
+
+/// Parses `PALAVER_NODES`: `id@host:port,id@host:port,...`, or `host:port` where `host` is a DNS
+/// name listing every node (a headless Service).
+pub fn parse_nodes(spec: &str) -> Result<Discovery, String> {
+    let spec = spec.trim();
+    if !spec.contains('@') {
+        let (host, port) = spec
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{spec:?} is neither id@host:port,... nor dns-name:port"))?;
+        let port = port.parse().map_err(|e| format!("{spec:?}: port: {e}"))?;
+        if host.is_empty() || spec.contains(',') {
+            return Err(format!(
+                "{spec:?} is neither id@host:port,... nor dns-name:port"
+            ));
+        }
+        return Ok(Discovery::Dns {
+            host: host.to_owned(),
+            port,
+        });
+    }
     let mut out: Vec<Member> = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (id, addr) = part
@@ -71,7 +103,42 @@ pub fn parse_nodes(spec: &str) -> Result<Vec<Member>, String> {
     if out.is_empty() {
         return Err("no nodes listed".into());
     }
-    Ok(out)
+    Ok(Discovery::Static(out))
+}
+
+/// The id-generator slot of node `me`: its position in a static list, else the number ending
+/// its id (`palaver-node-3` -> 3, as a StatefulSet names its pods), else a hash of the id.
+pub fn slot_of(discovery: &Discovery, me: &NodeId) -> Result<u16, String> {
+    let slot = match discovery {
+        Discovery::Static(members) => {
+            let mut ids: Vec<&NodeId> = members.iter().map(|m| &m.id).collect();
+            ids.sort();
+            let i = ids
+                .iter()
+                .position(|id| *id == me)
+                .ok_or_else(|| format!("node {me} is not in PALAVER_NODES"))?;
+            u16::try_from(i).map_err(|_| "too many nodes".to_owned())?
+        }
+        Discovery::Dns { .. } => match me
+            .as_str()
+            .rsplit_once('-')
+            .and_then(|(_, n)| n.parse::<u16>().ok())
+        {
+            Some(n) => n,
+            None => {
+                let mut h = siphasher::sip::SipHasher::new();
+                me.as_str().as_bytes().hash(&mut h);
+                u16::try_from(h.finish() % u64::from(crate::ids::SLOTS)).unwrap_or(0)
+            }
+        },
+    };
+    if slot >= crate::ids::SLOTS {
+        return Err(format!(
+            "a cluster has at most {} nodes (slot {slot})",
+            crate::ids::SLOTS
+        ));
+    }
+    Ok(slot)
 }
 
 /// The version of the ring built from a live set: a stable hash of the sorted ids, so every
@@ -95,12 +162,12 @@ pub fn ring_of(nodes: Vec<NodeId>) -> Ring {
 
 /// Client side of the cluster: membership, ring, routed calls.
 pub struct Cluster {
-    members: Vec<Member>,
-    clients: DashMap<NodeId, ClusterClient<Channel>>,
+    discovery: Discovery,
+    clients: DashMap<String, ClusterClient<Channel>>,
+    addrs: RwLock<std::collections::HashMap<NodeId, String>>,
     ring: watch::Sender<Arc<Ring>>,
     call_timeout: Duration,
     refreshing: tokio::sync::Mutex<()>,
-    suspects: RwLock<Vec<NodeId>>,
 }
 
 /// Per-attempt bound, so one hung node cannot eat a whole call deadline.
@@ -109,28 +176,44 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 const PING_TIMEOUT: Duration = Duration::from_millis(400);
 
 impl Cluster {
-    /// A cluster client over `members`. The initial ring holds every member; the first
+    /// A cluster client. With a static list the initial ring holds every member; the first
     /// [`Cluster::refresh`] narrows it to the live ones.
-    pub fn new(members: Vec<Member>, call_timeout: Duration) -> Result<Arc<Self>, Error> {
-        let clients = DashMap::new();
-        for m in &members {
-            let endpoint = Endpoint::from_shared(format!("http://{}", m.addr))
-                .map_err(|e| Error::invalid(format!("node {} address {}: {e}", m.id, m.addr)))?
-                .connect_timeout(Duration::from_millis(500))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5));
-            clients.insert(m.id.clone(), ClusterClient::new(endpoint.connect_lazy()));
+    pub fn new(discovery: Discovery, call_timeout: Duration) -> Result<Arc<Self>, Error> {
+        let mut addrs = std::collections::HashMap::new();
+        if let Discovery::Static(members) = &discovery {
+            for m in members {
+                addrs.insert(m.id.clone(), m.addr.clone());
+            }
         }
-        let ring = ring_of(members.iter().map(|m| m.id.clone()).collect());
-        Ok(Arc::new(Self {
-            members,
-            clients,
+        let ring = ring_of(addrs.keys().cloned().collect());
+        let cluster = Arc::new(Self {
+            discovery,
+            clients: DashMap::new(),
+            addrs: RwLock::new(addrs),
             ring: watch::channel(Arc::new(ring)).0,
             call_timeout,
             refreshing: tokio::sync::Mutex::new(()),
-            suspects: RwLock::new(Vec::new()),
-        }))
+        });
+        let known: Vec<String> = cluster.addrs.read().values().cloned().collect();
+        for addr in known {
+            cluster.client(&addr)?;
+        }
+        Ok(cluster)
+    }
+
+    fn client(&self, addr: &str) -> Result<ClusterClient<Channel>, Error> {
+        if let Some(c) = self.clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::invalid(format!("node address {addr}: {e}")))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let c = ClusterClient::new(endpoint.connect_lazy());
+        self.clients.insert(addr.to_owned(), c.clone());
+        Ok(c)
     }
 
     /// The current ring.
@@ -143,57 +226,86 @@ impl Cluster {
         self.ring.subscribe()
     }
 
-    /// The configured members.
-    pub fn members(&self) -> &[Member] {
-        &self.members
+    /// How the node set is found.
+    pub fn discovery(&self) -> &Discovery {
+        &self.discovery
     }
 
-    async fn ping(&self, id: &NodeId) -> bool {
-        let Some(mut c) = self.clients.get(id).map(|c| c.clone()) else {
-            return false;
-        };
+    /// Asks the node at `addr` who it is; `None` if it does not answer in time.
+    async fn ping(&self, addr: &str) -> Option<NodeId> {
+        let mut c = self.client(addr).ok()?;
         let mut req = tonic::Request::new(CallRequest {
             ring_version: 0,
             body: NodeRequest::Ping,
         });
         req.set_timeout(PING_TIMEOUT);
-        matches!(
-            tokio::time::timeout(PING_TIMEOUT, c.call(req)).await,
-            Ok(Ok(r)) if r.get_ref().result.is_ok()
-        )
+        match tokio::time::timeout(PING_TIMEOUT, c.call(req)).await {
+            Ok(Ok(r)) => match r.into_inner().result {
+                Ok(NodeResponse::Pong { node, .. }) => Some(node),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
-    /// Pings every member and rebuilds the ring from the live set if it changed. Concurrent
-    /// callers share one refresh.
+    /// The addresses to probe: the static list, or what the DNS name resolves to now.
+    async fn targets(&self) -> Vec<(Option<NodeId>, String)> {
+        match &self.discovery {
+            Discovery::Static(members) => members
+                .iter()
+                .map(|m| (Some(m.id.clone()), m.addr.clone()))
+                .collect(),
+            Discovery::Dns { host, port } => {
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(addrs) => addrs.map(|a| (None, a.to_string())).collect(),
+                    Err(e) => {
+                        tracing::warn!(%host, error = %e, "cannot resolve the node set");
+                        Vec::new()
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finds the live nodes (pinging each) and rebuilds the ring if the live set changed.
+    /// Concurrent callers share one refresh.
     pub async fn refresh(&self) {
         let Ok(_guard) = self.refreshing.try_lock() else {
             // Someone is refreshing now; wait for them.
             let _wait = self.refreshing.lock().await;
             return;
         };
-        let pings = self
-            .members
-            .iter()
-            .map(|m| async move { (m.id.clone(), self.ping(&m.id).await) });
-        let results = futures::future::join_all(pings).await;
-        let live: Vec<NodeId> = results
-            .iter()
-            .filter(|(_, up)| *up)
-            .map(|(id, _)| id.clone())
-            .collect();
-        *self.suspects.write() = results
+        let targets = self.targets().await;
+        let pings = targets.iter().map(|(want, addr)| async move {
+            let got = self.ping(addr).await;
+            match (want, got) {
+                (Some(w), Some(g)) if w != &g => {
+                    tracing::error!(%addr, expected = %w, answered = %g, "wrong node at a listed address");
+                    None
+                }
+                (_, got) => got.map(|id| (id, addr.clone())),
+            }
+        });
+        let live: Vec<(NodeId, String)> = futures::future::join_all(pings)
+            .await
             .into_iter()
-            .filter(|(_, up)| !up)
-            .map(|(id, _)| id)
+            .flatten()
             .collect();
         if live.is_empty() {
             tracing::warn!("no node answers; keeping the last ring");
             return;
         }
-        let version = ring_version(&live);
+        {
+            let mut addrs = self.addrs.write();
+            for (id, addr) in &live {
+                addrs.insert(id.clone(), addr.clone());
+            }
+        }
+        let ids: Vec<NodeId> = live.into_iter().map(|(id, _)| id).collect();
+        let version = ring_version(&ids);
         if self.ring().version() != version {
-            tracing::info!(nodes = ?live, version, "ring changed");
-            self.ring.send_replace(Arc::new(Ring::new(version, live)));
+            tracing::info!(nodes = ?ids, version, "ring changed");
+            self.ring.send_replace(Arc::new(Ring::new(version, ids)));
         }
     }
 
@@ -218,11 +330,15 @@ impl Cluster {
         req: CallRequest,
         timeout: Duration,
     ) -> Result<Result<NodeResponse, Error>, tonic::Status> {
-        let mut c = self
-            .clients
+        let addr = self
+            .addrs
+            .read()
             .get(node)
-            .map(|c| c.clone())
+            .cloned()
             .ok_or_else(|| tonic::Status::unavailable(format!("unknown node {node}")))?;
+        let mut c = self
+            .client(&addr)
+            .map_err(|e| tonic::Status::unavailable(e.message))?;
         let mut r = tonic::Request::new(req);
         r.set_timeout(timeout);
         match tokio::time::timeout(timeout, c.call(r)).await {
@@ -282,5 +398,46 @@ impl Cluster {
             .await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_lists_and_dns_names() {
+        let d = parse_nodes("n0@h:1, n1@h:2").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(&d, Discovery::Static(m) if m.len() == 2));
+        assert_eq!(slot_of(&d, &NodeId::new("n1")), Ok(1));
+        assert!(slot_of(&d, &NodeId::new("n9")).is_err());
+        let d = parse_nodes("palaver-node.ns.svc:7000").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            d,
+            Discovery::Dns {
+                host: "palaver-node.ns.svc".into(),
+                port: 7000
+            }
+        );
+        assert_eq!(slot_of(&d, &NodeId::new("palaver-node-3")), Ok(3));
+        assert!(slot_of(&d, &NodeId::new("palaver-node-99")).is_err());
+        assert!(parse_nodes("a@h:1,a@h:2").is_err());
+        assert!(parse_nodes("nonsense").is_err());
+        assert!(parse_nodes("").is_err());
+    }
+
+    #[tokio::test]
+    async fn dns_discovery_learns_ids_from_the_nodes() {
+        // `localhost` resolves, but nothing listens on port 1: no live node, the ring stays empty.
+        let c = Cluster::new(
+            Discovery::Dns {
+                host: "localhost".into(),
+                port: 1,
+            },
+            Duration::from_secs(1),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        c.refresh().await;
+        assert!(c.ring().nodes().is_empty());
     }
 }
