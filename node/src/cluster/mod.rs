@@ -154,6 +154,13 @@ pub fn ring_version(nodes: &[NodeId]) -> u64 {
     h.finish().max(1)
 }
 
+/// A fresh W3C `traceparent` (version 00, random trace and span ids, sampled).
+pub fn new_traceparent() -> String {
+    use std::hash::BuildHasher;
+    let r = || std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+    format!("00-{:016x}{:016x}-{:016x}-01", r(), r(), r())
+}
+
 /// Builds the ring for a live set.
 pub fn ring_of(nodes: Vec<NodeId>) -> Ring {
     let v = ring_version(&nodes);
@@ -236,6 +243,7 @@ impl Cluster {
         let mut c = self.client(addr).ok()?;
         let mut req = tonic::Request::new(CallRequest {
             ring_version: 0,
+            traceparent: None,
             body: NodeRequest::Ping,
         });
         req.set_timeout(PING_TIMEOUT);
@@ -358,6 +366,8 @@ impl Cluster {
     ) -> Result<NodeResponse, Error> {
         let deadline = tokio::time::Instant::now() + self.call_timeout;
         let mut backoff = Duration::from_millis(20);
+        // One trace context for the call and all its retries.
+        let traceparent = Some(new_traceparent());
         let mut last = Error::unavailable("no node could be reached");
         loop {
             let now = tokio::time::Instant::now();
@@ -372,6 +382,7 @@ impl Cluster {
             };
             let req = CallRequest {
                 ring_version: ring.version(),
+                traceparent: traceparent.clone(),
                 body: body.clone(),
             };
             let left = deadline - now;
@@ -424,6 +435,16 @@ mod tests {
         assert!(parse_nodes("a@h:1,a@h:2").is_err());
         assert!(parse_nodes("nonsense").is_err());
         assert!(parse_nodes("").is_err());
+    }
+
+    #[test]
+    fn traceparents_are_w3c_shaped_and_fresh() {
+        let t = new_traceparent();
+        let parts: Vec<&str> = t.split('-').collect();
+        assert_eq!(parts.len(), 4, "{t}");
+        assert_eq!((parts[0], parts[1].len(), parts[2].len(), parts[3]), ("00", 32, 16, "01"));
+        assert!(parts[1].chars().chain(parts[2].chars()).all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(t, new_traceparent());
     }
 
     #[tokio::test]

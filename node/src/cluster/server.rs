@@ -5,6 +5,7 @@ use super::wire::{CallRequest, CallResponse, NodeRequest, NodeResponse};
 use crate::Node;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// Serves one node's actors to gateways and peers.
 pub struct NodeService {
@@ -22,43 +23,52 @@ impl NodeService {
 impl ClusterService for NodeService {
     async fn call(&self, req: Request<CallRequest>) -> Result<Response<CallResponse>, Status> {
         let req = req.into_inner();
+        let span = tracing::debug_span!(
+            "node.call",
+            traceparent = req.traceparent.as_deref().unwrap_or(""),
+            ring_version = req.ring_version,
+        );
         let node = &self.node;
-        let result = match req.body {
-            NodeRequest::Ping => Ok(NodeResponse::Pong {
-                node: node.ctx().config.node_id.clone(),
-                ring_version: node.ring().version(),
-            }),
-            NodeRequest::Connect { profile, session } => node
-                .connect(profile, session)
-                .await
-                .map(|rooms| NodeResponse::Rooms { rooms }),
-            NodeRequest::Disconnect {
-                user,
-                gateway,
-                session,
-            } => {
-                node.disconnect(&user, &gateway, session).await;
-                Ok(NodeResponse::Done)
+        let result = async move {
+            match req.body {
+                NodeRequest::Ping => Ok(NodeResponse::Pong {
+                    node: node.ctx().config.node_id.clone(),
+                    ring_version: node.ring().version(),
+                }),
+                NodeRequest::Connect { profile, session } => node
+                    .connect(profile, session)
+                    .await
+                    .map(|rooms| NodeResponse::Rooms { rooms }),
+                NodeRequest::Disconnect {
+                    user,
+                    gateway,
+                    session,
+                } => {
+                    node.disconnect(&user, &gateway, session).await;
+                    Ok(NodeResponse::Done)
+                }
+                NodeRequest::Execute {
+                    caller,
+                    command,
+                    auto_ref,
+                } => node
+                    .execute_with_ref(&caller, command, auto_ref)
+                    .await
+                    .map(|reply| NodeResponse::Reply { reply }),
+                NodeRequest::Subscribe { gateway, rooms } => node
+                    .subscribe_owned(&gateway, &rooms)
+                    .map(|()| NodeResponse::Done),
+                NodeRequest::Unsubscribe { gateway, rooms } => {
+                    node.unsubscribe_local(&gateway, &rooms);
+                    Ok(NodeResponse::Done)
+                }
+                NodeRequest::UserGateways { user } => node
+                    .local_user_gateways(&user)
+                    .map(|gateways| NodeResponse::Gateways { gateways }),
             }
-            NodeRequest::Execute {
-                caller,
-                command,
-                auto_ref,
-            } => node
-                .execute_with_ref(&caller, command, auto_ref)
-                .await
-                .map(|reply| NodeResponse::Reply { reply }),
-            NodeRequest::Subscribe { gateway, rooms } => node
-                .subscribe_owned(&gateway, &rooms)
-                .map(|()| NodeResponse::Done),
-            NodeRequest::Unsubscribe { gateway, rooms } => {
-                node.unsubscribe_local(&gateway, &rooms);
-                Ok(NodeResponse::Done)
-            }
-            NodeRequest::UserGateways { user } => node
-                .local_user_gateways(&user)
-                .map(|gateways| NodeResponse::Gateways { gateways }),
-        };
+        }
+        .instrument(span)
+        .await;
         Ok(Response::new(CallResponse { result }))
     }
 }

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 pub struct CallRequest {
     /// The ring version the caller routed with (0: not routed, e.g. a ping).
     pub ring_version: u64,
+    /// W3C trace context (`traceparent`) of the call, so one trace follows a message across
+    /// processes. Absent from older callers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// What to do.
     pub body: NodeRequest,
 }
