@@ -442,8 +442,16 @@ mod tests {
         let t = new_traceparent();
         let parts: Vec<&str> = t.split('-').collect();
         assert_eq!(parts.len(), 4, "{t}");
-        assert_eq!((parts[0], parts[1].len(), parts[2].len(), parts[3]), ("00", 32, 16, "01"));
-        assert!(parts[1].chars().chain(parts[2].chars()).all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "01")
+        );
+        assert!(
+            parts[1]
+                .chars()
+                .chain(parts[2].chars())
+                .all(|c| c.is_ascii_hexdigit())
+        );
         assert_ne!(t, new_traceparent());
     }
 
