@@ -56,7 +56,8 @@ pub async fn spawn(args: &[&str], env: Vec<(&str, String)>) -> Proc {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env(
             "PALAVER_LOG",
-            std::env::var("PALAVER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            std::env::var("PALAVER_TEST_LOG")
+                .unwrap_or_else(|_| "error,rdkafka=off,librdkafka=off".into()),
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
