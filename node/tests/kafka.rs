@@ -125,3 +125,62 @@ async fn delivery_resumes_after_a_broker_restart_that_lost_every_topic() {
     }
     bus.close().await;
 }
+
+fn job(user: u64, n: u64) -> schema::PushJob {
+    schema::PushJob {
+        user: UserId::parse(&format!("user{user}")).unwrap(),
+        room: RoomId(7),
+        message: MessageId(user * 1000 + n),
+        sender: UserId::parse("s").unwrap(),
+        preview: format!("m{n}"),
+        collapse_key: "room-7".into(),
+        created_at: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_workers_of_one_group_share_the_jobs_once_each_in_user_order() {
+    let broker = support::kafka::TestBroker::start().await;
+    let mut config = KafkaConfig::new(broker.brokers());
+    config.push_partitions = 4;
+    let bus = KafkaBus::connect(config).await.unwrap();
+    let mut w1 = bus.subscribe_push("push-workers").await.unwrap();
+    let mut w2 = bus.subscribe_push("push-workers").await.unwrap();
+    for n in 1..=10 {
+        for user in 1..=8 {
+            bus.publish_push(job(user, n)).await.unwrap();
+        }
+    }
+    // Both workers are polled (a group rebalance completes only while its members poll).
+    let mut got: Vec<(usize, schema::PushJob)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while got.len() < 80 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 80 jobs arrived",
+            got.len()
+        );
+        tokio::select! {
+            Some(j) = w1.next() => got.push((1, j)),
+            Some(j) = w2.next() => got.push((2, j)),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    let mut ids: Vec<u64> = got.iter().map(|(_, j)| j.message.0).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 80, "every job exactly once");
+    // One user's jobs keep their order (they share a partition, so one worker).
+    for user in 1..=8u64 {
+        let mine: Vec<(usize, u64)> = got
+            .iter()
+            .filter(|(_, j)| j.user.as_str() == format!("user{user}"))
+            .map(|(w, j)| (*w, j.message.0 % 1000))
+            .collect();
+        assert!(
+            mine.windows(2).all(|p| p[0].1 < p[1].1),
+            "user{user}: {mine:?}"
+        );
+    }
+    bus.close().await;
+}

@@ -1,7 +1,8 @@
 //! Bus envelopes: what node actors hand to gateways.
 
+use crate::Millis;
 use crate::event::Event;
-use crate::ids::{GatewayId, RoomId, UserId};
+use crate::ids::{GatewayId, MessageId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
 /// Who on the receiving gateway gets a [`Delivery`].
@@ -30,4 +31,25 @@ pub struct Delivery {
     pub target: Target,
     /// What to tell them.
     pub event: Event,
+}
+
+/// A push notification to send to one user's devices. Room actors publish one per member who
+/// should be notified; push workers consume them (topic `palaver.push`, keyed by user so one
+/// user's jobs keep their order).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushJob {
+    /// Who is notified.
+    pub user: UserId,
+    /// The room the message was posted in.
+    pub room: RoomId,
+    /// The message.
+    pub message: MessageId,
+    /// Who sent it.
+    pub sender: UserId,
+    /// A short preview of the content.
+    pub preview: String,
+    /// Notifications with the same key replace each other on a device (one per room).
+    pub collapse_key: String,
+    /// When the message was accepted.
+    pub created_at: Millis,
 }

@@ -9,7 +9,8 @@
 //!   [`Reply`]. Every wire dialect decodes its frames into a `Command`.
 //! - [`event`]: the canonical [`Event`] enum, everything a client can be told. Every wire dialect
 //!   encodes an `Event` into its own frames.
-//! - [`envelope`]: what travels on the bus between node actors and gateways ([`Delivery`]).
+//! - [`envelope`]: what travels on the bus: [`Delivery`] (node actors to gateways) and
+//!   [`PushJob`] (node actors to push workers).
 //! - `cql/`: the ScyllaDB schema as ordered migrations ([`CQL_MIGRATIONS`]).
 //! - [`error`]: the one small set of error codes ([`ErrorCode`]) every layer maps onto, and how
 //!   each maps to HTTP statuses and WebSocket close codes.
@@ -26,7 +27,7 @@ pub mod ids;
 
 pub use command::{Command, HistoryQuery, Reply};
 pub use domain::{Member, Message, MessageBody, Profile, Role, Room, RoomKind, RoomSummary, User};
-pub use envelope::{Delivery, Target};
+pub use envelope::{Delivery, PushJob, Target};
 pub use error::{Error, ErrorCode};
 pub use event::Event;
 pub use ids::{GatewayId, MessageId, NodeId, RoomId, SessionId, UserId};

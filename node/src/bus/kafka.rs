@@ -27,7 +27,7 @@
 //! unchanged (same offset, same payload digest): if so it reads on from there, otherwise the log is
 //! new and it reads it from the beginning, so nothing published after the restart is skipped.
 
-use super::{Bus, BusError, DeliveryStream};
+use super::{Bus, BusError, DeliveryStream, PushStream};
 use async_trait::async_trait;
 use futures::StreamExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -38,14 +38,14 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use schema::{Delivery, GatewayId};
+use schema::{Delivery, GatewayId, PushJob};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// The fan-out topic.
 pub const DELIVER_TOPIC: &str = "palaver.deliver";
-/// The push-job topic.
+/// The push-job topic: keyed by user; push workers share it as one consumer group.
 pub const PUSH_TOPIC: &str = "palaver.push";
 
 /// Kafka bus settings.
@@ -258,10 +258,17 @@ impl Bus for KafkaBus {
         assign(&consumer, partition, high)?;
         let consumer: Slot = Arc::new(parking_lot::Mutex::new(Arc::new(consumer)));
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (pause_consumer, pause_flag) = (consumer.clone(), assigned.clone());
+        let pause = move || {
+            pause_flag.store(false, std::sync::atomic::Ordering::SeqCst);
+            let current = pause_consumer.lock().clone();
+            if let Err(e) = current.unassign() {
+                tracing::warn!(error = %e, "deliver consumer: unassign failed");
+            }
+        };
         tokio::spawn(watch_brokers(
             self.config.brokers.clone(),
-            consumer.clone(),
-            assigned.clone(),
+            Box::new(pause),
             down_tx,
         ));
         let state = ReadState {
@@ -281,6 +288,60 @@ impl Bus for KafkaBus {
         .boxed())
     }
 
+    async fn publish_push(&self, job: PushJob) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(&job).map_err(unavailable)?;
+        let record = FutureRecord::to(PUSH_TOPIC)
+            .key(job.user.as_str().as_bytes())
+            .payload(&payload);
+        let producer = self.producer.read().clone();
+        let report = producer
+            .send_result(record)
+            .map_err(|(e, _)| unavailable(e))?;
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let failed = match report.await {
+                Ok(Ok(_)) => return,
+                Ok(Err((e, _))) => e,
+                Err(_) => KafkaError::Canceled,
+            };
+            tracing::warn!(error = %failed, "push job not published");
+            if let Some(bus) = me.upgrade() {
+                bus.repair(&failed).await;
+            }
+        });
+        Ok(())
+    }
+
+    async fn subscribe_push(&self, group: &str) -> Result<PushStream, BusError> {
+        let consumer = push_consumer(&self.config.brokers, group)?;
+        let consumer: Slot = Arc::new(parking_lot::Mutex::new(Arc::new(consumer)));
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (down_tx, down) = tokio::sync::mpsc::channel::<()>(1);
+        let (pause_consumer, pause_flag) = (consumer.clone(), paused.clone());
+        let pause = move || {
+            pause_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            let current = pause_consumer.lock().clone();
+            current.unsubscribe();
+        };
+        tokio::spawn(watch_brokers(
+            self.config.brokers.clone(),
+            Box::new(pause),
+            down_tx,
+        ));
+        let reader = PushReader {
+            config: self.config.clone(),
+            group: group.to_owned(),
+            consumer,
+            paused,
+            down,
+        };
+        Ok(futures::stream::unfold(reader, |mut r| async move {
+            let job = r.next().await;
+            Some((job, r))
+        })
+        .boxed())
+    }
+
     async fn close(&self) {
         let producer = self.producer.read().clone();
         if let Err(e) = producer.flush(Duration::from_secs(5)) {
@@ -293,8 +354,7 @@ impl Bus for KafkaBus {
 /// `StreamConsumer`, so a plain TCP probe tells the reader when every broker is gone.
 async fn watch_brokers(
     brokers: String,
-    consumer: Slot,
-    assigned: Arc<std::sync::atomic::AtomicBool>,
+    pause: Box<dyn Fn() + Send + Sync>,
     down: tokio::sync::mpsc::Sender<()>,
 ) {
     let addrs: Vec<String> = brokers.split(',').map(|b| b.trim().to_owned()).collect();
@@ -315,13 +375,9 @@ async fn watch_brokers(
             // Stop fetching at once, whether or not the reader is being polled: after a broker
             // restart that lost the topic, librdkafka 2.12 crashes on the broker's fetch answer
             // for the missing partition (a leader-change hint with neither topic id nor name).
-            // The reader assigns again once the topic exists.
-            assigned.store(false, std::sync::atomic::Ordering::SeqCst);
-            let current = consumer.lock().clone();
-            if let Err(e) = current.unassign() {
-                tracing::warn!(error = %e, "deliver consumer: unassign failed");
-            }
-            tracing::warn!("every Kafka broker is unreachable; deliver consumer paused");
+            // The reader starts a fresh consumer once the topic exists again.
+            pause();
+            tracing::warn!("every Kafka broker is unreachable; consumer paused");
             if down.send(()).await.is_err() {
                 return; // the reader is gone
             }
@@ -465,4 +521,83 @@ fn payload_digest(p: Option<&[u8]>) -> u64 {
     let mut h = siphasher::sip::SipHasher::new();
     p.unwrap_or_default().hash(&mut h);
     h.finish()
+}
+
+fn push_consumer(brokers: &str, group: &str) -> Result<DeliverConsumer, BusError> {
+    let c: DeliverConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .set("enable.auto.commit", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "50")
+        .set("reconnect.backoff.ms", "500")
+        .create()
+        .map_err(unavailable)?;
+    c.subscribe(&[PUSH_TOPIC]).map_err(unavailable)?;
+    Ok(c)
+}
+
+/// The reading side of a push worker: a member of the worker group on `palaver.push`, paused
+/// while no broker answers and replaced by a fresh member once one does (see the deliver reader).
+struct PushReader {
+    config: KafkaConfig,
+    group: String,
+    consumer: Slot,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+    down: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl PushReader {
+    async fn next(&mut self) -> PushJob {
+        loop {
+            if self.paused.load(std::sync::atomic::Ordering::SeqCst) {
+                self.rejoin().await;
+                continue;
+            }
+            let current = self.consumer.lock().clone();
+            tokio::select! {
+                biased;
+                Some(()) = self.down.recv() => {}
+                m = current.recv() => match m {
+                    Ok(m) => match m.payload().map(serde_json::from_slice::<PushJob>) {
+                        Some(Ok(job)) => return job,
+                        Some(Err(e)) => tracing::warn!(error = %e, "undecodable push job skipped"),
+                        None => {}
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "push consumer error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn rejoin(&mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = async {
+                drop(KafkaBus::connect(self.config.clone()).await?);
+                push_consumer(&self.config.brokers, &self.group)
+            };
+            match attempt.await {
+                Ok(fresh) => {
+                    let old = std::mem::replace(&mut *self.consumer.lock(), Arc::new(fresh));
+                    tokio::task::spawn_blocking(move || drop(old));
+                    while self.down.try_recv().is_ok() {}
+                    self.paused
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                    tracing::info!(group = %self.group, "push consumer rejoined");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "push consumer: broker not back yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
 }

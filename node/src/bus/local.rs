@@ -1,15 +1,16 @@
 //! The in-process bus: one bounded channel per gateway.
 
-use super::{Bus, BusError, DeliveryStream};
+use super::{Bus, BusError, DeliveryStream, PushStream};
 use async_trait::async_trait;
 use dashmap::DashMap;
-use schema::{Delivery, GatewayId};
+use schema::{Delivery, GatewayId, PushJob};
 use tokio::sync::mpsc;
 
 /// In-process [`Bus`] for single-process mode.
 pub struct LocalBus {
     capacity: usize,
     gateways: DashMap<GatewayId, mpsc::Sender<Delivery>>,
+    push: parking_lot::Mutex<Option<mpsc::Sender<PushJob>>>,
 }
 
 impl LocalBus {
@@ -19,6 +20,7 @@ impl LocalBus {
         Self {
             capacity: capacity.max(1),
             gateways: DashMap::new(),
+            push: parking_lot::Mutex::new(None),
         }
     }
 }
@@ -46,8 +48,26 @@ impl Bus for LocalBus {
         })))
     }
 
+    async fn publish_push(&self, job: PushJob) -> Result<(), BusError> {
+        let tx = self.push.lock().clone();
+        match tx {
+            // One process has one push worker; without one there is nobody to push.
+            None => Ok(()),
+            Some(tx) => tx.send(job).await.map_err(|_| BusError::Closed),
+        }
+    }
+
+    async fn subscribe_push(&self, _group: &str) -> Result<PushStream, BusError> {
+        let (tx, rx) = mpsc::channel(self.capacity);
+        *self.push.lock() = Some(tx);
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|j| (j, rx))
+        })))
+    }
+
     async fn close(&self) {
         self.gateways.clear();
+        self.push.lock().take();
     }
 }
 
@@ -106,5 +126,35 @@ mod tests {
         assert_eq!(b.next().await.map(|d| d.event.room().0), Some(99));
         bus.close().await;
         assert!(a.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn push_jobs_reach_the_worker_in_order() {
+        let bus = LocalBus::new(16);
+        let job = |n: u64| PushJob {
+            user: schema::UserId::parse("u").unwrap_or_else(|_| unreachable!()),
+            room: schema::RoomId(1),
+            message: schema::MessageId(n),
+            sender: schema::UserId::parse("s").unwrap_or_else(|_| unreachable!()),
+            preview: format!("m{n}"),
+            collapse_key: "room-1".into(),
+            created_at: 0,
+        };
+        // Without a worker, jobs go nowhere (and nothing blocks).
+        bus.publish_push(job(0))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut w = bus
+            .subscribe_push("workers")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        for n in 1..=5 {
+            bus.publish_push(job(n))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        for n in 1..=5 {
+            assert_eq!(w.next().await.map(|j| j.message.0), Some(n));
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The bus: how node actors hand events to gateways.
 //!
-//! A [`Bus`] carries [`Delivery`] envelopes addressed to one gateway each. Per gateway, deliveries
+//! A [`Bus`] carries [`Delivery`] envelopes addressed to one gateway each, and [`PushJob`]s for
+//! push workers. Per gateway, deliveries
 //! arrive in the order they were published, which keeps one order per room. Backends: [`local`]
 //! (in-process channels, for `palaver serve`); the Kafka backend of the cluster implements the
 //! same trait.
@@ -10,7 +11,7 @@ pub mod local;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use schema::{Delivery, GatewayId};
+use schema::{Delivery, GatewayId, PushJob};
 
 /// Bus failures.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,9 @@ pub enum BusError {
 /// The deliveries for one gateway, in publish order.
 pub type DeliveryStream = BoxStream<'static, Delivery>;
 
+/// The push jobs one worker of a group receives.
+pub type PushStream = BoxStream<'static, PushJob>;
+
 /// Carries deliveries from node actors to gateways.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -36,6 +40,13 @@ pub trait Bus: Send + Sync + 'static {
     /// Starts receiving the deliveries addressed to `gateway`. A second call for the same gateway
     /// replaces the first stream.
     async fn subscribe(&self, gateway: &GatewayId) -> Result<DeliveryStream, BusError>;
+
+    /// Publishes a push job. Jobs of one user keep their order.
+    async fn publish_push(&self, job: PushJob) -> Result<(), BusError>;
+
+    /// Starts receiving push jobs as a worker of `group`: the workers of one group share the
+    /// jobs, each job going to one of them.
+    async fn subscribe_push(&self, group: &str) -> Result<PushStream, BusError>;
 
     /// Stops the bus; open streams end.
     async fn close(&self);
