@@ -202,6 +202,32 @@ impl KafkaBus {
         }
     }
 
+    /// Enqueues a record in the producer and awaits its delivery report in the background; a
+    /// failed report is logged and triggers a [`KafkaBus::repair`].
+    fn enqueue(
+        &self,
+        record: FutureRecord<'_, [u8], Vec<u8>>,
+        what: &'static str,
+    ) -> Result<(), BusError> {
+        let producer = self.producer.read().clone();
+        let report = producer
+            .send_result(record)
+            .map_err(|(e, _)| unavailable(e))?;
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let failed = match report.await {
+                Ok(Ok(_)) => return,
+                Ok(Err((e, _))) => e,
+                Err(_) => KafkaError::Canceled,
+            };
+            tracing::warn!(error = %failed, what, "not published");
+            if let Some(bus) = me.upgrade() {
+                bus.repair(&failed).await;
+            }
+        });
+        Ok(())
+    }
+
     fn deliver_partitions(&self) -> i32 {
         self.partitions.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -227,23 +253,7 @@ impl Bus for KafkaBus {
             .key(delivery.gateway.as_str().as_bytes())
             .payload(&payload)
             .partition(partition);
-        let producer = self.producer.read().clone();
-        let report = producer
-            .send_result(record)
-            .map_err(|(e, _)| unavailable(e))?;
-        let me = self.me.clone();
-        tokio::spawn(async move {
-            let failed = match report.await {
-                Ok(Ok(_)) => return,
-                Ok(Err((e, _))) => e,
-                Err(_) => KafkaError::Canceled,
-            };
-            tracing::warn!(error = %failed, "delivery not published");
-            if let Some(bus) = me.upgrade() {
-                bus.repair(&failed).await;
-            }
-        });
-        Ok(())
+        self.enqueue(record, "delivery")
     }
 
     async fn subscribe(&self, gateway: &GatewayId) -> Result<DeliveryStream, BusError> {
@@ -293,23 +303,7 @@ impl Bus for KafkaBus {
         let record = FutureRecord::to(PUSH_TOPIC)
             .key(job.user.as_str().as_bytes())
             .payload(&payload);
-        let producer = self.producer.read().clone();
-        let report = producer
-            .send_result(record)
-            .map_err(|(e, _)| unavailable(e))?;
-        let me = self.me.clone();
-        tokio::spawn(async move {
-            let failed = match report.await {
-                Ok(Ok(_)) => return,
-                Ok(Err((e, _))) => e,
-                Err(_) => KafkaError::Canceled,
-            };
-            tracing::warn!(error = %failed, "push job not published");
-            if let Some(bus) = me.upgrade() {
-                bus.repair(&failed).await;
-            }
-        });
-        Ok(())
+        self.enqueue(record, "push job")
     }
 
     async fn subscribe_push(&self, group: &str) -> Result<PushStream, BusError> {

@@ -16,8 +16,8 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use schema::{
-    HistoryQuery, Member, Message, MessageBody, MessageId, Millis, Profile, Role, Room, RoomId,
-    RoomKind, RoomSummary, User, UserId,
+    HistoryQuery, Member, Message, MessageBody, MessageId, Millis, Profile, Room, RoomId,
+    RoomSummary, User, UserId,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -393,7 +393,7 @@ fn insert_room(
     .and_then(|mut s| {
         s.execute(params![
             r.id.0 as i64,
-            kind_str(r.kind),
+            super::kind_str(r.kind),
             r.name,
             r.created_by.as_str(),
             r.created_at,
@@ -408,7 +408,7 @@ fn insert_room(
         ins.execute(params![
             r.id.0 as i64,
             m.user.as_str(),
-            role_str(m.role),
+            super::role_str(m.role),
             m.joined_at
         ])
         .map_err(db_err)?;
@@ -442,29 +442,13 @@ fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
     })
 }
 
-fn kind_str(k: RoomKind) -> &'static str {
-    match k {
-        RoomKind::Direct => "direct",
-        RoomKind::Group => "group",
-    }
-}
-
-fn role_str(r: Role) -> &'static str {
-    match r {
-        Role::Owner => "owner",
-        Role::Admin => "admin",
-        Role::Member => "member",
-    }
-}
-
 fn room_row(r: &Row<'_>) -> rusqlite::Result<Room> {
     let kind: String = r.get(1)?;
     Ok(Room {
         id: RoomId(r.get::<_, i64>(0)? as u64),
-        kind: match kind.as_str() {
-            "direct" => RoomKind::Direct,
-            "group" => RoomKind::Group,
-            other => return Err(conv(format!("unknown room kind {other:?}"))),
+        kind: match super::parse_kind(&kind) {
+            Some(k) => k,
+            None => return Err(conv(format!("unknown room kind {:?}", kind))),
         },
         name: r.get(2)?,
         created_by: user_id(r.get(3)?)?,
@@ -478,11 +462,9 @@ fn member_row(r: &Row<'_>) -> rusqlite::Result<Member> {
     let role: String = r.get(1)?;
     Ok(Member {
         user: user_id(r.get(0)?)?,
-        role: match role.as_str() {
-            "owner" => Role::Owner,
-            "admin" => Role::Admin,
-            "member" => Role::Member,
-            other => return Err(conv(format!("unknown role {other:?}"))),
+        role: match super::parse_role(&role) {
+            Some(r) => r,
+            None => return Err(conv(format!("unknown role {:?}", role))),
         },
         joined_at: r.get(2)?,
     })

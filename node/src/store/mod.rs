@@ -14,7 +14,8 @@ pub mod scylla;
 
 use async_trait::async_trait;
 use schema::{
-    HistoryQuery, Member, Message, Millis, Profile, Room, RoomId, RoomSummary, User, UserId,
+    HistoryQuery, Member, Message, Millis, Profile, Role, Room, RoomId, RoomKind, RoomSummary,
+    User, UserId,
 };
 
 /// Store failures. All are server-side: a client sees them as `unavailable` or `internal`.
@@ -139,4 +140,50 @@ pub fn direct_key(a: &UserId, b: &UserId) -> String {
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
     // Lengths make the key unambiguous whatever characters the ids contain.
     format!("{}:{}:{}", lo.as_str().len(), lo, hi)
+}
+
+/// How a room kind is stored.
+pub(crate) fn kind_str(k: RoomKind) -> &'static str {
+    match k {
+        RoomKind::Direct => "direct",
+        RoomKind::Group => "group",
+    }
+}
+
+/// Reads a stored room kind.
+pub(crate) fn parse_kind(s: &str) -> Option<RoomKind> {
+    match s {
+        "direct" => Some(RoomKind::Direct),
+        "group" => Some(RoomKind::Group),
+        _ => None,
+    }
+}
+
+/// How a role is stored.
+pub(crate) fn role_str(r: Role) -> &'static str {
+    match r {
+        Role::Owner => "owner",
+        Role::Admin => "admin",
+        Role::Member => "member",
+    }
+}
+
+/// Reads a stored role.
+pub(crate) fn parse_role(s: &str) -> Option<Role> {
+    match s {
+        "owner" => Some(Role::Owner),
+        "admin" => Some(Role::Admin),
+        "member" => Some(Role::Member),
+        _ => None,
+    }
+}
+
+/// An id as a signed 64-bit column (ids stay below 2^53, so nothing is lost).
+pub(crate) fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A signed 64-bit column as an id or counter.
+pub(crate) fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
 }

@@ -12,8 +12,8 @@ use super::{HistoryPage, NewRoom, Store, StoreError, StoreResult};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use schema::{
-    HistoryQuery, Member, Message, MessageBody, MessageId, Millis, Profile, Role, Room, RoomId,
-    RoomKind, RoomSummary, User, UserId,
+    HistoryQuery, Member, Message, MessageBody, MessageId, Millis, Profile, Room, RoomId,
+    RoomSummary, User, UserId,
 };
 use std::collections::HashMap;
 use tokio_postgres::error::SqlState;
@@ -92,14 +92,6 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
 
 fn corrupt(msg: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(msg.to_string())
-}
-
-fn i64_of(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn u64_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }
 
 impl PostgresStore {
@@ -196,17 +188,18 @@ fn user_row(r: &Row) -> StoreResult<User> {
 fn room_row(r: &Row) -> StoreResult<Room> {
     let kind: String = r.get(1);
     Ok(Room {
-        id: RoomId(u64_of(r.get(0))),
-        kind: match kind.as_str() {
-            "direct" => RoomKind::Direct,
-            "group" => RoomKind::Group,
-            o => return Err(corrupt(format!("unknown room kind {o:?}"))),
+        id: RoomId(super::u64_of(r.get(0))),
+        kind: match super::parse_kind(&kind) {
+            Some(k) => k,
+            None => return Err(corrupt(format!("unknown room kind {:?}", kind))),
         },
         name: r.get(2),
         created_by: uid(r.get(3))?,
         created_at: r.get(4),
-        last_seq: u64_of(r.get(5)),
-        last_message_id: r.get::<_, Option<i64>>(6).map(|v| MessageId(u64_of(v))),
+        last_seq: super::u64_of(r.get(5)),
+        last_message_id: r
+            .get::<_, Option<i64>>(6)
+            .map(|v| MessageId(super::u64_of(v))),
     })
 }
 
@@ -214,11 +207,9 @@ fn member_row(r: &Row) -> StoreResult<Member> {
     let role: String = r.get(1);
     Ok(Member {
         user: uid(r.get(0))?,
-        role: match role.as_str() {
-            "owner" => Role::Owner,
-            "admin" => Role::Admin,
-            "member" => Role::Member,
-            o => return Err(corrupt(format!("unknown role {o:?}"))),
+        role: match super::parse_role(&role) {
+            Some(r) => r,
+            None => return Err(corrupt(format!("unknown role {:?}", role))),
         },
         joined_at: r.get(2),
     })
@@ -228,29 +219,14 @@ fn message_row(r: &Row) -> StoreResult<Message> {
     let body: String = r.get(5);
     let body: MessageBody = serde_json::from_str(&body).map_err(corrupt)?;
     Ok(Message {
-        id: MessageId(u64_of(r.get(0))),
-        room: RoomId(u64_of(r.get(1))),
-        seq: u64_of(r.get(2)),
+        id: MessageId(super::u64_of(r.get(0))),
+        room: RoomId(super::u64_of(r.get(1))),
+        seq: super::u64_of(r.get(2)),
         sender: uid(r.get(3))?,
         client_ref: r.get(4),
         body,
         created_at: r.get(6),
     })
-}
-
-fn kind_str(k: RoomKind) -> &'static str {
-    match k {
-        RoomKind::Direct => "direct",
-        RoomKind::Group => "group",
-    }
-}
-
-fn role_str(r: Role) -> &'static str {
-    match r {
-        Role::Owner => "owner",
-        Role::Admin => "admin",
-        Role::Member => "member",
-    }
 }
 
 async fn insert_room(
@@ -264,8 +240,8 @@ async fn insert_room(
             "INSERT INTO rooms (id, kind, name, created_by, created_at, direct_key, last_activity)
              VALUES ($1, $2, $3, $4, $5, $6, $5) ON CONFLICT (direct_key) DO NOTHING",
             &[
-                &i64_of(r.id.0),
-                &kind_str(r.kind),
+                &super::i64_of(r.id.0),
+                &super::kind_str(r.kind),
                 &r.name,
                 &r.created_by.as_str(),
                 &r.created_at,
@@ -277,9 +253,13 @@ async fn insert_room(
     if inserted == 0 {
         return Ok(false);
     }
-    let rooms: Vec<i64> = vec![i64_of(r.id.0); new.members.len()];
+    let rooms: Vec<i64> = vec![super::i64_of(r.id.0); new.members.len()];
     let users: Vec<&str> = new.members.iter().map(|m| m.user.as_str()).collect();
-    let roles: Vec<&str> = new.members.iter().map(|m| role_str(m.role)).collect();
+    let roles: Vec<&str> = new
+        .members
+        .iter()
+        .map(|m| super::role_str(m.role))
+        .collect();
     let joined: Vec<i64> = new.members.iter().map(|m| m.joined_at).collect();
     tx.execute(
         r#"INSERT INTO members (room, "user", role, joined_at)
@@ -373,7 +353,7 @@ impl Store for PostgresStore {
             .prepare_cached(&format!("SELECT {ROOM_COLS} FROM rooms WHERE id = $1"))
             .await
             .map_err(pg_err)?;
-        c.query_opt(&st, &[&i64_of(id.0)])
+        c.query_opt(&st, &[&super::i64_of(id.0)])
             .await
             .map_err(pg_err)?
             .map(|r| room_row(&r))
@@ -386,7 +366,7 @@ impl Store for PostgresStore {
             .query(
                 r#"SELECT "user", role, joined_at FROM members WHERE room = $1
                    ORDER BY joined_at, "user""#,
-                &[&i64_of(room.0)],
+                &[&super::i64_of(room.0)],
             )
             .await
             .map_err(pg_err)?;
@@ -402,7 +382,10 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg_err)?;
-        Ok(rows.iter().map(|r| RoomId(u64_of(r.get(0)))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| RoomId(super::u64_of(r.get(0))))
+            .collect())
     }
 
     async fn rooms_of(&self, user: &UserId) -> StoreResult<Vec<RoomSummary>> {
@@ -418,7 +401,7 @@ impl Store for PostgresStore {
             .await
             .map_err(pg_err)?;
         let rooms: Vec<Room> = rows.iter().map(room_row).collect::<StoreResult<_>>()?;
-        let ids: Vec<i64> = rooms.iter().map(|r| i64_of(r.id.0)).collect();
+        let ids: Vec<i64> = rooms.iter().map(|r| super::i64_of(r.id.0)).collect();
         let mut members: HashMap<u64, Vec<Member>> = HashMap::new();
         for r in c
             .query(
@@ -430,18 +413,18 @@ impl Store for PostgresStore {
             .map_err(pg_err)?
         {
             members
-                .entry(u64_of(r.get(3)))
+                .entry(super::u64_of(r.get(3)))
                 .or_default()
                 .push(member_row(&r)?);
         }
         let last_ids: Vec<i64> = rooms
             .iter()
-            .filter_map(|r| r.last_message_id.map(|m| i64_of(m.0)))
+            .filter_map(|r| r.last_message_id.map(|m| super::i64_of(m.0)))
             .collect();
         let last_rooms: Vec<i64> = rooms
             .iter()
             .filter(|r| r.last_message_id.is_some())
-            .map(|r| i64_of(r.id.0))
+            .map(|r| super::i64_of(r.id.0))
             .collect();
         let mut last: HashMap<u64, Message> = HashMap::new();
         for r in c
@@ -479,14 +462,14 @@ impl Store for PostgresStore {
         let mut bodies = Vec::with_capacity(batch.len());
         let mut ats = Vec::with_capacity(batch.len());
         for m in &batch {
-            ids.push(i64_of(m.id.0));
-            seqs.push(i64_of(m.seq));
+            ids.push(super::i64_of(m.id.0));
+            seqs.push(super::i64_of(m.seq));
             senders.push(m.sender.as_str());
             refs.push(m.client_ref.as_deref());
             bodies.push(serde_json::to_string(&m.body).map_err(corrupt)?);
             ats.push(m.created_at);
         }
-        let rooms = vec![i64_of(room.0); batch.len()];
+        let rooms = vec![super::i64_of(room.0); batch.len()];
         let max_seq = seqs.iter().copied().max().unwrap_or(0);
         let max_id = ids.iter().copied().max().unwrap_or(0);
         let max_at = ats.iter().copied().max().unwrap_or(0);
@@ -504,7 +487,7 @@ impl Store for PostgresStore {
             "UPDATE rooms SET last_seq = greatest(last_seq, $2),
                last_message_id = greatest(coalesce(last_message_id, 0), $3),
                last_activity = greatest(last_activity, $4) WHERE id = $1",
-            &[&i64_of(room.0), &max_seq, &max_id, &max_at],
+            &[&super::i64_of(room.0), &max_seq, &max_id, &max_at],
         )
         .await
         .map_err(pg_err)?;
@@ -528,7 +511,7 @@ impl Store for PostgresStore {
                     "SELECT {MSG_COLS} FROM messages WHERE room = $1 AND (sender, client_ref) IN
                      (SELECT * FROM UNNEST($2::TEXT[], $3::TEXT[]))"
                 ),
-                &[&i64_of(room.0), &senders, &refs],
+                &[&super::i64_of(room.0), &senders, &refs],
             )
             .await
             .map_err(pg_err)?;
@@ -541,8 +524,8 @@ impl Store for PostgresStore {
         q: &HistoryQuery,
         limit: u32,
     ) -> StoreResult<HistoryPage> {
-        let lo = q.after.map_or(0, |m| i64_of(m.0));
-        let hi = q.before.map_or(i64::MAX, |m| i64_of(m.0));
+        let lo = q.after.map_or(0, |m| super::i64_of(m.0));
+        let hi = q.before.map_or(i64::MAX, |m| super::i64_of(m.0));
         let fetch = i64::from(limit) + 1;
         let ascending = q.after.is_some();
         let order = if ascending { "ASC" } else { "DESC" };
@@ -555,7 +538,7 @@ impl Store for PostgresStore {
             .await
             .map_err(pg_err)?;
         let rows = c
-            .query(&st, &[&i64_of(room.0), &lo, &hi, &fetch])
+            .query(&st, &[&super::i64_of(room.0), &lo, &hi, &fetch])
             .await
             .map_err(pg_err)?;
         let mut messages: Vec<Message> =

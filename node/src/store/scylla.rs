@@ -22,8 +22,8 @@
 use super::{HistoryPage, NewRoom, Store, StoreError, StoreResult};
 use async_trait::async_trait;
 use schema::{
-    HistoryQuery, Member, Message, MessageBody, MessageId, Millis, Profile, Role, Room, RoomId,
-    RoomKind, RoomSummary, User, UserId,
+    HistoryQuery, Member, Message, MessageBody, MessageId, Millis, Profile, Room, RoomId, RoomKind,
+    RoomSummary, User, UserId,
 };
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -42,14 +42,6 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
-}
-
-fn i64_of(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn u64_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }
 
 /// The time bucket of an id (ids carry milliseconds since 2025 above their low 12 bits).
@@ -235,7 +227,7 @@ fn user_of(r: UserRow) -> StoreResult<User> {
 fn room_of(r: RoomRow) -> StoreResult<(Room, i64)> {
     Ok((
         Room {
-            id: RoomId(u64_of(r.0)),
+            id: RoomId(super::u64_of(r.0)),
             kind: match r.1.as_str() {
                 "direct" => RoomKind::Direct,
                 "group" => RoomKind::Group,
@@ -244,8 +236,8 @@ fn room_of(r: RoomRow) -> StoreResult<(Room, i64)> {
             name: r.2,
             created_by: UserId::parse(&r.3).map_err(corrupt)?,
             created_at: r.4,
-            last_seq: u64_of(r.5),
-            last_message_id: r.6.map(|v| MessageId(u64_of(v))),
+            last_seq: super::u64_of(r.5),
+            last_message_id: r.6.map(|v| MessageId(super::u64_of(v))),
         },
         r.7,
     ))
@@ -254,29 +246,14 @@ fn room_of(r: RoomRow) -> StoreResult<(Room, i64)> {
 fn msg_of(r: MsgRow) -> StoreResult<Message> {
     let body: MessageBody = serde_json::from_str(&r.5).map_err(corrupt)?;
     Ok(Message {
-        id: MessageId(u64_of(r.0)),
-        room: RoomId(u64_of(r.1)),
-        seq: u64_of(r.2),
+        id: MessageId(super::u64_of(r.0)),
+        room: RoomId(super::u64_of(r.1)),
+        seq: super::u64_of(r.2),
         sender: UserId::parse(&r.3).map_err(corrupt)?,
         client_ref: r.4,
         body,
         created_at: r.6,
     })
-}
-
-fn role_str(r: Role) -> &'static str {
-    match r {
-        Role::Owner => "owner",
-        Role::Admin => "admin",
-        Role::Member => "member",
-    }
-}
-
-fn kind_str(k: RoomKind) -> &'static str {
-    match k {
-        RoomKind::Direct => "direct",
-        RoomKind::Group => "group",
-    }
 }
 
 /// Whether a lightweight transaction applied (its first column, `[applied]`).
@@ -392,7 +369,7 @@ impl ScyllaStore {
     }
 
     async fn room_with_activity(&self, id: RoomId) -> StoreResult<Option<(Room, i64)>> {
-        self.rows::<RoomRow>(&self.st.room_get, (i64_of(id.0),))
+        self.rows::<RoomRow>(&self.st.room_get, (super::i64_of(id.0),))
             .await?
             .into_iter()
             .next()
@@ -403,7 +380,7 @@ impl ScyllaStore {
     async fn message(&self, room: RoomId, id: u64) -> StoreResult<Option<Message>> {
         self.rows::<MsgRow>(
             &self.st.msg_get,
-            (i64_of(room.0), bucket_of(id), i64_of(id)),
+            (super::i64_of(room.0), bucket_of(id), super::i64_of(id)),
         )
         .await?
         .into_iter()
@@ -417,8 +394,8 @@ impl ScyllaStore {
         self.exec(
             &self.st.room_insert,
             (
-                i64_of(r.id.0),
-                kind_str(r.kind),
+                super::i64_of(r.id.0),
+                super::kind_str(r.kind),
                 &r.name,
                 r.created_by.as_str(),
                 r.created_at,
@@ -430,15 +407,18 @@ impl ScyllaStore {
             self.exec(
                 &self.st.member_insert,
                 (
-                    i64_of(r.id.0),
+                    super::i64_of(r.id.0),
                     m.user.as_str(),
-                    role_str(m.role),
+                    super::role_str(m.role),
                     m.joined_at,
                 ),
             )
             .await?;
-            self.exec(&self.st.user_room_insert, (m.user.as_str(), i64_of(r.id.0)))
-                .await?;
+            self.exec(
+                &self.st.user_room_insert,
+                (m.user.as_str(), super::i64_of(r.id.0)),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -502,7 +482,10 @@ impl Store for ScyllaStore {
         };
         let key = super::direct_key(a, b);
         if self
-            .lwt(&self.st.direct_claim, (&key, i64_of(candidate.room.id.0)))
+            .lwt(
+                &self.st.direct_claim,
+                (&key, super::i64_of(candidate.room.id.0)),
+            )
             .await?
         {
             self.write_room(&candidate).await?;
@@ -513,7 +496,7 @@ impl Store for ScyllaStore {
             .await?
             .into_iter()
             .next()
-            .map(|r| RoomId(u64_of(r.0)))
+            .map(|r| RoomId(super::u64_of(r.0)))
             .ok_or_else(|| StoreError::Unavailable("direct room claim vanished".into()))?;
         // The winner writes the room right after its claim; wait a little for it, and if it never
         // comes (the winner died in between), write it ourselves under the winner's id.
@@ -536,16 +519,14 @@ impl Store for ScyllaStore {
     async fn members(&self, room: RoomId) -> StoreResult<Vec<Member>> {
         let mut out = Vec::new();
         for (user, role, joined_at) in self
-            .rows::<(String, String, i64)>(&self.st.members_get, (i64_of(room.0),))
+            .rows::<(String, String, i64)>(&self.st.members_get, (super::i64_of(room.0),))
             .await?
         {
             out.push(Member {
                 user: UserId::parse(&user).map_err(corrupt)?,
-                role: match role.as_str() {
-                    "owner" => Role::Owner,
-                    "admin" => Role::Admin,
-                    "member" => Role::Member,
-                    o => return Err(corrupt(format!("unknown role {o:?}"))),
+                role: match super::parse_role(&role) {
+                    Some(r) => r,
+                    None => return Err(corrupt(format!("unknown role {:?}", role))),
                 },
                 joined_at,
             });
@@ -563,7 +544,7 @@ impl Store for ScyllaStore {
             .rows::<(i64,)>(&self.st.user_rooms_get, (user.as_str(),))
             .await?
             .into_iter()
-            .map(|r| RoomId(u64_of(r.0)))
+            .map(|r| RoomId(super::u64_of(r.0)))
             .collect())
     }
 
@@ -606,11 +587,11 @@ impl Store for ScyllaStore {
             .lwt(
                 &self.st.room_cas,
                 (
-                    i64_of(last.seq),
-                    i64_of(last.id.0),
+                    super::i64_of(last.seq),
+                    super::i64_of(last.id.0),
                     max_at,
-                    i64_of(room.0),
-                    i64_of(first.seq.saturating_sub(1)),
+                    super::i64_of(room.0),
+                    super::i64_of(first.seq.saturating_sub(1)),
                 ),
             )
             .await?;
@@ -627,10 +608,10 @@ impl Store for ScyllaStore {
             let body = serde_json::to_string(&m.body).map_err(corrupt)?;
             b.append_statement(self.st.msg_insert.clone());
             values.push(MsgValues::Msg((
-                i64_of(room.0),
+                super::i64_of(room.0),
                 bucket_of(m.id.0),
-                i64_of(m.id.0),
-                i64_of(m.seq),
+                super::i64_of(m.id.0),
+                super::i64_of(m.seq),
                 m.sender.as_str().to_owned(),
                 m.client_ref.clone(),
                 body,
@@ -639,10 +620,10 @@ impl Store for ScyllaStore {
             if let Some(r) = &m.client_ref {
                 b.append_statement(self.st.ref_insert.clone());
                 values.push(MsgValues::Ref((
-                    i64_of(room.0),
+                    super::i64_of(room.0),
                     m.sender.as_str().to_owned(),
                     r.clone(),
-                    i64_of(m.id.0),
+                    super::i64_of(m.id.0),
                 )));
             }
         }
@@ -668,11 +649,11 @@ impl Store for ScyllaStore {
             let ids = self
                 .rows::<(i64,)>(
                     &self.st.ref_get,
-                    (i64_of(room.0), sender.as_str(), cref.as_str()),
+                    (super::i64_of(room.0), sender.as_str(), cref.as_str()),
                 )
                 .await?;
             if let Some((id,)) = ids.into_iter().next()
-                && let Some(m) = self.message(room, u64_of(id)).await?
+                && let Some(m) = self.message(room, super::u64_of(id)).await?
             {
                 out.push(m);
             }
@@ -716,10 +697,10 @@ impl Store for ScyllaStore {
                 .rows::<MsgRow>(
                     st,
                     (
-                        i64_of(room.0),
+                        super::i64_of(room.0),
                         bucket,
-                        i64_of(lo),
-                        i64_of(hi),
+                        super::i64_of(lo),
+                        super::i64_of(hi),
                         i32::try_from(left).unwrap_or(i32::MAX),
                     ),
                 )
