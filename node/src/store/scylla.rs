@@ -9,7 +9,8 @@
 //! `LOCAL_SERIAL`: claiming a direct room's pair (`INSERT ... IF NOT EXISTS`) and advancing a
 //! room's position (`UPDATE rooms SET last_seq ... IF last_seq = ?`), which fences a second writer
 //! during a ring change the way PostgreSQL's unique constraints do. Every statement is prepared,
-//! so the driver routes it token-aware to a replica of its partition.
+//! so the driver routes it token-aware to a replica of its partition; large partitions (a group's
+//! members, a user's rooms) are read in pages of 1000 rows.
 //!
 //! A batch is written as: claim the sequence range (the compare-and-set above), then write the
 //! messages and their idempotency rows in one logged batch, retried. If that write still fails,
@@ -291,6 +292,7 @@ impl ScyllaStore {
             async move {
                 let mut s = session.prepare(q).await.map_err(unavailable)?;
                 s.set_consistency(Consistency::LocalQuorum);
+                s.set_page_size(1000);
                 s.set_serial_consistency(Some(SerialConsistency::LocalSerial));
                 Ok::<_, StoreError>(s)
             }
@@ -338,6 +340,28 @@ impl ScyllaStore {
             .map_err(corrupt)?
             .map(|r| r.map_err(corrupt))
             .collect()
+    }
+
+    /// Like `rows`, but fetched page by page (for partitions that can be large: a group's
+    /// members, a user's rooms).
+    async fn rows_paged<R>(
+        &self,
+        st: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> StoreResult<Vec<R>>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + Send + 'static,
+    {
+        use futures::TryStreamExt;
+        self.session
+            .execute_iter(st.clone(), values)
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<R>()
+            .map_err(corrupt)?
+            .map_err(unavailable)
+            .try_collect()
+            .await
     }
 
     async fn exec(
@@ -519,7 +543,7 @@ impl Store for ScyllaStore {
     async fn members(&self, room: RoomId) -> StoreResult<Vec<Member>> {
         let mut out = Vec::new();
         for (user, role, joined_at) in self
-            .rows::<(String, String, i64)>(&self.st.members_get, (super::i64_of(room.0),))
+            .rows_paged::<(String, String, i64)>(&self.st.members_get, (super::i64_of(room.0),))
             .await?
         {
             out.push(Member {
@@ -541,7 +565,7 @@ impl Store for ScyllaStore {
 
     async fn room_ids_of(&self, user: &UserId) -> StoreResult<Vec<RoomId>> {
         Ok(self
-            .rows::<(i64,)>(&self.st.user_rooms_get, (user.as_str(),))
+            .rows_paged::<(i64,)>(&self.st.user_rooms_get, (user.as_str(),))
             .await?
             .into_iter()
             .map(|r| RoomId(super::u64_of(r.0)))
