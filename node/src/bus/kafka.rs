@@ -167,18 +167,23 @@ impl KafkaBus {
                 }
             }
         }
-        let md = self
-            .producer
-            .read()
-            .client()
-            .fetch_metadata(Some(DELIVER_TOPIC), Duration::from_secs(10))
-            .map_err(unavailable)?;
-        if let Some(t) = md.topics().iter().find(|t| t.name() == DELIVER_TOPIC) {
-            let n = i32::try_from(t.partitions().len()).unwrap_or(0);
-            if n > 0 {
-                self.partitions
-                    .store(n, std::sync::atomic::Ordering::Relaxed);
-            }
+        // librdkafka's metadata call blocks: keep it off the async threads.
+        let producer = self.producer.read().clone();
+        let n = blocking(move || {
+            let md = producer
+                .client()
+                .fetch_metadata(Some(DELIVER_TOPIC), Duration::from_secs(10))
+                .map_err(unavailable)?;
+            Ok(md
+                .topics()
+                .iter()
+                .find(|t| t.name() == DELIVER_TOPIC)
+                .map_or(0, |t| i32::try_from(t.partitions().len()).unwrap_or(0)))
+        })
+        .await?;
+        if n > 0 {
+            self.partitions
+                .store(n, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
@@ -261,12 +266,10 @@ impl Bus for KafkaBus {
         let (down_tx, down) = tokio::sync::mpsc::channel::<()>(1);
         // Start at the current end, resolved now rather than at the first fetch, so that every
         // delivery published after `subscribe` returns is read.
-        let consumer = self.consumer(gateway)?;
-        let (_, high) = consumer
-            .fetch_watermarks(DELIVER_TOPIC, partition, Duration::from_secs(10))
-            .map_err(unavailable)?;
+        let consumer = Arc::new(self.consumer(gateway)?);
+        let (_, high) = watermarks(&consumer, partition).await?;
         assign(&consumer, partition, high)?;
-        let consumer: Slot = Arc::new(parking_lot::Mutex::new(Arc::new(consumer)));
+        let consumer: Slot = Arc::new(parking_lot::Mutex::new(consumer));
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (pause_consumer, pause_flag) = (consumer.clone(), assigned.clone());
         let pause = move || {
@@ -338,7 +341,9 @@ impl Bus for KafkaBus {
 
     async fn close(&self) {
         let producer = self.producer.read().clone();
-        if let Err(e) = producer.flush(Duration::from_secs(5)) {
+        let flushed =
+            blocking(move || producer.flush(Duration::from_secs(5)).map_err(unavailable)).await;
+        if let Err(e) = flushed {
             tracing::warn!(error = %e, "kafka producer flush failed");
         }
     }
@@ -491,9 +496,7 @@ impl ReadState {
         let fresh = Arc::new(new_consumer(&self.admin_config.brokers, &self.gateway)?);
         let old = std::mem::replace(&mut *self.consumer.lock(), fresh.clone());
         tokio::task::spawn_blocking(move || drop(old));
-        let (low, high) = fresh
-            .fetch_watermarks(DELIVER_TOPIC, self.partition, Duration::from_secs(5))
-            .map_err(unavailable)?;
+        let (low, high) = watermarks(&fresh, self.partition).await?;
         // Did the log survive? Only if the last record read is still there, unchanged.
         let survived = match self.last {
             Some((offset, digest)) if high > offset => {
@@ -594,4 +597,24 @@ impl PushReader {
             }
         }
     }
+}
+
+/// Runs a blocking librdkafka call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BusError> + Send + 'static,
+) -> Result<T, BusError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| unavailable(format!("kafka call failed: {e}")))?
+}
+
+/// The low and high watermarks of a `palaver.deliver` partition (a blocking call, run off the
+/// async threads).
+async fn watermarks(c: &Arc<DeliverConsumer>, partition: i32) -> Result<(i64, i64), BusError> {
+    let c = c.clone();
+    blocking(move || {
+        c.fetch_watermarks(DELIVER_TOPIC, partition, Duration::from_secs(10))
+            .map_err(unavailable)
+    })
+    .await
 }
