@@ -254,10 +254,14 @@ impl Hub {
         }
     }
 
-    /// Subscribes again every room a local session follows (after the ring changed, the new
-    /// owners do not know this gateway yet).
-    pub async fn resubscribe_all(&self) {
-        let rooms: Vec<RoomId> = self.by_room.iter().map(|e| *e.key()).collect();
+    /// Every room a local session follows.
+    pub fn rooms(&self) -> Vec<RoomId> {
+        self.by_room.iter().map(|e| *e.key()).collect()
+    }
+
+    /// Subscribes `rooms` again (after the ring changed, their new owners do not know this
+    /// gateway yet).
+    pub async fn resubscribe(&self, rooms: Vec<RoomId>) {
         for chunk in rooms.chunks(512) {
             self.change(SubChange::Subscribe(chunk.to_vec())).await;
         }

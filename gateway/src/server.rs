@@ -25,11 +25,13 @@ use node::bus::kafka::KafkaBus;
 use node::bus::local::LocalBus;
 use node::cluster::Cluster;
 use node::cluster::remote::RemoteNodes;
+use node::ring::RingKey;
 use node::store::Store;
 use node::store::embedded::EmbeddedStore;
 use node::store::postgres::PostgresStore;
 use node::store::scylla::ScyllaStore;
 use node::user::SessionInfo;
+use schema::RoomId;
 use schema::{Error, ErrorCode, Profile};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -45,21 +47,43 @@ const BUS_QUEUE: usize = 65_536;
 /// How often cluster members are health-checked.
 pub const HEALTH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// After each ring change, registers every local session again with its user's (possibly new)
-/// owner and subscribes every followed room again at its (possibly new) owner.
+/// After each ring change, registers again the local sessions whose user moved to another owner
+/// (or whose owner restarted, losing its session table), and subscribes again the followed rooms
+/// that moved likewise. Keys that stayed put cost nothing.
 async fn follow_ring(app: Arc<App>, cluster: Arc<Cluster>, stop: CancellationToken) {
-    let mut ring = cluster.watch();
+    let mut watch = cluster.watch();
+    let mut prev = watch.borrow_and_update().clone();
+    let mut prev_inc = cluster.incarnations();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            changed = ring.changed() => if changed.is_err() { return },
+            changed = watch.changed() => if changed.is_err() { return },
         }
-        let version = ring.borrow_and_update().version();
+        let ring = watch.borrow_and_update().clone();
+        let inc = cluster.incarnations();
+        let moved = |key: &RingKey| {
+            let owner = ring.owner(key);
+            owner != prev.owner(key) || owner.is_some_and(|n| inc.get(n) != prev_inc.get(n))
+        };
+        let sessions: Vec<_> = app
+            .hub
+            .snapshot()
+            .into_iter()
+            .filter(|(_, p, _)| moved(&RingKey::User(p.id.clone())))
+            .collect();
+        let rooms: Vec<RoomId> = app
+            .hub
+            .rooms()
+            .into_iter()
+            .filter(|r| moved(&RingKey::Room(*r)))
+            .collect();
         tracing::info!(
-            version,
-            "ring changed; re-registering sessions and subscriptions"
+            version = ring.version(),
+            sessions = sessions.len(),
+            rooms = rooms.len(),
+            "ring changed; re-registering what moved"
         );
-        for (id, profile, dialect) in app.hub.snapshot() {
+        for (id, profile, dialect) in sessions {
             let info = SessionInfo {
                 gateway: app.hub.gateway().clone(),
                 session: id,
@@ -71,7 +95,9 @@ async fn follow_ring(app: Arc<App>, cluster: Arc<Cluster>, stop: CancellationTok
                 Err(e) => tracing::warn!(session = id.0, error = %e, "re-register failed"),
             }
         }
-        app.hub.resubscribe_all().await;
+        app.hub.resubscribe(rooms).await;
+        prev = ring;
+        prev_inc = inc;
     }
 }
 

@@ -540,3 +540,64 @@ async fn nodes_found_through_a_dns_name_learn_their_ids_by_asking() {
     send(&mut a, &mut la, room, "through dns").await;
     assert_eq!(history(&mut a, room).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_restarts_at_once_gets_its_sessions_and_subscriptions_back() {
+    let _one = SERIAL.lock().await;
+    let mut sb = Sandbox::start(3, 3, 1).await;
+    let mut a = sb.connect(0, "1").await;
+    let mut b = sb.connect(0, "2").await;
+    // A room owned by n1, the node that will restart.
+    let ring = node::cluster::ring_of(
+        (0..3)
+            .map(|i| schema::NodeId::new(format!("n{i}")))
+            .collect(),
+    );
+    let mut room = 0;
+    for k in 0..40 {
+        let g = a
+            .ok(
+                "create_group",
+                json!({"name": format!("x{k}"), "members": ["2"]}),
+            )
+            .await;
+        let id = g["room"]["id"].as_u64().unwrap();
+        if ring.owner(&node::ring::RingKey::Room(schema::RoomId(id)))
+            == Some(&schema::NodeId::new("n1"))
+        {
+            room = id;
+            break;
+        }
+    }
+    assert_ne!(room, 0, "no room landed on n1");
+    let mut la = ClientLog::default();
+    let mut lb = ClientLog::default();
+    send(&mut a, &mut la, room, "before").await;
+    // Restart n1 as fast as it goes: other processes may never see it gone, yet its session table
+    // and subscriptions are empty. Its new incarnation makes everyone re-register with it.
+    sb.kill_node(1);
+    sb.start_node(1).await;
+    sb.wait_ring(3).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut n = 0;
+    'live: loop {
+        n += 1;
+        let cref = format!("after-{n}");
+        send(&mut a, &mut la, room, &cref).await;
+        let wait = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < wait {
+            drain(&mut b, &mut lb, Duration::from_millis(100)).await;
+            if lb
+                .received
+                .iter()
+                .any(|s| s.client_ref.as_deref() == Some(cref.as_str()))
+            {
+                break 'live;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "live delivery never came back after the restart"
+        );
+    }
+}

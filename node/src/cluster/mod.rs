@@ -141,14 +141,16 @@ pub fn slot_of(discovery: &Discovery, me: &NodeId) -> Result<u16, String> {
     Ok(slot)
 }
 
-/// The version of the ring built from a live set: a stable hash of the sorted ids, so every
-/// process that sees the same live set names the same version.
-pub fn ring_version(nodes: &[NodeId]) -> u64 {
-    let mut sorted: Vec<&NodeId> = nodes.iter().collect();
+/// The version of the ring built from a live set: a stable hash of the sorted ids and their
+/// incarnations, so every process that sees the same live set names the same version, and a node
+/// that restarted makes a new version even when placement does not change.
+pub fn ring_version(nodes: &[(NodeId, u64)]) -> u64 {
+    let mut sorted: Vec<&(NodeId, u64)> = nodes.iter().collect();
     sorted.sort();
     let mut h = siphasher::sip::SipHasher::new();
-    for n in sorted {
+    for (n, incarnation) in sorted {
         n.as_str().as_bytes().hash(&mut h);
+        h.write(&incarnation.to_le_bytes());
     }
     // Keep 0 for "unrouted".
     h.finish().max(1)
@@ -161,9 +163,9 @@ pub fn new_traceparent() -> String {
     format!("00-{:016x}{:016x}-{:016x}-01", r(), r(), r())
 }
 
-/// Builds the ring for a live set.
+/// Builds the ring for a set of nodes (incarnations unknown).
 pub fn ring_of(nodes: Vec<NodeId>) -> Ring {
-    let v = ring_version(&nodes);
+    let v = ring_version(&nodes.iter().map(|n| (n.clone(), 0)).collect::<Vec<_>>());
     Ring::new(v, nodes)
 }
 
@@ -172,6 +174,7 @@ pub struct Cluster {
     discovery: Discovery,
     clients: DashMap<String, ClusterClient<Channel>>,
     addrs: RwLock<std::collections::HashMap<NodeId, String>>,
+    incarnations: RwLock<std::collections::HashMap<NodeId, u64>>,
     ring: watch::Sender<Arc<Ring>>,
     call_timeout: Duration,
     refreshing: tokio::sync::Mutex<()>,
@@ -197,6 +200,7 @@ impl Cluster {
             discovery,
             clients: DashMap::new(),
             addrs: RwLock::new(addrs),
+            incarnations: RwLock::new(std::collections::HashMap::new()),
             ring: watch::channel(Arc::new(ring)).0,
             call_timeout,
             refreshing: tokio::sync::Mutex::new(()),
@@ -238,8 +242,13 @@ impl Cluster {
         &self.discovery
     }
 
-    /// Asks the node at `addr` who it is; `None` if it does not answer in time.
-    async fn ping(&self, addr: &str) -> Option<NodeId> {
+    /// The incarnation of every live node, as last seen.
+    pub fn incarnations(&self) -> std::collections::HashMap<NodeId, u64> {
+        self.incarnations.read().clone()
+    }
+
+    /// Asks the node at `addr` who it is (id and incarnation); `None` if it does not answer.
+    async fn ping(&self, addr: &str) -> Option<(NodeId, u64)> {
         let mut c = self.client(addr).ok()?;
         let mut req = tonic::Request::new(CallRequest {
             ring_version: 0,
@@ -249,7 +258,9 @@ impl Cluster {
         req.set_timeout(PING_TIMEOUT);
         match tokio::time::timeout(PING_TIMEOUT, c.call(req)).await {
             Ok(Ok(r)) => match r.into_inner().result {
-                Ok(NodeResponse::Pong { node, .. }) => Some(node),
+                Ok(NodeResponse::Pong {
+                    node, incarnation, ..
+                }) => Some((node, incarnation)),
                 _ => None,
             },
             _ => None,
@@ -287,14 +298,14 @@ impl Cluster {
         let pings = targets.iter().map(|(want, addr)| async move {
             let got = self.ping(addr).await;
             match (want, got) {
-                (Some(w), Some(g)) if w != &g => {
+                (Some(w), Some((g, _))) if w != &g => {
                     tracing::error!(%addr, expected = %w, answered = %g, "wrong node at a listed address");
                     None
                 }
-                (_, got) => got.map(|id| (id, addr.clone())),
+                (_, got) => got.map(|(id, inc)| (id, inc, addr.clone())),
             }
         });
-        let live: Vec<(NodeId, String)> = futures::future::join_all(pings)
+        let live: Vec<(NodeId, u64, String)> = futures::future::join_all(pings)
             .await
             .into_iter()
             .flatten()
@@ -305,12 +316,15 @@ impl Cluster {
         }
         {
             let mut addrs = self.addrs.write();
-            for (id, addr) in &live {
+            for (id, _, addr) in &live {
                 addrs.insert(id.clone(), addr.clone());
             }
         }
-        let ids: Vec<NodeId> = live.into_iter().map(|(id, _)| id).collect();
-        let version = ring_version(&ids);
+        let with_inc: Vec<(NodeId, u64)> =
+            live.iter().map(|(id, inc, _)| (id.clone(), *inc)).collect();
+        *self.incarnations.write() = with_inc.iter().cloned().collect();
+        let ids: Vec<NodeId> = live.into_iter().map(|(id, _, _)| id).collect();
+        let version = ring_version(&with_inc);
         if self.ring().version() != version {
             tracing::info!(nodes = ?ids, version, "ring changed");
             self.ring.send_replace(Arc::new(Ring::new(version, ids)));

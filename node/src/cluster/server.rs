@@ -10,12 +10,17 @@ use tracing::Instrument;
 /// Serves one node's actors to gateways and peers.
 pub struct NodeService {
     node: Arc<Node>,
+    incarnation: u64,
 }
 
 impl NodeService {
     /// Wraps the local node.
     pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+        // Start time in microseconds: distinct for every start of the process.
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(1));
+        Self { node, incarnation }
     }
 }
 
@@ -34,6 +39,7 @@ impl ClusterService for NodeService {
                 NodeRequest::Ping => Ok(NodeResponse::Pong {
                     node: node.ctx().config.node_id.clone(),
                     ring_version: node.ring().version(),
+                    incarnation: self.incarnation,
                 }),
                 NodeRequest::Connect { profile, session } => node
                     .connect(profile, session)

@@ -81,6 +81,10 @@ pub enum NodeResponse {
         node: NodeId,
         /// Its current ring version.
         ring_version: u64,
+        /// Changes every time the node process starts: a node that restarted lost its sessions
+        /// and subscriptions, even if nobody saw it gone.
+        #[serde(default)]
+        incarnation: u64,
     },
     /// To `Connect`: the user's rooms.
     Rooms {
