@@ -30,10 +30,36 @@ pub struct CloseReason {
 /// What the session writer sends.
 #[derive(Debug)]
 pub enum Outbound {
-    /// An event, encoded by the session's dialect.
-    Event(Arc<Event>),
+    /// An event, encoded by the session's dialect (once per dialect, shared by every session).
+    Event(Arc<SharedEvent>),
     /// A frame already encoded (replies).
     Text(String),
+}
+
+/// An event on its way to many sessions, with each dialect's encoding made once, by the first
+/// session of that dialect to write it, and shared by the others.
+#[derive(Debug)]
+pub struct SharedEvent {
+    /// The event.
+    pub event: Event,
+    native: std::sync::OnceLock<tokio_tungstenite::tungstenite::Utf8Bytes>,
+}
+
+impl SharedEvent {
+    /// Wraps an event.
+    pub fn new(event: Event) -> Arc<Self> {
+        Arc::new(Self {
+            event,
+            native: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The native protocol frame text, encoded on first use.
+    pub fn native(&self) -> tokio_tungstenite::tungstenite::Utf8Bytes {
+        self.native
+            .get_or_init(|| crate::dialect::native::encode_event(&self.event).into())
+            .clone()
+    }
 }
 
 /// The hub's handle on one session.
@@ -295,7 +321,7 @@ impl Hub {
 
     /// Delivers one envelope to the local sessions it targets.
     pub async fn deliver(&self, d: Delivery) {
-        let event = Arc::new(d.event);
+        let event = SharedEvent::new(d.event);
         match d.target {
             Target::Room { room } => {
                 for s in self.sessions_of_room(room) {
@@ -313,7 +339,7 @@ impl Hub {
                         let Some(s) = self.sessions.get(&id).map(|s| s.clone()) else {
                             continue;
                         };
-                        if let Event::RoomJoined { room } = &*event {
+                        if let Event::RoomJoined { room } = &event.event {
                             self.follow(id, &s, &[room.room.id]).await;
                         }
                         s.offer(Outbound::Event(event.clone()));
@@ -337,5 +363,36 @@ impl Hub {
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_encoded_once_for_all_sessions_of_a_dialect() {
+        let room = schema::RoomSummary {
+            room: schema::Room {
+                id: RoomId(3),
+                kind: schema::RoomKind::Group,
+                name: Some("g".into()),
+                created_by: UserId::parse("1").expect("uid"),
+                created_at: 0,
+                last_seq: 0,
+                last_message_id: None,
+            },
+            members: vec![],
+            last_message: None,
+        };
+        let e = SharedEvent::new(Event::RoomJoined { room });
+        let (a, b) = (e.native(), e.native());
+        assert_eq!(a, b);
+        assert_eq!(
+            a.as_str().as_ptr(),
+            b.as_str().as_ptr(),
+            "one buffer, shared"
+        );
+        assert!(a.as_str().contains("\"room_joined\""));
     }
 }

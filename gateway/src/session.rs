@@ -137,10 +137,10 @@ pub async fn run_native<S>(
                 out = rx.recv() => {
                     let Some(out) = out else { break };
                     let text = match out {
-                        Outbound::Text(t) => t,
-                        Outbound::Event(ev) => native::encode_event(&ev),
+                        Outbound::Text(t) => Utf8Bytes::from(t),
+                        Outbound::Event(ev) => ev.native(),
                     };
-                    let frame = WsMessage::Text(Utf8Bytes::from(text));
+                    let frame = WsMessage::Text(text);
                     match tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => {
@@ -182,14 +182,10 @@ pub async fn run_native<S>(
             let flush = async {
                 while let Ok(out) = rx.try_recv() {
                     let text = match out {
-                        Outbound::Text(t) => t,
-                        Outbound::Event(ev) => native::encode_event(&ev),
+                        Outbound::Text(t) => Utf8Bytes::from(t),
+                        Outbound::Event(ev) => ev.native(),
                     };
-                    if sink
-                        .send(WsMessage::Text(Utf8Bytes::from(text)))
-                        .await
-                        .is_err()
-                    {
+                    if sink.send(WsMessage::Text(text)).await.is_err() {
                         break;
                     }
                 }
