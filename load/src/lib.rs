@@ -30,6 +30,11 @@ pub enum Workload {
     Dm,
     /// Rooms of `group_size` members, every member sending.
     Group,
+    /// Hold the sessions for the duration; report server memory per session and CPU per idle
+    /// session per second.
+    Idle,
+    /// Open the sessions as fast as the server takes them; report connections per second.
+    ConnectStorm,
 }
 
 /// One run's settings.
@@ -118,6 +123,14 @@ pub struct Report {
     pub server_rss_bytes: Option<u64>,
     /// Server CPU seconds used during the run.
     pub server_cpu_seconds: Option<f64>,
+    /// Time to open one session (TCP, upgrade, authentication, registration).
+    pub connect_us: Latency,
+    /// Sessions opened per second.
+    pub connects_per_second: f64,
+    /// Server RSS growth per connected session, bytes (idle workload).
+    pub rss_per_session_bytes: Option<f64>,
+    /// Server CPU per idle session per second, microseconds (idle workload).
+    pub idle_cpu_us_per_session_second: Option<f64>,
 }
 
 /// Reads `/proc/<pid>`: (RSS bytes, CPU seconds so far).
@@ -208,11 +221,96 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
 }
 
+/// Raises the open-file limit to the hard limit (one descriptor per session).
+pub fn raise_fd_limit() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
+}
+
+/// Opens `n` sessions, at most 256 handshakes at a time; returns them and the connect latencies.
+async fn open_all(cfg: &RunConfig, n: usize) -> anyhow::Result<(Vec<Ws>, Histogram<u64>, f64)> {
+    use futures::stream::{self, StreamExt as _};
+    let start = Instant::now();
+    let results: Vec<anyhow::Result<(Ws, u64)>> = stream::iter(0..n)
+        .map(|i| async move {
+            let t = Instant::now();
+            let ws = connect(cfg, i, &format!("{}{i}", cfg.prefix)).await?;
+            Ok((ws, t.elapsed().as_micros().max(1) as u64))
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let secs = start.elapsed().as_secs_f64();
+    let mut h = histogram()?;
+    let mut sockets = Vec::with_capacity(n);
+    for r in results {
+        let (ws, us) = r?;
+        h.record(us)?;
+        sockets.push(ws);
+    }
+    Ok((sockets, h, secs))
+}
+
+/// Holds sessions open and answering pings, then closes them.
+async fn hold(sockets: Vec<Ws>, until: Instant) {
+    let tasks: Vec<_> = sockets
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                // Reading answers the server's pings.
+                while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until.into(), ws.next()).await {
+                }
+                let _closed = ws.close(None).await;
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _done = t.await;
+    }
+}
+
+/// The connection-only workloads: `idle` and `connect-storm`.
+async fn run_sessions(cfg: RunConfig) -> anyhow::Result<Report> {
+    let n = cfg.clients;
+    let before = cfg.server_pid.and_then(proc_stats);
+    let (sockets, connect, secs) = open_all(&cfg, n).await?;
+    let connected = cfg.server_pid.and_then(proc_stats);
+    let mut report = Report {
+        workload: Some(cfg.workload),
+        clients: n,
+        connect_us: Latency::of(&connect),
+        connects_per_second: n as f64 / secs.max(1e-9),
+        ..Report::default()
+    };
+    if cfg.workload == Workload::Idle {
+        hold(sockets, Instant::now() + cfg.duration).await;
+        let after = cfg.server_pid.and_then(proc_stats);
+        report.seconds = cfg.duration.as_secs_f64();
+        report.rss_per_session_bytes = before
+            .zip(connected)
+            .map(|(b, c)| c.0.saturating_sub(b.0) as f64 / n as f64);
+        report.idle_cpu_us_per_session_second = connected
+            .zip(after)
+            .map(|(c, a)| (a.1 - c.1) * 1e6 / (n as f64 * report.seconds.max(1e-9)));
+        report.server_rss_bytes = after.map(|a| a.0);
+        report.server_cpu_seconds = connected.zip(after).map(|(c, a)| a.1 - c.1);
+    } else {
+        report.seconds = secs;
+        report.server_rss_bytes = connected.map(|a| a.0);
+        report.server_cpu_seconds = before.zip(connected).map(|(b, a)| a.1 - b.1);
+        hold(sockets, Instant::now()).await;
+    }
+    Ok(report)
+}
+
 /// Runs one workload and reports.
 pub async fn run(cfg: RunConfig, progress: bool) -> anyhow::Result<Report> {
+    if matches!(cfg.workload, Workload::Idle | Workload::ConnectStorm) {
+        anyhow::ensure!(cfg.clients > 0, "need at least one client");
+        return run_sessions(cfg).await;
+    }
     let per_room = match cfg.workload {
         Workload::Dm => 2,
-        Workload::Group => cfg.group_size.max(2),
+        _ => cfg.group_size.max(2),
     };
     let rooms_n = cfg.clients / per_room;
     anyhow::ensure!(rooms_n > 0, "need at least {per_room} clients");
@@ -228,7 +326,7 @@ pub async fn run(cfg: RunConfig, progress: bool) -> anyhow::Result<Report> {
     for r in 0..rooms_n {
         let first = r * per_room;
         let data = match cfg.workload {
-            Workload::Dm => {
+            Workload::Dm | Workload::Idle | Workload::ConnectStorm => {
                 request(
                     &mut sockets[first],
                     "setup",
@@ -476,6 +574,21 @@ pub fn table(r: &Report) -> String {
             ms(l.p999),
             ms(l.max)
         ));
+    }
+    if r.connect_us.count > 0 {
+        out.push_str(&format!(
+            "connect: {:.0} sessions/s, p50 {} ms, p99 {} ms, max {} ms\n",
+            r.connects_per_second,
+            ms(r.connect_us.p50),
+            ms(r.connect_us.p99),
+            ms(r.connect_us.max)
+        ));
+    }
+    if let Some(b) = r.rss_per_session_bytes {
+        out.push_str(&format!("server RSS per session: {:.0} bytes\n", b));
+    }
+    if let Some(us) = r.idle_cpu_us_per_session_second {
+        out.push_str(&format!("server CPU per idle session: {us:.2} us/s\n"));
     }
     if let Some(rss) = r.server_rss_bytes {
         out.push_str(&format!("server RSS {:.1} MiB", rss as f64 / 1_048_576.0));

@@ -77,3 +77,31 @@ async fn only_loopback_is_a_target() {
         "one client cannot make a room"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_connect_storm_report_sessions() {
+    let (p, _dir) = server().await;
+    let mut c = cfg(&p, Workload::ConnectStorm, 100);
+    let r = run(c.clone(), false).await.unwrap();
+    println!("{}", table(&r));
+    assert_eq!(r.connect_us.count, 100);
+    assert!(r.connects_per_second > 0.0);
+    c.workload = Workload::Idle;
+    c.prefix = "idle-".into();
+    c.duration = Duration::from_secs(1);
+    let r = run(c, false).await.unwrap();
+    println!("{}", table(&r));
+    assert_eq!(r.clients, 100);
+    assert!(r.rss_per_session_bytes.is_some() && r.idle_cpu_us_per_session_second.is_some());
+    // The clients closed their sessions; the server sees them go.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !p.app().hub.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} sessions left open",
+            p.app().hub.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.shutdown().await.unwrap();
+}
