@@ -32,6 +32,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+/// Bytes read from a socket at a time, by the guard and by the WebSocket codec.
+const READ_CHUNK: usize = 4096;
+
 /// Frames declaring more than this many times the limit are not skipped but end the connection.
 pub const SKIP_FACTOR: u64 = 16;
 
@@ -151,7 +154,10 @@ impl Upgrade {
             };
             let (tx, rx) = mpsc::channel(8);
             let guard = FrameGuard::new(TokioIo::new(upgraded), limit as u64, tx);
+            // Small read chunks: tungstenite's default 128 KiB read buffer per connection would be
+            // most of an idle session's memory. Larger frames still arrive, in more reads.
             let config = WebSocketConfig::default()
+                .read_buffer_size(READ_CHUNK)
                 .max_frame_size(Some(limit))
                 .max_message_size(Some(limit));
             let socket = WebSocketStream::from_raw_socket(guard, Role::Server, Some(config)).await;
@@ -192,7 +198,7 @@ pub struct FrameGuard<T> {
     pending: Vec<u8>,
     dropping: bool,
     dropped_len: u64,
-    buf: Box<[u8; 8192]>,
+    buf: Box<[u8; READ_CHUNK]>,
     pos: usize,
     len: usize,
 }
@@ -210,7 +216,7 @@ impl<T> FrameGuard<T> {
             pending: Vec::with_capacity(14),
             dropping: false,
             dropped_len: 0,
-            buf: Box::new([0; 8192]),
+            buf: Box::new([0; READ_CHUNK]),
             pos: 0,
             len: 0,
         }
