@@ -81,6 +81,21 @@ pub struct ConfigBuilder {
     pub history_max_limit: Option<u32>,
     /// Longest text message in characters. Default 4096.
     pub max_text_chars: Option<usize>,
+    /// Longest media caption, in characters. Default 1024.
+    pub max_caption_chars: Option<usize>,
+    /// Most rooms one user may belong to. Default 10000.
+    pub max_rooms_per_user: Option<usize>,
+    /// Messages per second per user (a burst of twice that is allowed). Default 20.
+    pub messages_per_second: Option<usize>,
+    /// Typing events per second per user (bursts of 5). Default 2.
+    pub typing_per_second: Option<usize>,
+    /// Presence changes reach co-members of groups up to this size. Default 50.
+    pub presence_group_max: Option<usize>,
+    /// Pending notifications kept per user. Default 100.
+    pub pending_per_user: Option<usize>,
+    /// Bearer token of the admin REST endpoints (`/v1/admin/...`), at least 16 bytes; unset,
+    /// they answer 403.
+    pub admin_token: Option<String>,
     /// `text` (default) or `json` logs.
     pub log_format: Option<String>,
     /// PostgreSQL connection string (URL or `key=value` form); when set, the PostgreSQL store
@@ -182,6 +197,8 @@ pub struct Config {
     pub cluster_addr: Option<SocketAddr>,
     /// Node tunables.
     pub node: NodeConfig,
+    /// Bearer token of the admin endpoints, if enabled.
+    pub admin_token: Option<String>,
 }
 
 fn env_parse<T: FromStr>(
@@ -231,6 +248,13 @@ impl ConfigBuilder {
         over!(jwt_secret, "PALAVER_JWT_SECRET");
         over!(jwt_public_key, "PALAVER_JWT_PUBLIC_KEY");
         over!(jwt_algorithm, "PALAVER_JWT_ALGORITHM");
+        over!(max_caption_chars, "PALAVER_MAX_CAPTION_CHARS");
+        over!(max_rooms_per_user, "PALAVER_MAX_ROOMS_PER_USER");
+        over!(messages_per_second, "PALAVER_MESSAGES_PER_SECOND");
+        over!(typing_per_second, "PALAVER_TYPING_PER_SECOND");
+        over!(presence_group_max, "PALAVER_PRESENCE_GROUP_MAX");
+        over!(pending_per_user, "PALAVER_PENDING_PER_USER");
+        over!(admin_token, "PALAVER_ADMIN_TOKEN");
         over!(gateway_id, "PALAVER_GATEWAY_ID");
         over!(node_id, "PALAVER_NODE_ID");
         over!(max_frame_bytes, "PALAVER_MAX_FRAME_BYTES");
@@ -385,8 +409,42 @@ impl ConfigBuilder {
                 "PALAVER_GROUP_MAX_MEMBERS",
             )?,
             max_text_chars: positive(self.max_text_chars, 4096, "PALAVER_MAX_TEXT_CHARS")?,
+            max_caption_chars: positive(self.max_caption_chars, 1024, "PALAVER_MAX_CAPTION_CHARS")?,
+            max_rooms_per_user: positive(
+                self.max_rooms_per_user,
+                10_000,
+                "PALAVER_MAX_ROOMS_PER_USER",
+            )?,
+            presence_group_max: positive(
+                self.presence_group_max,
+                50,
+                "PALAVER_PRESENCE_GROUP_MAX",
+            )?,
             ..NodeConfig::default()
         };
+        let to_u32 = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        let mps = to_u32(positive(
+            self.messages_per_second,
+            20,
+            "PALAVER_MESSAGES_PER_SECOND",
+        )?);
+        node.messages_per_second = mps;
+        node.message_burst = mps.saturating_mul(2);
+        node.typing_per_second = to_u32(positive(
+            self.typing_per_second,
+            2,
+            "PALAVER_TYPING_PER_SECOND",
+        )?);
+        node.typing_burst = node.typing_per_second.max(5);
+        node.pending_per_user = to_u32(positive(
+            self.pending_per_user,
+            100,
+            "PALAVER_PENDING_PER_USER",
+        )?);
+        let admin_token = self.admin_token.filter(|t| !t.is_empty());
+        if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid("PALAVER_ADMIN_TOKEN", "must be at least 16 bytes"));
+        }
         if let Some(id) = self.node_id {
             node.node_id = NodeId::new(id);
         }
@@ -416,6 +474,7 @@ impl ConfigBuilder {
             nodes,
             cluster_addr,
             node,
+            admin_token,
         })
     }
 }

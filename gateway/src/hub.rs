@@ -246,6 +246,39 @@ impl Hub {
         }
     }
 
+    /// Removes rooms from a session (its user left them), unsubscribing the ones no local
+    /// session follows any more.
+    async fn unfollow(&self, id: SessionId, handle: &SessionHandle, rooms: &[RoomId]) {
+        let mut gone = Vec::new();
+        {
+            let mut mine = handle.rooms.lock();
+            mine.retain(|r| !rooms.contains(r));
+        }
+        for &room in rooms {
+            if self
+                .by_room
+                .remove_if_mut(&room, |_, v| {
+                    v.retain(|s| *s != id);
+                    v.is_empty()
+                })
+                .is_some()
+            {
+                gone.push(room);
+            }
+        }
+        if !gone.is_empty() {
+            self.change(SubChange::Unsubscribe(gone)).await;
+        }
+    }
+
+    /// Queues an event for one session (pending notifications, replays).
+    pub fn offer_event(&self, id: SessionId, event: Event) -> bool {
+        match self.sessions.get(&id).map(|s| s.clone()) {
+            Some(s) => s.offer(Outbound::Event(SharedEvent::new(event))),
+            None => false,
+        }
+    }
+
     /// Removes a session; unsubscribes rooms no local session follows any more.
     pub async fn unregister(&self, id: SessionId) {
         let Some((_, handle)) = self.sessions.remove(&id) else {
@@ -339,8 +372,12 @@ impl Hub {
                         let Some(s) = self.sessions.get(&id).map(|s| s.clone()) else {
                             continue;
                         };
-                        if let Event::RoomJoined { room } = &event.event {
-                            self.follow(id, &s, &[room.room.id]).await;
+                        match &event.event {
+                            Event::RoomJoined { room } => {
+                                self.follow(id, &s, &[room.room.id]).await;
+                            }
+                            Event::RoomLeft { room } => self.unfollow(id, &s, &[*room]).await,
+                            _ => {}
                         }
                         s.offer(Outbound::Event(event.clone()));
                     }
@@ -381,6 +418,8 @@ mod tests {
                 created_at: 0,
                 last_seq: 0,
                 last_message_id: None,
+                avatar: None,
+                public: false,
             },
             members: vec![],
             last_message: None,

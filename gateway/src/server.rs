@@ -91,7 +91,10 @@ async fn follow_ring(app: Arc<App>, cluster: Arc<Cluster>, stop: CancellationTok
                 device: None,
             };
             match app.node.connect(profile, info).await {
-                Ok(rooms) => app.hub.follow_rooms(id, &rooms).await,
+                Ok(c) => {
+                    app.hub.follow_rooms(id, &c.rooms).await;
+                    crate::session::deliver_pending(&app, id, c.pending);
+                }
                 Err(e) => tracing::warn!(session = id.0, error = %e, "re-register failed"),
             }
         }

@@ -12,7 +12,8 @@ use crate::hub::{CloseReason, Outbound, Registered, SessionHandle};
 use crate::server::App;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use node::user::SessionInfo;
-use schema::{Error, ErrorCode, Profile, SessionId, UserId};
+use schema::{Command, Error, ErrorCode, Profile, Reply, RoomId, SessionId, SessionRef, UserId};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -92,13 +93,27 @@ pub async fn open(
         device: None,
     };
     match app.node.connect(profile, info).await {
-        Ok(rooms) => {
-            app.hub.follow_rooms(id, &rooms).await;
+        Ok(c) => {
+            app.hub.follow_rooms(id, &c.rooms).await;
+            deliver_pending(app, id, c.pending);
             Ok(Opened { user, reg })
         }
         Err(e) => {
             app.hub.unregister(id).await;
             Err(e)
+        }
+    }
+}
+
+/// Queues the notifications recorded while the user was away for session `id`.
+pub fn deliver_pending(app: &App, id: SessionId, pending: Vec<schema::Notification>) {
+    for notification in pending {
+        let ev = schema::Event::Notification {
+            notification,
+            pending: true,
+        };
+        if !app.hub.offer_event(id, ev) {
+            break;
         }
     }
 }
@@ -121,6 +136,7 @@ pub async fn run_native<S>(
         handle.kick(going_away());
     }
     tracing::debug!(%user, session = id.0, "session open");
+    let mut viewing: HashSet<RoomId> = HashSet::new();
 
     let last_rx = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -258,10 +274,32 @@ pub async fn run_native<S>(
             Err(de) => native::encode_error(&de.id, &de.error),
             Ok(req) => match req.op {
                 native::Op::Ping => native::encode_pong(&req.id),
-                native::Op::Command(cmd) => match app.node.execute(&user, cmd).await {
-                    Ok(r) => native::encode_ok(&req.id, &r),
+                native::Op::Resume(rooms) => match resume(&app, &user, id, rooms).await {
+                    Ok(v) => native::encode_data(&req.id, v),
                     Err(e) => native::encode_error(&req.id, &e),
                 },
+                native::Op::Command(mut cmd) => {
+                    if let Command::View {
+                        room,
+                        viewing: on,
+                        session,
+                    } = &mut cmd
+                    {
+                        *session = Some(SessionRef {
+                            gateway: app.hub.gateway().clone(),
+                            session: id,
+                        });
+                        if *on {
+                            viewing.insert(*room);
+                        } else {
+                            viewing.remove(room);
+                        }
+                    }
+                    match app.node.execute(&user, cmd).await {
+                        Ok(r) => native::encode_ok(&req.id, &r),
+                        Err(e) => native::encode_error(&req.id, &e),
+                    }
+                }
             },
         };
         if !reply(&handle, out) {
@@ -283,8 +321,65 @@ pub async fn run_native<S>(
         tracing::debug!(%user, "session writer aborted");
     }
     app.hub.unregister(id).await;
+    stop_viewing(&app, &user, id, viewing).await;
     app.node.disconnect(&user, app.hub.gateway(), id).await;
     tracing::debug!(%user, session = id.0, "session closed");
+}
+
+/// A closed session views nothing any more.
+pub async fn stop_viewing(app: &App, user: &UserId, id: SessionId, rooms: HashSet<RoomId>) {
+    for room in rooms {
+        let cmd = Command::View {
+            room,
+            viewing: false,
+            session: Some(SessionRef {
+                gateway: app.hub.gateway().clone(),
+                session: id,
+            }),
+        };
+        if let Err(e) = app.node.execute(user, cmd).await {
+            tracing::debug!(%room, error = %e, "view end not recorded");
+        }
+    }
+}
+
+/// Catches a reconnecting session up: for each `(room, last seen seq)`, queues the missed
+/// events in order, or answers `resync` for the room when it is too far behind. Answers, per
+/// room, `{"resync": bool, "last_seq": n, "events": count}` or an error.
+async fn resume(
+    app: &App,
+    user: &UserId,
+    id: SessionId,
+    rooms: Vec<(RoomId, u64)>,
+) -> Result<serde_json::Value, Error> {
+    let mut out = serde_json::Map::new();
+    for (room, after_seq) in rooms {
+        let entry = match app
+            .node
+            .execute(user, Command::Replay { room, after_seq })
+            .await
+        {
+            Ok(Reply::Replay {
+                events,
+                resync,
+                last_seq,
+            }) => {
+                let n = events.len();
+                for e in events {
+                    if !app.hub.offer_event(id, e) {
+                        return Err(Error::unavailable("session closed during resume"));
+                    }
+                }
+                serde_json::json!({ "resync": resync, "last_seq": last_seq, "events": n })
+            }
+            Ok(other) => {
+                return Err(Error::internal(format!("unexpected reply {other:?}")));
+            }
+            Err(e) => serde_json::json!({ "error": { "code": e.code, "message": e.message } }),
+        };
+        out.insert(room.to_string(), entry);
+    }
+    Ok(serde_json::json!({ "rooms": out }))
 }
 
 /// Queues a reply; false when the session is closing (or was just closed as a slow consumer).

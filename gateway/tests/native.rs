@@ -160,7 +160,7 @@ async fn groups_announce_and_enforce_limits() {
             )
             .await
             .0,
-        "limit_exceeded"
+        "group_full"
     );
     assert_eq!(
         owner
@@ -592,6 +592,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_room_goes_on() {
     let s = TestServer::start_with(|b| {
         b.outbound_queue = Some(32);
         b.store_durability = Some("normal".into());
+        b.messages_per_second = Some(100_000);
     })
     .await;
     let mut sender = s.connect("1").await;

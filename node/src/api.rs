@@ -5,7 +5,7 @@
 //! owns its key). The gateway is written against this trait only, so both modes run the same
 //! gateway code.
 
-use crate::user::SessionInfo;
+use crate::user::{Connected, SessionInfo};
 use async_trait::async_trait;
 use schema::{Command, Error, GatewayId, Profile, Reply, RoomId, SessionId, UserId};
 
@@ -13,8 +13,11 @@ use schema::{Command, Error, GatewayId, Profile, Reply, RoomId, SessionId, UserI
 #[async_trait]
 pub trait NodeApi: Send + Sync + 'static {
     /// A session connected: refresh the user from the token, record the session, answer the
-    /// user's rooms.
-    async fn connect(&self, profile: Profile, session: SessionInfo) -> Result<Vec<RoomId>, Error>;
+    /// user's rooms and pending notifications.
+    async fn connect(&self, profile: Profile, session: SessionInfo) -> Result<Connected, Error>;
+
+    /// Creates or updates users (the admin import).
+    async fn import_users(&self, users: Vec<Profile>) -> Result<usize, Error>;
 
     /// A session closed.
     async fn disconnect(&self, user: &UserId, gateway: &GatewayId, session: SessionId);

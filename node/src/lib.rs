@@ -23,7 +23,9 @@ pub mod api;
 pub mod bus;
 pub mod cluster;
 pub mod directory;
+mod domain;
 pub mod ids;
+pub mod limits;
 pub mod ring;
 pub mod room;
 pub mod store;
@@ -47,7 +49,7 @@ use std::time::Duration;
 use store::{NewRoom, Store};
 use subscriptions::Subscriptions;
 use tokio_util::task::TaskTracker;
-use user::{SessionInfo, SessionTable, UserMsg, UserSpec};
+use user::{Connected, SessionInfo, SessionTable, UserMsg, UserSpec};
 
 /// Prefix of the `client_ref` the node generates for a send that came without one (so that
 /// internal retries stay idempotent). It starts with a control character, which client refs may
@@ -92,6 +94,34 @@ pub struct NodeConfig {
     pub history_default_limit: u32,
     /// Largest history page; bigger requests are clamped. Default 200.
     pub history_max_limit: u32,
+    /// Longest media caption, in characters. Default 1024.
+    pub max_caption_chars: usize,
+    /// Longest media reference or avatar, in bytes. Default 1024.
+    pub max_media_ref_len: usize,
+    /// Most rooms one user may belong to. Default 10 000.
+    pub max_rooms_per_user: usize,
+    /// Messages per second per user (token bucket refill). Default 20.
+    pub messages_per_second: u32,
+    /// Messages a user may send in a burst. Default 40.
+    pub message_burst: u32,
+    /// Typing events per second per user. Default 2.
+    pub typing_per_second: u32,
+    /// Typing events in a burst. Default 5.
+    pub typing_burst: u32,
+    /// A typing state without a refresh ends after this long. Default 5 s.
+    pub typing_ttl: Duration,
+    /// Presence changes go to co-members of groups up to this size. Default 50.
+    pub presence_group_max: usize,
+    /// Pending notifications kept per user (the oldest go). Default 100.
+    pub pending_per_user: u32,
+    /// Pending notifications are recorded for rooms up to this many members. Default 1000.
+    pub pending_room_max: usize,
+    /// Most events one replay returns; further behind, the client must resync. Default 1000.
+    pub replay_max: u32,
+    /// Unread counts stop at this number. Default 999.
+    pub unread_cap: u32,
+    /// Chat list page size when the client gives none. Default 50 (max 200).
+    pub chats_default_limit: u32,
 }
 
 impl Default for NodeConfig {
@@ -109,6 +139,20 @@ impl Default for NodeConfig {
             group_max_members: 10_000,
             history_default_limit: 50,
             history_max_limit: 200,
+            max_caption_chars: 1024,
+            max_media_ref_len: 1024,
+            max_rooms_per_user: 10_000,
+            messages_per_second: 20,
+            message_burst: 40,
+            typing_per_second: 2,
+            typing_burst: 5,
+            typing_ttl: Duration::from_secs(5),
+            presence_group_max: 50,
+            pending_per_user: 100,
+            pending_room_max: 1000,
+            replay_max: 1000,
+            unread_cap: 999,
+            chats_default_limit: 50,
         }
     }
 }
@@ -129,7 +173,10 @@ pub struct NodeCtx {
     pub sessions: SessionTable,
     /// Background tasks (room sequencers) to wait for on shutdown.
     pub tasks: TaskTracker,
+    /// Per-user rate limits.
+    pub limits: limits::Limits,
     room_locks: dashmap::DashMap<RoomId, Arc<tokio::sync::Mutex<()>>>,
+    pair_locks: dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl NodeCtx {
@@ -164,13 +211,15 @@ impl Node {
         let ring = Ring::new(1, [config.node_id.clone()]);
         let ctx = Arc::new(NodeCtx {
             ids: IdGenerator::new(config.id_slot),
-            config,
             store,
             bus,
             subscriptions: Subscriptions::default(),
             sessions: SessionTable::default(),
             tasks: TaskTracker::new(),
+            limits: limits::Limits::new(&config),
             room_locks: dashmap::DashMap::new(),
+            pair_locks: dashmap::DashMap::new(),
+            config,
         });
         let timeout = ctx.config.call_timeout;
         let mailbox = ctx.config.actor_mailbox;
@@ -273,14 +322,49 @@ impl Node {
         &self,
         profile: Profile,
         session: SessionInfo,
-    ) -> Result<Vec<RoomId>, Error> {
+    ) -> Result<Connected, Error> {
         let user = profile.id.clone();
-        self.call_user(&user, |reply| UserMsg::Connect {
-            profile: profile.clone(),
-            session: session.clone(),
-            reply,
-        })
-        .await?
+        let connected = self
+            .call_user(&user, |reply| UserMsg::Connect {
+                profile: profile.clone(),
+                session: session.clone(),
+                reply,
+            })
+            .await??;
+        if connected.first {
+            self.presence_changed(&user, true, None).await;
+        }
+        Ok(connected)
+    }
+
+    /// Creates or updates users (admin import). Any node may run it: users live in the store.
+    pub async fn import_users(&self, users: Vec<Profile>) -> Result<usize, Error> {
+        const MAX: usize = 10_000;
+        if users.len() > MAX {
+            return Err(Error::new(
+                ErrorCode::LimitExceeded,
+                format!("import at most {MAX} users per call"),
+            ));
+        }
+        for p in &users {
+            for (field, v) in [
+                ("username", &p.username),
+                ("name", &p.name),
+                ("avatar", &p.avatar),
+            ] {
+                if v.as_ref().is_some_and(|v| v.len() > 1024) {
+                    return Err(Error::invalid(format!(
+                        "user {}: {field} is longer than 1024 bytes",
+                        p.id
+                    )));
+                }
+            }
+        }
+        let now = unix_ms();
+        for p in &users {
+            self.ctx.store.upsert_user(p, now).await?;
+        }
+        Ok(users.len())
     }
 
     /// A session closed.
@@ -292,8 +376,10 @@ impl Node {
                 reply,
             })
             .await;
-        if let Err(e) = res {
-            tracing::warn!(%user, error = %e, "disconnect not recorded");
+        match res {
+            Ok(Some(at)) => self.presence_changed(user, false, Some(at)).await,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(%user, error = %e, "disconnect not recorded"),
         }
     }
 
@@ -316,6 +402,7 @@ impl Node {
                 room,
                 body,
                 client_ref,
+                reply_to,
             } => {
                 let client_ref = match client_ref {
                     Some(r) => {
@@ -327,20 +414,61 @@ impl Node {
                         None => format!("{AUTO_REF_PREFIX}{}", self.ctx.ids.next()),
                     },
                 };
+                self.route(&RingKey::Room(room))?;
+                self.ctx.limits.message(caller)?;
                 let message = self
                     .call_room(room, |reply| RoomMsg::Send {
                         sender: caller.clone(),
                         body: body.clone(),
+                        reply_to,
                         client_ref: client_ref.clone(),
                         reply,
                     })
                     .await??;
                 Ok(Reply::Message { message })
             }
+            Command::Typing { room, .. } => {
+                self.route(&RingKey::Room(room))?;
+                self.ctx.limits.typing(caller)?;
+                self.room_local(caller, room, cmd).await
+            }
+            Command::View { room, .. } | Command::MarkRead { room, .. } => {
+                self.room_local(caller, room, cmd).await
+            }
+            Command::Members { room } => {
+                let reply = self.room_local(caller, room, cmd).await?;
+                match reply {
+                    Reply::Members { mut members } => {
+                        self.fill_online(&mut members).await;
+                        Ok(Reply::Members { members })
+                    }
+                    other => Ok(other),
+                }
+            }
+            Command::Edit { room, .. }
+            | Command::Delete { room, .. }
+            | Command::React { room, .. } => {
+                self.route(&RingKey::Room(room))?;
+                self.ctx.limits.message(caller)?;
+                self.room_change(caller, room, cmd).await
+            }
+            Command::UpdateGroup { room, .. }
+            | Command::AddMembers { room, .. }
+            | Command::RemoveMember { room, .. }
+            | Command::SetRole { room, .. }
+            | Command::Join { room }
+            | Command::Leave { room } => self.room_change(caller, room, cmd).await,
             Command::History { room, query } => self.history(caller, room, query).await,
+            Command::Replay { room, after_seq } => self.replay(caller, room, after_seq).await,
             Command::OpenDirect { peer } => self.open_direct(caller, peer).await,
-            Command::CreateGroup { name, members } => {
-                self.create_group(caller, name, members).await
+            Command::CreateGroup {
+                name,
+                members,
+                avatar,
+                public,
+            } => {
+                self.create_group(caller, name, members, avatar, public)
+                    .await
             }
             Command::ListRooms => {
                 let mut rooms = self.ctx.store.rooms_of(caller).await?;
@@ -349,15 +477,56 @@ impl Node {
                 }
                 Ok(Reply::Rooms { rooms })
             }
+            Command::Chats {
+                direct_only,
+                skip,
+                limit,
+            } => self.chats(caller, direct_only, skip, limit).await,
+            Command::Friend { peer, action } => self.friend(caller, peer, action).await,
+            Command::Friendships { all } => self.friendships(caller, all).await,
+            Command::User { id, username } => self.lookup_user(caller, id, username).await,
+            Command::DirectHistory { peer, query } => {
+                self.direct_history(caller, peer, query).await
+            }
         }
     }
 
-    async fn history(
+    async fn room_local(
         &self,
         caller: &UserId,
         room: RoomId,
-        query: HistoryQuery,
+        cmd: Command,
     ) -> Result<Reply, Error> {
+        self.call_room(room, |reply| RoomMsg::Local {
+            caller: caller.clone(),
+            cmd: cmd.clone(),
+            reply,
+        })
+        .await?
+    }
+
+    async fn room_change(
+        &self,
+        caller: &UserId,
+        room: RoomId,
+        cmd: Command,
+    ) -> Result<Reply, Error> {
+        let outcome = self
+            .call_room(room, |reply| RoomMsg::Change {
+                caller: caller.clone(),
+                cmd: cmd.clone(),
+                reply,
+            })
+            .await??;
+        if !outcome.joined.is_empty() || !outcome.left.is_empty() {
+            self.membership_changed(room, &outcome.joined, &outcome.left)
+                .await;
+        }
+        Ok(outcome.reply)
+    }
+
+    /// The page size of a history query, or why the query is wrong.
+    fn history_limit(&self, query: &HistoryQuery) -> Result<u32, Error> {
         let cfg = &self.ctx.config;
         let limit = match query.limit {
             None => cfg.history_default_limit,
@@ -369,6 +538,16 @@ impl Node {
         {
             return Err(Error::invalid("after must be smaller than before"));
         }
+        Ok(limit)
+    }
+
+    async fn history(
+        &self,
+        caller: &UserId,
+        room: RoomId,
+        query: HistoryQuery,
+    ) -> Result<Reply, Error> {
+        let limit = self.history_limit(&query)?;
         self.call_room(room, |reply| RoomMsg::Authorize {
             user: caller.clone(),
             reply,
@@ -389,12 +568,26 @@ impl Node {
         if self.ctx.store.user(&peer).await?.is_none() {
             return Err(Error::not_found(format!("user {peer} not found")));
         }
+        if let Some(id) = self.ctx.store.direct_room(caller, &peer).await?
+            && let Some(room) = self.ctx.store.room(id).await?
+        {
+            let summary = self.summary(room).await?;
+            return Ok(Reply::Room {
+                room: summary,
+                created: false,
+            });
+        }
+        for u in [caller, &peer] {
+            self.check_room_count(u).await?;
+        }
         let now = unix_ms();
         let candidate = NewRoom {
             room: Room {
                 id: RoomId(self.ctx.ids.next()),
                 kind: RoomKind::Direct,
                 name: None,
+                avatar: None,
+                public: false,
                 created_by: caller.clone(),
                 created_at: now,
                 last_seq: 0,
@@ -406,6 +599,7 @@ impl Node {
                     user: u.clone(),
                     role: Role::Member,
                     joined_at: now,
+                    online: None,
                 })
                 .collect(),
         };
@@ -420,16 +614,30 @@ impl Node {
         })
     }
 
+    /// Refuses when `user` already belongs to the configured maximum of rooms.
+    async fn check_room_count(&self, user: &UserId) -> Result<(), Error> {
+        let max = self.ctx.config.max_rooms_per_user;
+        if self.ctx.store.room_ids_of(user).await?.len() >= max {
+            return Err(room::too_many_rooms(user, max));
+        }
+        Ok(())
+    }
+
     async fn create_group(
         &self,
         caller: &UserId,
         name: String,
         members: Vec<UserId>,
+        avatar: Option<String>,
+        public_group: bool,
     ) -> Result<Reply, Error> {
-        let name = name.trim().to_owned();
-        let chars = name.chars().count();
-        if chars == 0 || chars > 100 {
-            return Err(Error::invalid("name must be 1 to 100 characters"));
+        let name = room::check_group_name(&name)?;
+        let avatar = avatar.filter(|a| !a.is_empty());
+        if avatar
+            .as_ref()
+            .is_some_and(|a| a.len() > self.ctx.config.max_media_ref_len)
+        {
+            return Err(Error::invalid("avatar is too long"));
         }
         let mut set: BTreeMap<UserId, Role> = BTreeMap::new();
         for m in members {
@@ -439,7 +647,7 @@ impl Node {
         let max = self.ctx.config.group_max_members;
         if set.len() > max {
             return Err(Error::new(
-                ErrorCode::LimitExceeded,
+                ErrorCode::GroupFull,
                 format!("a group has at most {max} members"),
             ));
         }
@@ -447,12 +655,15 @@ impl Node {
             if user != caller && self.ctx.store.user(user).await?.is_none() {
                 return Err(Error::not_found(format!("user {user} not found")));
             }
+            self.check_room_count(user).await?;
         }
         let now = unix_ms();
         let room = Room {
             id: RoomId(self.ctx.ids.next()),
             kind: RoomKind::Group,
             name: Some(name),
+            avatar,
+            public: public_group,
             created_by: caller.clone(),
             created_at: now,
             last_seq: 0,
@@ -464,6 +675,7 @@ impl Node {
                 user,
                 role,
                 joined_at: now,
+                online: None,
             })
             .collect();
         self.ctx
@@ -488,16 +700,7 @@ impl Node {
     async fn summary(&self, room: Room) -> Result<RoomSummary, Error> {
         let members = self.ctx.store.members(room.id).await?;
         let last_message = match room.last_message_id {
-            Some(_) => {
-                let q = HistoryQuery::default();
-                self.ctx
-                    .store
-                    .history(room.id, &q, 1)
-                    .await?
-                    .messages
-                    .pop()
-                    .map(public)
-            }
+            Some(id) => self.ctx.store.message(room.id, id).await?.map(public),
             None => None,
         };
         Ok(RoomSummary {
@@ -511,13 +714,14 @@ impl Node {
     /// (so the room's first message reaches them), then sends `room_joined` to those sessions.
     /// In a cluster, members' sessions and the room's subscriptions may live on other nodes.
     async fn announce(&self, summary: &RoomSummary) {
+        let users: Vec<UserId> = summary.members.iter().map(|m| m.user.clone()).collect();
+        self.announce_to(summary, &users).await;
+    }
+
+    /// [`Node::announce`] to some of the members only (those who just joined).
+    async fn announce_to(&self, summary: &RoomSummary, users: &[UserId]) {
         let room = summary.room.id;
-        let mut by_gateway: BTreeMap<GatewayId, Vec<UserId>> = BTreeMap::new();
-        for m in &summary.members {
-            for gw in self.user_gateways(&m.user).await {
-                by_gateway.entry(gw).or_default().push(m.user.clone());
-            }
-        }
+        let by_gateway = self.gateways_of_users(users).await;
         if by_gateway.is_empty() {
             return;
         }
@@ -533,6 +737,31 @@ impl Node {
             };
             if let Err(e) = self.ctx.bus.publish(d).await {
                 tracing::warn!(%room, error = %e, "room_joined publish failed");
+            }
+        }
+    }
+
+    /// The gateways hosting sessions of `users`, with the users each hosts.
+    async fn gateways_of_users(&self, users: &[UserId]) -> BTreeMap<GatewayId, Vec<UserId>> {
+        let mut by_gateway: BTreeMap<GatewayId, Vec<UserId>> = BTreeMap::new();
+        for u in users {
+            for gw in self.user_gateways(u).await {
+                by_gateway.entry(gw).or_default().push(u.clone());
+            }
+        }
+        by_gateway
+    }
+
+    /// Sends `event` to every session of `users`, wherever they are connected.
+    async fn deliver_to_users(&self, users: &[UserId], event: Event) {
+        for (gateway, users) in self.gateways_of_users(users).await {
+            let d = Delivery {
+                gateway,
+                target: Target::Users { users },
+                event: event.clone(),
+            };
+            if let Err(e) = self.ctx.bus.publish(d).await {
+                tracing::warn!(error = %e, event = event.name(), "user delivery failed");
             }
         }
     }
@@ -608,6 +837,14 @@ impl Node {
     pub fn unsubscribe_local(&self, gateway: &GatewayId, rooms: &[RoomId]) {
         for &room in rooms {
             self.ctx.subscriptions.remove(room, gateway);
+            // No session of that gateway wants the room any more, so none views it.
+            if let Some(actor) = self.rooms.get(&room)
+                && actor
+                    .send_message(RoomMsg::GatewayGone(gateway.clone()))
+                    .is_err()
+            {
+                tracing::debug!(%room, "room actor stopped");
+            }
         }
     }
 
@@ -623,8 +860,12 @@ impl Node {
 
 #[async_trait::async_trait]
 impl api::NodeApi for Node {
-    async fn connect(&self, profile: Profile, session: SessionInfo) -> Result<Vec<RoomId>, Error> {
+    async fn connect(&self, profile: Profile, session: SessionInfo) -> Result<Connected, Error> {
         Node::connect(self, profile, session).await
+    }
+
+    async fn import_users(&self, users: Vec<Profile>) -> Result<usize, Error> {
+        Node::import_users(self, users).await
     }
 
     async fn disconnect(&self, user: &UserId, gateway: &GatewayId, session: SessionId) {

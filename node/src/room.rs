@@ -1,12 +1,19 @@
 //! The room actor: the single writer of one room.
 //!
-//! The actor validates (membership, message content) in its mailbox order and hands each
-//! accepted send to the room's **sequencer**, a task the actor owns. The sequencer takes every
-//! send waiting for it (a batch), drops retries it has seen (`(sender, client_ref)`, checked in a
-//! recent-window cache and then in the store), assigns ids and sequence numbers, writes the batch
-//! in one durable store call, *then* answers every sender (the ack), *then* publishes the new
-//! messages to the gateways subscribed to the room. Batching keeps a hot room fast: one store
-//! round trip carries many messages, and the order is the sequencer's one order.
+//! The actor checks what it can check at once (membership, content limits, typing, viewing,
+//! read markers) in its mailbox order and hands everything that changes the room's ordered
+//! stream to the room's **sequencer**, a task the actor owns: sends, edits, deletions, reactions
+//! and membership or group changes. The sequencer takes every item waiting for it (a batch);
+//! consecutive sends are deduplicated (`(sender, client_ref)`, in a recent-window cache and then
+//! in the store), given ids and sequence numbers and written in one durable store call; every
+//! other change is validated against the current state, given its sequence number(s) and written
+//! in its own store call. Only *after* the write does the sequencer answer (the ack), then it
+//! publishes the events to the gateways subscribed to the room, and records pending
+//! notifications for members with no session viewing the room.
+//!
+//! State shared by the actor and its sequencer (members and their roles, the room, whether a
+//! direct room's pair is blocked, which sessions view the room) sits behind one lock; only the
+//! sequencer writes members and the room, only the actor writes viewers.
 //!
 //! If a write fails, the sequencer answers the batch with `unavailable` and tells the actor,
 //! which fails; its supervisor restarts it and the new actor reloads the room from the store, so
@@ -14,15 +21,37 @@
 
 use crate::NodeCtx;
 use crate::ids::unix_ms;
+use crate::store::{RoomPatch, RoomWrite};
+use parking_lot::RwLock;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use schema::{
-    Delivery, Error, Event, Message, MessageBody, MessageId, Role, Room, RoomId, Target, UserId,
+    Command, Delivery, Error, ErrorCode, Event, Member, Message, MessageBody, MessageId,
+    Notification, Reply, Role, Room, RoomId, RoomKind, SessionRef, Target, UserId,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use tokio::sync::mpsc;
+
+/// Most messages one `delete` may name.
+pub const MAX_DELETE: usize = 100;
+/// Longest reaction emoji, in bytes.
+pub const MAX_EMOJI_BYTES: usize = 32;
+/// Most distinct emoji on one message.
+pub const MAX_EMOJI_PER_MESSAGE: usize = 50;
+
+/// What a change to the room produced, for the node to finish: the reply, and who joined or
+/// left (the node tells their sessions and subscribes or unsubscribes their gateways).
+#[derive(Debug)]
+pub struct ChangeOutcome {
+    /// The caller's answer.
+    pub reply: Reply,
+    /// Users who became members.
+    pub joined: Vec<UserId>,
+    /// Users who stopped being members.
+    pub left: Vec<UserId>,
+}
 
 /// Messages of a room actor.
 pub enum RoomMsg {
@@ -32,10 +61,31 @@ pub enum RoomMsg {
         sender: UserId,
         /// The content.
         body: MessageBody,
+        /// The message it answers.
+        reply_to: Option<MessageId>,
         /// Idempotency key (the router supplies one when the client did not).
         client_ref: String,
         /// The ack.
         reply: RpcReplyPort<Result<Message, Error>>,
+    },
+    /// A change to the room's ordered stream other than a send (edit, delete, react, membership
+    /// and group changes).
+    Change {
+        /// The authenticated caller.
+        caller: UserId,
+        /// The command.
+        cmd: Command,
+        /// The outcome.
+        reply: RpcReplyPort<Result<ChangeOutcome, Error>>,
+    },
+    /// A command answered by the actor itself (typing, view, mark read, members).
+    Local {
+        /// The authenticated caller.
+        caller: UserId,
+        /// The command.
+        cmd: Command,
+        /// The answer.
+        reply: RpcReplyPort<Result<Reply, Error>>,
     },
     /// Check that `user` may read the room; answers the room.
     Authorize {
@@ -44,6 +94,13 @@ pub enum RoomMsg {
         /// The room, or `not_member`.
         reply: RpcReplyPort<Result<Room, Error>>,
     },
+    /// Something outside the room changed (a block between the members of a direct room):
+    /// reread it from the store.
+    Reload,
+    /// The sessions of a gateway went away: forget what they were viewing.
+    GatewayGone(schema::GatewayId),
+    /// A typing state may have expired.
+    TypingExpired(UserId),
     /// The sequencer's write failed; the actor fails so that it restarts from the store.
     SequencerFailed(String),
     /// Periodic idle check.
@@ -74,14 +131,63 @@ pub struct RoomActor {
     ctx: Arc<NodeCtx>,
 }
 
+/// What the actor and its sequencer share.
+pub struct Shared {
+    room: Room,
+    members: HashMap<UserId, Member>,
+    /// Direct rooms: one of the pair blocks the other.
+    blocked: bool,
+    /// Sessions viewing the room, by user.
+    viewers: HashMap<UserId, HashSet<SessionRef>>,
+}
+
+impl Shared {
+    fn role(&self, u: &UserId) -> Option<Role> {
+        self.members.get(u).map(|m| m.role)
+    }
+}
+
 /// A room actor's state, built from the store in `pre_start`.
 pub struct RoomState {
-    room: Room,
-    members: HashMap<UserId, Role>,
+    shared: Arc<RwLock<Shared>>,
     to_sequencer: mpsc::Sender<SeqItem>,
     inflight: Arc<AtomicUsize>,
+    typing: HashMap<UserId, Instant>,
     last_activity: Instant,
     ticker: tokio::task::JoinHandle<()>,
+}
+
+async fn load_shared(ctx: &NodeCtx, id: RoomId) -> Result<Shared, Error> {
+    let store = &ctx.store;
+    let room = store
+        .room(id)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("room {id} does not exist")))?;
+    let members: HashMap<UserId, Member> = store
+        .members(id)
+        .await?
+        .into_iter()
+        .map(|m| (m.user.clone(), m))
+        .collect();
+    let blocked = if room.kind == RoomKind::Direct {
+        match members.keys().next() {
+            Some(a) => {
+                let blocks = store.blocks_of(a).await?;
+                blocks
+                    .iter()
+                    .any(|(x, y)| members.contains_key(x) && members.contains_key(y) && x != y)
+            }
+            None => false,
+        }
+    } else {
+        false
+    };
+    Ok(Shared {
+        room,
+        members,
+        blocked,
+        viewers: HashMap::new(),
+    })
 }
 
 impl Actor for RoomActor {
@@ -94,17 +200,7 @@ impl Actor for RoomActor {
         myself: ActorRef<RoomMsg>,
         id: RoomId,
     ) -> Result<RoomState, ActorProcessingErr> {
-        let store = &self.ctx.store;
-        let room = store
-            .room(id)
-            .await?
-            .ok_or_else(|| Error::not_found(format!("room {id} does not exist")))?;
-        let members = store
-            .members(id)
-            .await?
-            .into_iter()
-            .map(|m| (m.user, m.role))
-            .collect();
+        let shared = Arc::new(RwLock::new(load_shared(&self.ctx, id).await?));
         let (tx, rx) = mpsc::channel(self.ctx.config.sequencer_queue);
         let inflight = Arc::new(AtomicUsize::new(0));
         let seq = Sequencer {
@@ -115,14 +211,15 @@ impl Actor for RoomActor {
             recent: Recent::new(self.ctx.config.dedup_window),
             inflight: inflight.clone(),
             actor: myself.clone(),
+            shared: shared.clone(),
         };
         self.ctx.tasks.spawn(seq.run(rx));
         let ticker = myself.send_interval(self.ctx.config.idle_timeout / 2, || RoomMsg::Tick);
         Ok(RoomState {
-            room,
-            members,
+            shared,
             to_sequencer: tx,
             inflight,
+            typing: HashMap::new(),
             last_activity: Instant::now(),
             ticker,
         })
@@ -147,6 +244,7 @@ impl Actor for RoomActor {
             RoomMsg::Send {
                 sender,
                 body,
+                reply_to,
                 client_ref,
                 reply,
             } => {
@@ -155,35 +253,78 @@ impl Actor for RoomActor {
                     answer(reply, Err(e));
                     return Ok(());
                 }
-                st.inflight.fetch_add(1, Ordering::SeqCst);
-                let item = SeqItem {
+                let item = SeqItem::Send {
                     sender,
                     body,
+                    reply_to,
                     client_ref,
                     reply,
                 };
-                if let Err(mpsc::error::SendError(item)) = st.to_sequencer.send(item).await {
-                    answer(
-                        item.reply,
-                        Err(Error::unavailable("room sequencer stopped")),
-                    );
-                    return Err("room sequencer stopped".into());
-                }
+                self.enqueue(st, item).await?;
+            }
+            RoomMsg::Change { caller, cmd, reply } => {
+                st.last_activity = Instant::now();
+                let item = SeqItem::Change { caller, cmd, reply };
+                self.enqueue(st, item).await?;
+            }
+            RoomMsg::Local { caller, cmd, reply } => {
+                st.last_activity = Instant::now();
+                let res = self.local(&myself, st, caller, cmd).await;
+                answer(reply, res);
             }
             RoomMsg::Authorize { user, reply } => {
                 st.last_activity = Instant::now();
-                let res = if st.members.contains_key(&user) {
-                    Ok(st.room.clone())
+                let sh = st.shared.read();
+                let res = if sh.members.contains_key(&user) {
+                    Ok(sh.room.clone())
                 } else {
-                    Err(Error::not_member(st.room.id))
+                    Err(Error::not_member(sh.room.id))
                 };
+                drop(sh);
                 answer(reply, res);
             }
+            RoomMsg::Reload => {
+                let id = st.shared.read().room.id;
+                let fresh = load_shared(&self.ctx, id).await?;
+                let mut sh = st.shared.write();
+                sh.members = fresh.members;
+                sh.blocked = fresh.blocked;
+                sh.room = fresh.room;
+            }
+            RoomMsg::GatewayGone(gw) => {
+                let mut sh = st.shared.write();
+                for sessions in sh.viewers.values_mut() {
+                    sessions.retain(|s| s.gateway != gw);
+                }
+                sh.viewers.retain(|_, s| !s.is_empty());
+            }
+            RoomMsg::TypingExpired(user) => {
+                if st
+                    .typing
+                    .get(&user)
+                    .is_some_and(|&until| until <= Instant::now())
+                {
+                    st.typing.remove(&user);
+                    let room = st.shared.read().room.id;
+                    let name = self.display_name(&user).await;
+                    let ev = Event::Typing {
+                        room,
+                        user,
+                        name,
+                        typing: false,
+                    };
+                    publish_room(&self.ctx, room, ev).await;
+                }
+            }
             RoomMsg::SequencerFailed(reason) => {
-                return Err(format!("room {}: store write failed: {reason}", st.room.id).into());
+                let id = st.shared.read().room.id;
+                return Err(format!("room {id}: store write failed: {reason}").into());
             }
             RoomMsg::Tick => {
+                let viewing = !st.shared.read().viewers.is_empty();
                 if st.inflight.load(Ordering::SeqCst) == 0
+                    && !viewing
+                    && st.typing.is_empty()
                     && st.last_activity.elapsed() >= self.ctx.config.idle_timeout
                 {
                     myself.stop(Some("idle".into()));
@@ -195,25 +336,199 @@ impl Actor for RoomActor {
 }
 
 impl RoomActor {
-    fn check_send(&self, st: &RoomState, sender: &UserId, body: &MessageBody) -> Result<(), Error> {
-        if !st.members.contains_key(sender) {
-            return Err(Error::not_member(st.room.id));
-        }
-        match body {
-            MessageBody::Text { text } => {
-                if text.trim().is_empty() {
-                    return Err(Error::invalid("text must not be empty"));
-                }
-                let max = self.ctx.config.max_text_chars;
-                if text.chars().count() > max {
-                    return Err(Error::invalid(format!(
-                        "text is longer than {max} characters"
-                    )));
-                }
-            }
+    async fn enqueue(&self, st: &mut RoomState, item: SeqItem) -> Result<(), ActorProcessingErr> {
+        st.inflight.fetch_add(1, Ordering::SeqCst);
+        if let Err(mpsc::error::SendError(item)) = st.to_sequencer.send(item).await {
+            item.fail(Error::unavailable("room sequencer stopped"));
+            return Err("room sequencer stopped".into());
         }
         Ok(())
     }
+
+    fn check_send(&self, st: &RoomState, sender: &UserId, body: &MessageBody) -> Result<(), Error> {
+        let sh = st.shared.read();
+        if !sh.members.contains_key(sender) {
+            return Err(Error::not_member(sh.room.id));
+        }
+        if sh.blocked {
+            return Err(blocked_error());
+        }
+        drop(sh);
+        check_body(&self.ctx.config, body)
+    }
+
+    async fn display_name(&self, user: &UserId) -> Option<String> {
+        match self.ctx.store.user(user).await {
+            Ok(Some(u)) => u.profile.name.or(u.profile.username),
+            _ => None,
+        }
+    }
+
+    async fn local(
+        &self,
+        myself: &ActorRef<RoomMsg>,
+        st: &mut RoomState,
+        caller: UserId,
+        cmd: Command,
+    ) -> Result<Reply, Error> {
+        let room = {
+            let sh = st.shared.read();
+            if !sh.members.contains_key(&caller) {
+                return Err(Error::not_member(sh.room.id));
+            }
+            sh.room.clone()
+        };
+        match cmd {
+            Command::Typing { typing, .. } => {
+                if st.shared.read().blocked {
+                    return Err(blocked_error());
+                }
+                let was = st.typing.contains_key(&caller);
+                if typing {
+                    let ttl = self.ctx.config.typing_ttl;
+                    st.typing.insert(caller.clone(), Instant::now() + ttl);
+                    let who = caller.clone();
+                    myself.send_after(ttl, move || RoomMsg::TypingExpired(who));
+                } else {
+                    st.typing.remove(&caller);
+                }
+                // Refreshes of an ongoing state are not broadcast again.
+                if was != typing {
+                    let name = self.display_name(&caller).await;
+                    let ev = Event::Typing {
+                        room: room.id,
+                        user: caller,
+                        name,
+                        typing,
+                    };
+                    publish_room(&self.ctx, room.id, ev).await;
+                }
+                Ok(Reply::Done)
+            }
+            Command::View {
+                viewing, session, ..
+            } => {
+                let session = session
+                    .ok_or_else(|| Error::invalid("view needs the session (set by the gateway)"))?;
+                let mut sh = st.shared.write();
+                if viewing {
+                    sh.viewers.entry(caller).or_default().insert(session);
+                } else if let Some(s) = sh.viewers.get_mut(&caller) {
+                    s.remove(&session);
+                    if s.is_empty() {
+                        sh.viewers.remove(&caller);
+                    }
+                }
+                Ok(Reply::Done)
+            }
+            Command::MarkRead { message, .. } => {
+                let up_to = match message {
+                    Some(id) => {
+                        let m = self.ctx.store.message(room.id, id).await?;
+                        if m.is_none() {
+                            return Err(Error::not_found(format!(
+                                "message {id} not found in room {}",
+                                room.id
+                            )));
+                        }
+                        id
+                    }
+                    None => match self
+                        .ctx
+                        .store
+                        .room(room.id)
+                        .await?
+                        .and_then(|r| r.last_message_id)
+                    {
+                        Some(id) => id,
+                        None => return Ok(Reply::Done),
+                    },
+                };
+                self.ctx
+                    .store
+                    .set_read_marker(room.id, &caller, up_to)
+                    .await?;
+                let ev = Event::Read {
+                    room: room.id,
+                    user: caller,
+                    message_id: up_to,
+                };
+                publish_room(&self.ctx, room.id, ev).await;
+                Ok(Reply::Done)
+            }
+            Command::Members { .. } => {
+                let mut members: Vec<Member> = st.shared.read().members.values().cloned().collect();
+                members.sort_by(|a, b| {
+                    (a.joined_at, a.user.as_str()).cmp(&(b.joined_at, b.user.as_str()))
+                });
+                Ok(Reply::Members { members })
+            }
+            other => Err(Error::internal(format!(
+                "{} is not a room-local command",
+                other.name()
+            ))),
+        }
+    }
+}
+
+/// The error of a direct room whose pair is blocked.
+pub fn blocked_error() -> Error {
+    Error::new(
+        ErrorCode::Blocked,
+        "you cannot message this user: one of you blocked the other",
+    )
+}
+
+/// Checks a message body against the configured limits.
+pub fn check_body(cfg: &crate::NodeConfig, body: &MessageBody) -> Result<(), Error> {
+    match body {
+        MessageBody::Text { text } => check_text(cfg, text),
+        MessageBody::Deleted {} => Err(Error::invalid("a message cannot be sent as deleted")),
+        other => {
+            let Some(m) = other.media() else {
+                return Ok(());
+            };
+            let r = m.media.trim();
+            if r.is_empty() {
+                return Err(Error::invalid("media must name an upload"));
+            }
+            if r.len() > cfg.max_media_ref_len || r.chars().any(char::is_control) {
+                return Err(Error::invalid(format!(
+                    "media must be a printable upload reference of at most {} bytes",
+                    cfg.max_media_ref_len
+                )));
+            }
+            if let Some(c) = &m.caption {
+                check_caption(cfg, c)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_text(cfg: &crate::NodeConfig, text: &str) -> Result<(), Error> {
+    if text.trim().is_empty() {
+        return Err(Error::invalid("text must not be empty"));
+    }
+    let max = cfg.max_text_chars;
+    if text.chars().count() > max {
+        return Err(Error::new(
+            ErrorCode::TextTooLong,
+            format!("text is longer than {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_caption(cfg: &crate::NodeConfig, caption: &str) -> Result<(), Error> {
+    let max = cfg.max_caption_chars;
+    if caption.chars().count() > max {
+        return Err(Error::new(
+            ErrorCode::CaptionTooLong,
+            format!("caption is longer than {max} characters"),
+        ));
+    }
+    Ok(())
 }
 
 fn answer<T: Send + 'static>(reply: RpcReplyPort<T>, value: T) {
@@ -222,9 +537,49 @@ fn answer<T: Send + 'static>(reply: RpcReplyPort<T>, value: T) {
     }
 }
 
-struct SeqItem {
+/// Publishes `event` to every gateway subscribed to `room`.
+pub(crate) async fn publish_room(ctx: &NodeCtx, room: RoomId, event: Event) {
+    for gateway in ctx.subscriptions.gateways(room) {
+        let d = Delivery {
+            gateway,
+            target: Target::Room { room },
+            event: event.clone(),
+        };
+        if let Err(e) = ctx.bus.publish(d).await {
+            // Stored events are replayed to a client that resumes; ephemeral ones are lost.
+            tracing::warn!(%room, error = %e, "room publish failed");
+        }
+    }
+}
+
+enum SeqItem {
+    Send {
+        sender: UserId,
+        body: MessageBody,
+        reply_to: Option<MessageId>,
+        client_ref: String,
+        reply: RpcReplyPort<Result<Message, Error>>,
+    },
+    Change {
+        caller: UserId,
+        cmd: Command,
+        reply: RpcReplyPort<Result<ChangeOutcome, Error>>,
+    },
+}
+
+impl SeqItem {
+    fn fail(self, e: Error) {
+        match self {
+            SeqItem::Send { reply, .. } => answer(reply, Err(e)),
+            SeqItem::Change { reply, .. } => answer(reply, Err(e)),
+        }
+    }
+}
+
+struct SendItem {
     sender: UserId,
     body: MessageBody,
+    reply_to: Option<MessageId>,
     client_ref: String,
     reply: RpcReplyPort<Result<Message, Error>>,
 }
@@ -269,6 +624,7 @@ struct Sequencer {
     recent: Recent,
     inflight: Arc<AtomicUsize>,
     actor: ActorRef<RoomMsg>,
+    shared: Arc<RwLock<Shared>>,
 }
 
 enum Outcome {
@@ -292,20 +648,21 @@ impl Sequencer {
                 self.sequence(&mut rx).await;
             }
             Ok(None) => tracing::error!(room = %self.room, "room vanished from the store"),
-            Err(e) => {
-                let reason = format!("cannot load the room: {e}");
-                if self
-                    .actor
-                    .send_message(RoomMsg::SequencerFailed(reason))
-                    .is_err()
-                {
-                    tracing::debug!(room = %self.room, "room actor already stopped");
-                }
-            }
+            Err(e) => self.failed(format!("cannot load the room: {e}")),
         }
         drop(guard);
         drop(lock);
         self.ctx.release_room_lock(self.room);
+    }
+
+    fn failed(&self, reason: String) {
+        if self
+            .actor
+            .send_message(RoomMsg::SequencerFailed(reason))
+            .is_err()
+        {
+            tracing::debug!(room = %self.room, "room actor already stopped");
+        }
     }
 
     async fn sequence(&mut self, rx: &mut mpsc::Receiver<SeqItem>) {
@@ -320,20 +677,65 @@ impl Sequencer {
             self.inflight.fetch_sub(n, Ordering::SeqCst);
             if let Err(reason) = ok {
                 // Drop the queue: callers see the actor gone and retry on the restarted one.
-                if self
-                    .actor
-                    .send_message(RoomMsg::SequencerFailed(reason))
-                    .is_err()
-                {
-                    tracing::debug!(room = %self.room, "room actor already stopped");
-                }
+                self.failed(reason);
                 return;
             }
         }
     }
 
+    /// Processes a batch in order: runs of sends share one write; every change has its own.
     async fn process(&mut self, batch: &mut Vec<SeqItem>) -> Result<(), String> {
-        let key = |i: &SeqItem| (i.sender.clone(), i.client_ref.clone());
+        let mut sends: Vec<SendItem> = Vec::new();
+        let mut items = std::mem::take(batch).into_iter();
+        while let Some(item) = items.next() {
+            match item {
+                SeqItem::Send {
+                    sender,
+                    body,
+                    reply_to,
+                    client_ref,
+                    reply,
+                } => sends.push(SendItem {
+                    sender,
+                    body,
+                    reply_to,
+                    client_ref,
+                    reply,
+                }),
+                SeqItem::Change { caller, cmd, reply } => {
+                    if !sends.is_empty()
+                        && let Err(r) = self.process_sends(&mut sends).await
+                    {
+                        answer(reply, Err(Error::unavailable(r.clone())));
+                        items.for_each(|i| i.fail(Error::unavailable(r.clone())));
+                        return Err(r);
+                    }
+                    match self.change(&caller, cmd).await {
+                        Ok(Ok((outcome, events))) => {
+                            answer(reply, Ok(outcome));
+                            for e in events {
+                                publish_room(&self.ctx, self.room, e).await;
+                            }
+                        }
+                        Ok(Err(e)) => answer(reply, Err(e)),
+                        Err(e) => {
+                            let r = e.message.clone();
+                            answer(reply, Err(e));
+                            items.for_each(|i| i.fail(Error::unavailable(r.clone())));
+                            return Err(r);
+                        }
+                    }
+                }
+            }
+        }
+        if !sends.is_empty() {
+            self.process_sends(&mut sends).await?;
+        }
+        Ok(())
+    }
+
+    async fn process_sends(&mut self, batch: &mut Vec<SendItem>) -> Result<(), String> {
+        let key = |i: &SendItem| (i.sender.clone(), i.client_ref.clone());
         // Keys neither in the recent window nor repeated within this batch: ask the store.
         let mut unknown = Vec::new();
         for item in batch.iter() {
@@ -352,7 +754,7 @@ impl Sequencer {
                 .await
             {
                 Ok(found) => found,
-                Err(e) => return Err(self.fail_all(batch, e.into())),
+                Err(e) => return Err(fail_all(self.room, batch, e.into())),
             }
         };
         for m in stored {
@@ -364,77 +766,664 @@ impl Sequencer {
         let mut fresh_keys: HashMap<(UserId, String), usize> = HashMap::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         let (mut seq, mut last_id) = (self.last_seq, self.last_id);
+        let now = unix_ms();
         for item in batch.iter() {
             let k = key(item);
             if let Some(m) = self.recent.get(&k) {
-                outcomes.push(Outcome::Dup(m.clone()));
+                outcomes.push(Ok(Outcome::Dup(m.clone())));
             } else if let Some(&i) = fresh_keys.get(&k) {
-                outcomes.push(Outcome::DupOfNew(i));
+                outcomes.push(Ok(Outcome::DupOfNew(i)));
+            } else if let Some(e) = self.check_reply_to(item.reply_to, &fresh).await {
+                outcomes.push(Err(e));
             } else {
                 seq += 1;
                 last_id = self.ctx.ids.next_after(last_id);
                 fresh_keys.insert(k, fresh.len());
-                outcomes.push(Outcome::New(fresh.len()));
-                fresh.push(Message {
-                    id: MessageId(last_id),
-                    room: self.room,
+                outcomes.push(Ok(Outcome::New(fresh.len())));
+                let mut m = Message::new(
+                    MessageId(last_id),
+                    self.room,
                     seq,
-                    sender: item.sender.clone(),
-                    body: item.body.clone(),
-                    client_ref: Some(item.client_ref.clone()),
-                    created_at: unix_ms(),
-                });
+                    item.sender.clone(),
+                    item.body.clone(),
+                    now,
+                );
+                m.reply_to = item.reply_to;
+                m.client_ref = Some(item.client_ref.clone());
+                fresh.push(m);
             }
         }
-        if let Err(e) = self
-            .ctx
-            .store
-            .append_messages(self.room, fresh.clone())
-            .await
-        {
-            return Err(self.fail_all(batch, e.into()));
+        if !fresh.is_empty() {
+            let write = RoomWrite {
+                new_messages: fresh.clone(),
+                last_seq: seq,
+                last_message_id: Some(MessageId(last_id)),
+                at: now,
+                ..RoomWrite::default()
+            };
+            if let Err(e) = self.ctx.store.apply_room(self.room, write).await {
+                return Err(fail_all(self.room, batch, e.into()));
+            }
         }
         self.last_seq = seq;
         self.last_id = last_id;
         // The ack, strictly after the durable write.
         for (item, outcome) in batch.drain(..).zip(outcomes) {
-            let msg = match outcome {
+            let res = outcome.map(|o| match o {
                 Outcome::New(i) | Outcome::DupOfNew(i) => fresh[i].clone(),
                 Outcome::Dup(m) => m,
-            };
-            answer(item.reply, Ok(crate::public(msg)));
+            });
+            answer(item.reply, res.map(crate::public));
         }
-        // Then the fan-out, in sequence order.
+        // Then the fan-out, in sequence order, and the pending notifications.
+        let mut pending = Vec::new();
         for m in fresh {
             let cref = m.client_ref.clone().unwrap_or_default();
             self.recent.insert((m.sender.clone(), cref), m.clone());
-            self.fan_out(crate::public(m)).await;
+            let m = crate::public(m);
+            self.collect_pending(&m, &mut pending);
+            publish_room(&self.ctx, self.room, Event::Message { message: m }).await;
+        }
+        if !pending.is_empty() {
+            let cap = self.ctx.config.pending_per_user;
+            if let Err(e) = self.ctx.store.add_pending(pending, cap).await {
+                tracing::warn!(room = %self.room, error = %e, "pending notifications not stored");
+            }
         }
         Ok(())
     }
 
-    fn fail_all(&self, batch: &mut Vec<SeqItem>, e: Error) -> String {
-        tracing::error!(room = %self.room, error = %e, "room write failed");
-        for item in batch.drain(..) {
-            answer(item.reply, Err(e.clone()));
+    /// A `reply_to` must name a message of this room (stored, or earlier in this batch).
+    async fn check_reply_to(
+        &self,
+        reply_to: Option<MessageId>,
+        fresh: &[Message],
+    ) -> Option<Error> {
+        let id = reply_to?;
+        if fresh.iter().any(|m| m.id == id) {
+            return None;
         }
-        e.message
+        match self.ctx.store.message(self.room, id).await {
+            Ok(Some(_)) => None,
+            Ok(None) => Some(Error::not_found(format!(
+                "reply_to: message {id} not found in room {}",
+                self.room
+            ))),
+            Err(e) => Some(e.into()),
+        }
     }
 
-    async fn fan_out(&self, message: Message) {
-        let room = self.room;
-        let event = Event::Message { message };
-        for gateway in self.ctx.subscriptions.gateways(room) {
-            let d = Delivery {
-                gateway,
-                target: Target::Room { room },
-                event: event.clone(),
-            };
-            if let Err(e) = self.ctx.bus.publish(d).await {
-                // The message is stored and acknowledged; a client that missed it gets it from
-                // history when it resumes.
-                tracing::warn!(%room, error = %e, "fan-out publish failed");
+    /// Members with no session viewing the room get a pending notification (rooms up to the
+    /// configured size, so one message never costs more than that many writes).
+    fn collect_pending(&self, m: &Message, out: &mut Vec<(UserId, Notification)>) {
+        let sh = self.shared.read();
+        if sh.members.len() > self.ctx.config.pending_room_max {
+            return;
+        }
+        for user in sh.members.keys() {
+            if user == &m.sender || sh.viewers.contains_key(user) {
+                continue;
             }
+            out.push((
+                user.clone(),
+                Notification {
+                    room: m.room,
+                    message_id: m.id,
+                    sender: m.sender.clone(),
+                    preview: m.body.preview(),
+                    created_at: m.created_at,
+                },
+            ));
         }
     }
+
+    /// Validates and applies one change. The outer error is a store failure (the sequencer
+    /// stops); the inner one is the caller's mistake.
+    async fn change(
+        &mut self,
+        caller: &UserId,
+        cmd: Command,
+    ) -> Result<Result<(ChangeOutcome, Vec<Event>), Error>, Error> {
+        let plan = match self.plan(caller, cmd).await? {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let Plan {
+            mut write,
+            events,
+            outcome,
+            members_after,
+            room_after,
+        } = plan;
+        if events.is_empty() && write.upsert_members.is_empty() && write.remove_members.is_empty() {
+            return Ok(Ok((outcome, events)));
+        }
+        write.last_seq = self.last_seq + events.len() as u64;
+        write.last_message_id = (self.last_id > 0).then_some(MessageId(self.last_id));
+        write.at = unix_ms();
+        write.log = events
+            .iter()
+            .filter_map(|e| e.seq().map(|s| (s, e.clone())))
+            .collect();
+        self.ctx.store.apply_room(self.room, write).await?;
+        self.last_seq += events.len() as u64;
+        let mut sh = self.shared.write();
+        if let Some(members) = members_after {
+            sh.members = members;
+            let keep: HashSet<UserId> = sh.members.keys().cloned().collect();
+            sh.viewers.retain(|u, _| keep.contains(u));
+        }
+        if let Some(room) = room_after {
+            sh.room = room;
+        }
+        sh.room.last_seq = self.last_seq;
+        drop(sh);
+        Ok(Ok((outcome, events)))
+    }
+
+    /// Works out what a change does. `Ok(Err(_))`: refused.
+    async fn plan(&self, caller: &UserId, cmd: Command) -> Result<Result<Plan, Error>, Error> {
+        let (room, members, role) = {
+            let sh = self.shared.read();
+            (sh.room.clone(), sh.members.clone(), sh.role(caller))
+        };
+        let refuse = |e: Error| Ok(Err(e));
+        let is_group = room.kind == RoomKind::Group;
+        let mut seq = self.last_seq;
+        let mut next = || {
+            seq += 1;
+            seq
+        };
+        let now = unix_ms();
+        let cfg = &self.ctx.config;
+        // Joining is the one change a non-member may make.
+        if !matches!(cmd, Command::Join { .. }) && role.is_none() {
+            return refuse(Error::not_member(room.id));
+        }
+        let admin = matches!(role, Some(Role::Owner | Role::Admin));
+        let mut plan = Plan::done();
+        match cmd {
+            Command::Edit { message, text, .. } => {
+                let Some(mut m) = self.ctx.store.message(room.id, message).await? else {
+                    return refuse(not_found_msg(message, room.id));
+                };
+                if &m.sender != caller {
+                    return refuse(Error::new(
+                        ErrorCode::Forbidden,
+                        "only the author can edit a message",
+                    ));
+                }
+                match &mut m.body {
+                    MessageBody::Deleted {} => {
+                        return refuse(Error::new(
+                            ErrorCode::Conflict,
+                            format!("message {message} was deleted"),
+                        ));
+                    }
+                    MessageBody::Text { text: t } => {
+                        if let Err(e) = check_text(cfg, &text) {
+                            return refuse(e);
+                        }
+                        *t = text;
+                    }
+                    MessageBody::Image(md)
+                    | MessageBody::Audio(md)
+                    | MessageBody::Video(md)
+                    | MessageBody::File(md) => {
+                        if let Err(e) = check_caption(cfg, &text) {
+                            return refuse(e);
+                        }
+                        md.caption = (!text.is_empty()).then_some(text);
+                    }
+                }
+                m.edited_at = Some(now);
+                let m = crate::public(m);
+                plan.write.changed_messages.push(m.clone());
+                plan.events.push(Event::MessageEdited {
+                    seq: next(),
+                    message: m.clone(),
+                });
+                plan.outcome.reply = Reply::Message { message: m };
+            }
+            Command::Delete { messages, .. } => {
+                if messages.is_empty() || messages.len() > MAX_DELETE {
+                    return refuse(Error::invalid(format!(
+                        "delete names 1 to {MAX_DELETE} messages"
+                    )));
+                }
+                let mut seen = HashSet::new();
+                let mut out = Vec::new();
+                for id in messages {
+                    if !seen.insert(id) {
+                        continue;
+                    }
+                    let Some(mut m) = self.ctx.store.message(room.id, id).await? else {
+                        return refuse(not_found_msg(id, room.id));
+                    };
+                    let may = &m.sender == caller || (is_group && admin);
+                    if !may {
+                        return refuse(Error::new(
+                            ErrorCode::Forbidden,
+                            format!("message {id}: only its author or a group admin can delete it"),
+                        ));
+                    }
+                    if m.deleted_at.is_some() {
+                        out.push(crate::public(m));
+                        continue;
+                    }
+                    m.body = MessageBody::Deleted {};
+                    m.reactions.clear();
+                    m.edited_at = None;
+                    m.deleted_at = Some(now);
+                    let m = crate::public(m);
+                    plan.write.changed_messages.push(m.clone());
+                    plan.events.push(Event::MessageDeleted {
+                        seq: next(),
+                        room: room.id,
+                        message_id: id,
+                        by: caller.clone(),
+                    });
+                    out.push(m);
+                }
+                plan.outcome.reply = Reply::Messages { messages: out };
+            }
+            Command::React {
+                message,
+                emoji,
+                add,
+                ..
+            } => {
+                let e = emoji.trim();
+                if e.is_empty()
+                    || e.len() > MAX_EMOJI_BYTES
+                    || e.chars().any(|c| c.is_control() || c.is_whitespace())
+                {
+                    return refuse(Error::invalid(format!(
+                        "emoji must be 1 to {MAX_EMOJI_BYTES} bytes without spaces"
+                    )));
+                }
+                let Some(mut m) = self.ctx.store.message(room.id, message).await? else {
+                    return refuse(not_found_msg(message, room.id));
+                };
+                if m.deleted_at.is_some() {
+                    return refuse(Error::new(
+                        ErrorCode::Conflict,
+                        format!("message {message} was deleted"),
+                    ));
+                }
+                let changed = if add {
+                    if !m.reactions.contains_key(e) && m.reactions.len() >= MAX_EMOJI_PER_MESSAGE {
+                        return refuse(Error::new(
+                            ErrorCode::LimitExceeded,
+                            format!("a message has at most {MAX_EMOJI_PER_MESSAGE} emoji"),
+                        ));
+                    }
+                    let users = m.reactions.entry(e.to_owned()).or_default();
+                    if users.contains(caller) {
+                        false
+                    } else {
+                        users.push(caller.clone());
+                        true
+                    }
+                } else {
+                    let had = m.reactions.get(e).is_some_and(|u| u.contains(caller));
+                    if let Some(users) = m.reactions.get_mut(e) {
+                        users.retain(|u| u != caller);
+                        if users.is_empty() {
+                            m.reactions.remove(e);
+                        }
+                    }
+                    had
+                };
+                let m = crate::public(m);
+                if changed {
+                    plan.write.changed_messages.push(m.clone());
+                    plan.events.push(Event::Reaction {
+                        seq: next(),
+                        message: m.clone(),
+                        user: caller.clone(),
+                        emoji: e.to_owned(),
+                        added: add,
+                    });
+                }
+                plan.outcome.reply = Reply::Message { message: m };
+            }
+            Command::UpdateGroup {
+                name,
+                avatar,
+                public,
+                ..
+            } => {
+                if !is_group {
+                    return refuse(Error::invalid("direct rooms have no name or avatar"));
+                }
+                if !admin {
+                    return refuse(Error::new(
+                        ErrorCode::Forbidden,
+                        "only the owner or an admin can change the group",
+                    ));
+                }
+                let mut r = room.clone();
+                if let Some(n) = name {
+                    match check_group_name(&n) {
+                        Ok(n) => r.name = Some(n),
+                        Err(e) => return refuse(e),
+                    }
+                }
+                if let Some(a) = avatar {
+                    if a.len() > cfg.max_media_ref_len {
+                        return refuse(Error::invalid("avatar is too long"));
+                    }
+                    r.avatar = (!a.is_empty()).then_some(a);
+                }
+                if let Some(p) = public {
+                    r.public = p;
+                }
+                if (&r.name, &r.avatar, r.public) != (&room.name, &room.avatar, room.public) {
+                    plan.write.patch = Some(RoomPatch {
+                        name: r.name.clone(),
+                        avatar: r.avatar.clone(),
+                        public: r.public,
+                    });
+                    let s = next();
+                    r.last_seq = s;
+                    plan.events.push(Event::RoomUpdated {
+                        seq: s,
+                        room: r.clone(),
+                    });
+                    plan.room_after = Some(r.clone());
+                }
+                plan.outcome.reply = Reply::Room {
+                    room: schema::RoomSummary {
+                        room: r,
+                        members: sorted(&members),
+                        last_message: None,
+                    },
+                    created: false,
+                };
+            }
+            Command::AddMembers { .. } | Command::Join { .. } if !is_group => {
+                return refuse(Error::invalid("direct rooms have exactly their two users"));
+            }
+            Command::AddMembers { users, .. } => {
+                if !admin {
+                    return refuse(Error::new(
+                        ErrorCode::Forbidden,
+                        "only the owner or an admin can add members",
+                    ));
+                }
+                let mut after = members.clone();
+                let mut added = Vec::new();
+                for u in users {
+                    if after.contains_key(&u) || added.contains(&u) {
+                        continue;
+                    }
+                    if let Err(e) = self.may_join(&u, after.len() + added.len()).await? {
+                        return refuse(e);
+                    }
+                    added.push(u);
+                }
+                for u in &added {
+                    let m = Member {
+                        user: u.clone(),
+                        role: Role::Member,
+                        joined_at: now,
+                        online: None,
+                    };
+                    after.insert(u.clone(), m.clone());
+                    plan.write.upsert_members.push(m.clone());
+                    plan.events.push(Event::MemberJoined {
+                        seq: next(),
+                        room: room.id,
+                        member: m,
+                        by: caller.clone(),
+                    });
+                }
+                plan.outcome.reply = Reply::Members {
+                    members: sorted(&after),
+                };
+                plan.outcome.joined = added;
+                plan.members_after = Some(after);
+            }
+            Command::Join { .. } => {
+                if members.contains_key(caller) {
+                    plan.outcome.reply = Reply::Members {
+                        members: sorted(&members),
+                    };
+                    return Ok(Ok(plan));
+                }
+                if !room.public {
+                    return refuse(Error::new(
+                        ErrorCode::Forbidden,
+                        "this group is private: ask an admin to add you",
+                    ));
+                }
+                if let Err(e) = self.may_join(caller, members.len()).await? {
+                    return refuse(e);
+                }
+                let m = Member {
+                    user: caller.clone(),
+                    role: Role::Member,
+                    joined_at: now,
+                    online: None,
+                };
+                let mut after = members.clone();
+                after.insert(caller.clone(), m.clone());
+                plan.write.upsert_members.push(m.clone());
+                plan.events.push(Event::MemberJoined {
+                    seq: next(),
+                    room: room.id,
+                    member: m,
+                    by: caller.clone(),
+                });
+                plan.outcome.reply = Reply::Members {
+                    members: sorted(&after),
+                };
+                plan.outcome.joined = vec![caller.clone()];
+                plan.members_after = Some(after);
+            }
+            Command::RemoveMember { user, .. } => {
+                if !is_group {
+                    return refuse(Error::invalid("direct rooms have exactly their two users"));
+                }
+                if &user == caller {
+                    return refuse(Error::invalid("use leave to leave a group"));
+                }
+                let Some(target) = members.get(&user) else {
+                    return refuse(Error::not_found(format!(
+                        "{user} is not a member of room {}",
+                        room.id
+                    )));
+                };
+                let may = match role {
+                    Some(Role::Owner) => true,
+                    Some(Role::Admin) => target.role == Role::Member,
+                    _ => false,
+                };
+                if !may {
+                    return refuse(Error::new(
+                        ErrorCode::Forbidden,
+                        "only the owner, or an admin removing a plain member, can remove members",
+                    ));
+                }
+                let mut after = members.clone();
+                after.remove(&user);
+                plan.write.remove_members.push(user.clone());
+                plan.events.push(Event::MemberLeft {
+                    seq: next(),
+                    room: room.id,
+                    user: user.clone(),
+                    by: caller.clone(),
+                });
+                plan.outcome.reply = Reply::Members {
+                    members: sorted(&after),
+                };
+                plan.outcome.left = vec![user];
+                plan.members_after = Some(after);
+            }
+            Command::SetRole { user, role: to, .. } => {
+                if !is_group {
+                    return refuse(Error::invalid("direct rooms have no roles"));
+                }
+                if role != Some(Role::Owner) {
+                    return refuse(Error::new(
+                        ErrorCode::Forbidden,
+                        "only the owner can change roles",
+                    ));
+                }
+                if to == Role::Owner {
+                    return refuse(Error::invalid("role must be admin or member"));
+                }
+                let Some(target) = members.get(&user) else {
+                    return refuse(Error::not_found(format!(
+                        "{user} is not a member of room {}",
+                        room.id
+                    )));
+                };
+                if target.role == Role::Owner {
+                    return refuse(Error::invalid("the owner's role cannot change"));
+                }
+                let mut after = members.clone();
+                if target.role != to {
+                    let mut m = target.clone();
+                    m.role = to;
+                    after.insert(user.clone(), m.clone());
+                    plan.write.upsert_members.push(m.clone());
+                    plan.events.push(Event::MemberUpdated {
+                        seq: next(),
+                        room: room.id,
+                        member: m,
+                    });
+                    plan.members_after = Some(after.clone());
+                }
+                plan.outcome.reply = Reply::Members {
+                    members: sorted(&after),
+                };
+            }
+            Command::Leave { .. } => {
+                if !is_group {
+                    return refuse(Error::invalid(
+                        "a direct room cannot be left; block the user instead",
+                    ));
+                }
+                let mut after = members.clone();
+                after.remove(caller);
+                if role == Some(Role::Owner) {
+                    // Hand the group to the oldest admin, else the oldest member.
+                    let heir = after
+                        .values()
+                        .min_by_key(|m| (m.role != Role::Admin, m.joined_at, m.user.clone()))
+                        .cloned();
+                    if let Some(mut h) = heir {
+                        h.role = Role::Owner;
+                        after.insert(h.user.clone(), h.clone());
+                        plan.write.upsert_members.push(h.clone());
+                        plan.events.push(Event::MemberUpdated {
+                            seq: next(),
+                            room: room.id,
+                            member: h,
+                        });
+                    }
+                }
+                plan.write.remove_members.push(caller.clone());
+                plan.events.push(Event::MemberLeft {
+                    seq: next(),
+                    room: room.id,
+                    user: caller.clone(),
+                    by: caller.clone(),
+                });
+                plan.outcome.reply = Reply::Done;
+                plan.outcome.left = vec![caller.clone()];
+                plan.members_after = Some(after);
+            }
+            other => {
+                return refuse(Error::internal(format!(
+                    "{} is not a room change",
+                    other.name()
+                )));
+            }
+        }
+        Ok(Ok(plan))
+    }
+
+    /// Whether `user` may join a group that has `count` members: the user exists, the group
+    /// has room, the user is in fewer rooms than the limit. Outer error: store failure.
+    async fn may_join(&self, user: &UserId, count: usize) -> Result<Result<(), Error>, Error> {
+        let cfg = &self.ctx.config;
+        if count >= cfg.group_max_members {
+            return Ok(Err(Error::new(
+                ErrorCode::GroupFull,
+                format!("a group has at most {} members", cfg.group_max_members),
+            )));
+        }
+        if self.ctx.store.user(user).await?.is_none() {
+            return Ok(Err(Error::not_found(format!("user {user} not found"))));
+        }
+        let rooms = self.ctx.store.room_ids_of(user).await?.len();
+        if rooms >= cfg.max_rooms_per_user {
+            return Ok(Err(too_many_rooms(user, cfg.max_rooms_per_user)));
+        }
+        Ok(Ok(()))
+    }
+}
+
+/// The error of a user already in the configured maximum of rooms.
+pub fn too_many_rooms(user: &UserId, max: usize) -> Error {
+    Error::new(
+        ErrorCode::TooManyRooms,
+        format!("user {user} is already in {max} rooms, the most allowed"),
+    )
+}
+
+/// Checks and trims a group name: 1 to 100 characters.
+pub fn check_group_name(name: &str) -> Result<String, Error> {
+    let n = name.trim();
+    let chars = n.chars().count();
+    if chars == 0 || chars > 100 {
+        return Err(Error::invalid("name must be 1 to 100 characters"));
+    }
+    Ok(n.to_owned())
+}
+
+fn not_found_msg(id: MessageId, room: RoomId) -> Error {
+    Error::not_found(format!("message {id} not found in room {room}"))
+}
+
+fn sorted(members: &HashMap<UserId, Member>) -> Vec<Member> {
+    let mut v: Vec<Member> = members.values().cloned().collect();
+    v.sort_by(|a, b| (a.joined_at, a.user.as_str()).cmp(&(b.joined_at, b.user.as_str())));
+    v
+}
+
+/// What a change will do.
+struct Plan {
+    write: RoomWrite,
+    events: Vec<Event>,
+    outcome: ChangeOutcome,
+    members_after: Option<HashMap<UserId, Member>>,
+    room_after: Option<Room>,
+}
+
+impl Plan {
+    fn done() -> Self {
+        Self {
+            write: RoomWrite::default(),
+            events: Vec::new(),
+            outcome: ChangeOutcome {
+                reply: Reply::Done,
+                joined: Vec::new(),
+                left: Vec::new(),
+            },
+            members_after: None,
+            room_after: None,
+        }
+    }
+}
+
+fn fail_all(room: RoomId, batch: &mut Vec<SendItem>, e: Error) -> String {
+    tracing::error!(%room, error = %e, "room write failed");
+    for item in batch.drain(..) {
+        answer(item.reply, Err(e.clone()));
+    }
+    e.message
 }

@@ -86,6 +86,20 @@ impl SessionTable {
     }
 }
 
+/// What a connecting session learns.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Connected {
+    /// The user's rooms (the gateway subscribes them).
+    pub rooms: Vec<RoomId>,
+    /// Notifications recorded while the user had no session viewing their rooms; taken (so
+    /// cleared) by this connect.
+    #[serde(default)]
+    pub pending: Vec<schema::Notification>,
+    /// This session is the user's only one: the user just came online.
+    #[serde(default)]
+    pub first: bool,
+}
+
 /// Messages of a user actor.
 pub enum UserMsg {
     /// A session of the user connected: refresh the profile, record the session, answer the
@@ -95,8 +109,8 @@ pub enum UserMsg {
         profile: Profile,
         /// The session.
         session: SessionInfo,
-        /// The user's rooms.
-        reply: RpcReplyPort<Result<Vec<RoomId>, Error>>,
+        /// The user's rooms and pending notifications.
+        reply: RpcReplyPort<Result<Connected, Error>>,
     },
     /// A session closed.
     Disconnect {
@@ -104,8 +118,8 @@ pub enum UserMsg {
         gateway: GatewayId,
         /// The session.
         session: SessionId,
-        /// Done.
-        reply: RpcReplyPort<()>,
+        /// When the user went offline, if this was the last session.
+        reply: RpcReplyPort<Option<schema::Millis>>,
     },
     /// Periodic idle check.
     Tick,
@@ -195,13 +209,16 @@ impl Actor for UserActor {
                 session,
                 reply,
             } => {
+                let mut offline = None;
                 if self.ctx.sessions.remove(&st.id, &gateway, session) {
                     // Last session gone: the user is offline from now.
-                    if let Err(e) = self.ctx.store.set_last_seen(&st.id, unix_ms()).await {
+                    let now = unix_ms();
+                    offline = Some(now);
+                    if let Err(e) = self.ctx.store.set_last_seen(&st.id, now).await {
                         tracing::warn!(user = %st.id, error = %e, "cannot store last_seen");
                     }
                 }
-                if reply.send(()).is_err() {
+                if reply.send(offline).is_err() {
                     tracing::debug!(user = %st.id, "disconnect caller went away");
                 }
             }
@@ -223,12 +240,28 @@ impl UserActor {
         st: &mut UserState,
         profile: Profile,
         session: SessionInfo,
-    ) -> Result<Vec<RoomId>, Error> {
+    ) -> Result<Connected, Error> {
+        // A claim the token does not carry keeps the stored value (an admin import, say); the
+        // stored user is reread because an import may have changed it behind this actor.
+        st.user = self.ctx.store.user(&st.id).await?;
+        let mut profile = profile;
+        if let Some(u) = &st.user {
+            let old = &u.profile;
+            profile.username = profile.username.or_else(|| old.username.clone());
+            profile.name = profile.name.or_else(|| old.name.clone());
+            profile.avatar = profile.avatar.or_else(|| old.avatar.clone());
+        }
         if st.user.as_ref().map(|u| &u.profile) != Some(&profile) {
             st.user = Some(self.ctx.store.upsert_user(&profile, unix_ms()).await?);
         }
         let rooms = self.ctx.store.room_ids_of(&st.id).await?;
+        let pending = self.ctx.store.take_pending(&st.id).await?;
+        let first = !self.ctx.sessions.is_online(&st.id);
         self.ctx.sessions.add(&st.id, session);
-        Ok(rooms)
+        Ok(Connected {
+            rooms,
+            pending,
+            first,
+        })
     }
 }

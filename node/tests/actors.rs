@@ -52,6 +52,8 @@ async fn group(node: &Node) -> RoomId {
     let cmd = Command::CreateGroup {
         name: "g".into(),
         members: vec![uid("b")],
+        avatar: None,
+        public: false,
     };
     match node.execute(&uid("a"), cmd).await.unwrap() {
         Reply::Room { room, .. } => room.room.id,
@@ -64,12 +66,18 @@ fn send(room: RoomId, text: String) -> Command {
         room,
         body: MessageBody::Text { text: text.clone() },
         client_ref: Some(text),
+        reply_to: None,
     }
 }
 
 #[tokio::test]
 async fn a_killed_room_actor_is_restarted_and_loses_nothing() {
-    let (node, store, _dir) = node_with(NodeConfig::default()).await;
+    let (node, store, _dir) = node_with(NodeConfig {
+        messages_per_second: 1_000_000,
+        message_burst: 1_000_000,
+        ..NodeConfig::default()
+    })
+    .await;
     let room = group(&node).await;
     // Senders retry on failure with the same client_ref, as clients do.
     let mut tasks = Vec::new();

@@ -4,12 +4,42 @@
 //! authenticated user (never a user named inside the command) and answers with a [`Reply`] or an
 //! [`crate::Error`].
 
-use crate::domain::{Message, MessageBody, RoomSummary};
-use crate::ids::{MessageId, RoomId, UserId};
+use crate::domain::{
+    Chat, FriendView, Friendship, Member, Message, MessageBody, Role, RoomSummary, User,
+};
+use crate::event::Event;
+use crate::ids::{GatewayId, MessageId, RoomId, SessionId, UserId};
 use serde::{Deserialize, Serialize};
 
 /// Longest accepted `client_ref`, in bytes.
 pub const MAX_CLIENT_REF_LEN: usize = 128;
+
+/// A reference to one client session, filled in by the gateway (never decoded from a client).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SessionRef {
+    /// The gateway holding the socket.
+    pub gateway: GatewayId,
+    /// The session on it.
+    pub session: SessionId,
+}
+
+/// What to do to a friendship.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FriendAction {
+    /// Ask `peer` to be friends (or accept their pending request).
+    Request,
+    /// Accept `peer`'s pending request.
+    Accept,
+    /// Reject `peer`'s pending request.
+    Reject,
+    /// Withdraw my pending request to `peer`, or end a friendship.
+    Cancel,
+    /// Block `peer`: no direct messages either way, no presence either way.
+    Block,
+    /// Lift my block of `peer`.
+    Unblock,
+}
 
 /// Everything a client can ask.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +56,65 @@ pub enum Command {
         name: String,
         /// Other members; the caller is added as owner.
         members: Vec<UserId>,
+        /// Avatar URL or upload reference.
+        #[serde(default)]
+        avatar: Option<String>,
+        /// Whether anyone may join by id.
+        #[serde(default)]
+        public: bool,
+    },
+    /// Change a group's name, avatar or visibility (owner or admin).
+    UpdateGroup {
+        /// The group.
+        room: RoomId,
+        /// New name.
+        #[serde(default)]
+        name: Option<String>,
+        /// New avatar (empty string clears it).
+        #[serde(default)]
+        avatar: Option<String>,
+        /// New visibility.
+        #[serde(default)]
+        public: Option<bool>,
+    },
+    /// Add users to a group (owner or admin).
+    AddMembers {
+        /// The group.
+        room: RoomId,
+        /// Who to add.
+        users: Vec<UserId>,
+    },
+    /// Remove a member from a group (owner, or an admin removing a plain member).
+    RemoveMember {
+        /// The group.
+        room: RoomId,
+        /// Who to remove.
+        user: UserId,
+    },
+    /// Make a member an admin or a plain member (owner only).
+    SetRole {
+        /// The group.
+        room: RoomId,
+        /// The member.
+        user: UserId,
+        /// `admin` or `member`.
+        role: Role,
+    },
+    /// Join a public group.
+    Join {
+        /// The group.
+        room: RoomId,
+    },
+    /// Leave a group. An owner leaving hands ownership to the oldest admin, else the oldest
+    /// member; the last member leaving leaves the group empty.
+    Leave {
+        /// The group.
+        room: RoomId,
+    },
+    /// A room's members with their online state.
+    Members {
+        /// The room.
+        room: RoomId,
     },
     /// Post a message. Retrying with the same `client_ref` returns the original message.
     Send {
@@ -35,6 +124,62 @@ pub enum Command {
         body: MessageBody,
         /// Idempotency key chosen by the client, unique per (room, sender).
         client_ref: Option<String>,
+        /// The message this one answers.
+        #[serde(default)]
+        reply_to: Option<MessageId>,
+    },
+    /// Replace the text or caption of one's own message.
+    Edit {
+        /// The room.
+        room: RoomId,
+        /// The message.
+        message: MessageId,
+        /// New text (text messages) or caption (media messages).
+        text: String,
+    },
+    /// Delete messages (author, or a room owner/admin). Each leaves a tombstone.
+    Delete {
+        /// The room.
+        room: RoomId,
+        /// The messages, 1 to 100.
+        messages: Vec<MessageId>,
+    },
+    /// Add or remove the caller's reaction to a message.
+    React {
+        /// The room.
+        room: RoomId,
+        /// The message.
+        message: MessageId,
+        /// The emoji, 1 to 32 bytes.
+        emoji: String,
+        /// `true` adds, `false` removes.
+        add: bool,
+    },
+    /// Mark the room read up to `message` (the newest message when absent).
+    MarkRead {
+        /// The room.
+        room: RoomId,
+        /// Up to which message.
+        #[serde(default)]
+        message: Option<MessageId>,
+    },
+    /// Tell the room the caller is (or stopped) typing. Never stored; expires on its own.
+    Typing {
+        /// The room.
+        room: RoomId,
+        /// Typing or stopped.
+        typing: bool,
+    },
+    /// The session is (or stopped) viewing the room: a viewing member gets no push and no
+    /// pending notification for it.
+    View {
+        /// The room.
+        room: RoomId,
+        /// Viewing or not.
+        viewing: bool,
+        /// The session, set by the gateway.
+        #[serde(default)]
+        session: Option<SessionRef>,
     },
     /// Read a page of a room's history.
     History {
@@ -43,8 +188,56 @@ pub enum Command {
         /// Which page.
         query: HistoryQuery,
     },
+    /// The events of a room after `after_seq`, in order, to catch up after a reconnect.
+    Replay {
+        /// The room.
+        room: RoomId,
+        /// The last sequence number the client saw.
+        after_seq: u64,
+    },
     /// List the caller's rooms, most recently active first.
     ListRooms,
+    /// The caller's chat list: rooms by last activity with peer, last message, unread count.
+    Chats {
+        /// Only direct rooms.
+        #[serde(default)]
+        direct_only: bool,
+        /// Entries to skip.
+        #[serde(default)]
+        skip: u32,
+        /// Page size (clamped).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// Change a friendship with `peer`.
+    Friend {
+        /// The other user.
+        peer: UserId,
+        /// What to do.
+        action: FriendAction,
+    },
+    /// The caller's friendships (accepted only, or every state).
+    Friendships {
+        /// Include pending, rejected and blocked.
+        #[serde(default)]
+        all: bool,
+    },
+    /// A user's profile by id or username.
+    User {
+        /// By id.
+        #[serde(default)]
+        id: Option<UserId>,
+        /// By username.
+        #[serde(default)]
+        username: Option<String>,
+    },
+    /// The history of the direct room between the caller and `peer`.
+    DirectHistory {
+        /// The other user.
+        peer: UserId,
+        /// Which page.
+        query: HistoryQuery,
+    },
 }
 
 impl Command {
@@ -53,9 +246,51 @@ impl Command {
         match self {
             Command::OpenDirect { .. } => "open_direct",
             Command::CreateGroup { .. } => "create_group",
+            Command::UpdateGroup { .. } => "update_group",
+            Command::AddMembers { .. } => "add_members",
+            Command::RemoveMember { .. } => "remove_member",
+            Command::SetRole { .. } => "set_role",
+            Command::Join { .. } => "join",
+            Command::Leave { .. } => "leave",
+            Command::Members { .. } => "members",
             Command::Send { .. } => "send",
+            Command::Edit { .. } => "edit",
+            Command::Delete { .. } => "delete",
+            Command::React { .. } => "react",
+            Command::MarkRead { .. } => "mark_read",
+            Command::Typing { .. } => "typing",
+            Command::View { .. } => "view",
             Command::History { .. } => "history",
+            Command::Replay { .. } => "replay",
             Command::ListRooms => "list_rooms",
+            Command::Chats { .. } => "chats",
+            Command::Friend { .. } => "friend",
+            Command::Friendships { .. } => "friendships",
+            Command::User { .. } => "user",
+            Command::DirectHistory { .. } => "direct_history",
+        }
+    }
+
+    /// The room a command acts on, if it is a room command (routed to the room's owner).
+    pub fn room(&self) -> Option<RoomId> {
+        match self {
+            Command::UpdateGroup { room, .. }
+            | Command::AddMembers { room, .. }
+            | Command::RemoveMember { room, .. }
+            | Command::SetRole { room, .. }
+            | Command::Join { room }
+            | Command::Leave { room }
+            | Command::Members { room }
+            | Command::Send { room, .. }
+            | Command::Edit { room, .. }
+            | Command::Delete { room, .. }
+            | Command::React { room, .. }
+            | Command::MarkRead { room, .. }
+            | Command::Typing { room, .. }
+            | Command::View { room, .. }
+            | Command::History { room, .. }
+            | Command::Replay { room, .. } => Some(*room),
+            _ => None,
         }
     }
 }
@@ -105,6 +340,53 @@ pub enum Reply {
         /// Most recently active first.
         rooms: Vec<RoomSummary>,
     },
+    /// A room's members.
+    Members {
+        /// The members, with `online` filled.
+        members: Vec<Member>,
+    },
+    /// Messages changed by the command (edit, delete, react).
+    Messages {
+        /// The messages as they now are.
+        messages: Vec<Message>,
+    },
+    /// Events to catch up with, in order (replay).
+    Replay {
+        /// The missed events; empty when `resync` is set.
+        events: Vec<Event>,
+        /// The client is too far behind: it must page history instead.
+        resync: bool,
+        /// The room's current sequence number.
+        last_seq: u64,
+    },
+    /// The caller's chat list.
+    Chats {
+        /// Most recently active first.
+        chats: Vec<Chat>,
+        /// Whether more entries follow.
+        has_more: bool,
+    },
+    /// A friendship after a change (`None` when it ended).
+    Friendship {
+        /// The friendship, if one remains.
+        friendship: Option<Friendship>,
+        /// Whether the caller now blocks the peer.
+        blocked: bool,
+    },
+    /// The caller's friendships.
+    Friendships {
+        /// Friends with online state and direct room.
+        friends: Vec<FriendView>,
+    },
+    /// A user.
+    User {
+        /// The user.
+        user: User,
+        /// Whether they are online (false across a block).
+        online: bool,
+    },
+    /// Done; nothing to return.
+    Done,
 }
 
 /// Checks a `client_ref`: 1 to [`MAX_CLIENT_REF_LEN`] bytes, printable.

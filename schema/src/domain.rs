@@ -3,6 +3,7 @@
 use crate::Millis;
 use crate::ids::{MessageId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// What a token says about its user; applied to the stored [`User`] on every connect.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,11 +63,18 @@ pub struct Room {
     pub kind: RoomKind,
     /// Group name; `None` for direct rooms.
     pub name: Option<String>,
+    /// Group avatar URL or upload reference.
+    #[serde(default)]
+    pub avatar: Option<String>,
+    /// Whether anyone may join the group by id (`join`); direct rooms are never public.
+    #[serde(default)]
+    pub public: bool,
     /// Who created it.
     pub created_by: UserId,
     /// When it was created.
     pub created_at: Millis,
-    /// Sequence number of the newest message; 0 when empty.
+    /// Sequence number of the newest ordered event (message, edit, delete, reaction, membership
+    /// change); 0 when nothing happened yet.
     pub last_seq: u64,
     /// Id of the newest message.
     pub last_message_id: Option<MessageId>,
@@ -81,6 +89,9 @@ pub struct Member {
     pub role: Role,
     /// When they joined.
     pub joined_at: Millis,
+    /// Whether the member has a connected session; filled in member lists, absent in storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<bool>,
 }
 
 /// A room as listed for one of its members: the room, its members and its newest message.
@@ -95,7 +106,7 @@ pub struct RoomSummary {
     pub last_message: Option<Message>,
 }
 
-/// What a message says. Tagged by `type` on the wire; more kinds (media, system notices) join here.
+/// What a message says. Tagged by `type` on the wire.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MessageBody {
@@ -104,6 +115,67 @@ pub enum MessageBody {
         /// The text, 1 to the configured maximum characters.
         text: String,
     },
+    /// A picture, by upload reference.
+    Image(Media),
+    /// A sound or voice note, by upload reference.
+    Audio(Media),
+    /// A video, by upload reference.
+    Video(Media),
+    /// Any other file, by upload reference.
+    File(Media),
+    /// A deleted message's tombstone: it keeps its place in the room's order, nothing else.
+    Deleted {},
+}
+
+impl MessageBody {
+    /// The body's kind, as named on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MessageBody::Text { .. } => "text",
+            MessageBody::Image(_) => "image",
+            MessageBody::Audio(_) => "audio",
+            MessageBody::Video(_) => "video",
+            MessageBody::File(_) => "file",
+            MessageBody::Deleted {} => "deleted",
+        }
+    }
+
+    /// The media of a media message.
+    pub fn media(&self) -> Option<&Media> {
+        match self {
+            MessageBody::Image(m)
+            | MessageBody::Audio(m)
+            | MessageBody::Video(m)
+            | MessageBody::File(m) => Some(m),
+            MessageBody::Text { .. } | MessageBody::Deleted {} => None,
+        }
+    }
+
+    /// A short human preview (notifications, chat lists).
+    pub fn preview(&self) -> String {
+        match self {
+            MessageBody::Text { text } => text.chars().take(100).collect(),
+            MessageBody::Deleted {} => "message deleted".into(),
+            other => match other.media().and_then(|m| m.caption.as_deref()) {
+                Some(c) if !c.is_empty() => c.chars().take(100).collect(),
+                _ => format!("[{}]", other.kind()),
+            },
+        }
+    }
+}
+
+/// A media attachment: an upload reference (the path `POST /api/chat/uploadFile` or
+/// `/v1/uploads` answered) and an optional caption.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Media {
+    /// The upload reference, e.g. `/uploads/chat-messages/images/ab12.webp`.
+    pub media: String,
+    /// Optional caption.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+    /// Length of audio or video, in seconds, when the client said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<u32>,
 }
 
 /// A stored message. `(room, seq)` and `id` both give the room's one order: `seq` is dense
@@ -121,11 +193,216 @@ pub struct Message {
     /// The content.
     #[serde(flatten)]
     pub body: MessageBody,
+    /// The message this one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<MessageId>,
+    /// Reactions: emoji -> the users who reacted with it, in the order they did.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reactions: BTreeMap<String, Vec<UserId>>,
+    /// When the author last edited it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<Millis>,
+    /// When it was deleted (the body is then a tombstone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<Millis>,
     /// The sender's idempotency key, if the client gave one.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ref: Option<String>,
     /// When the room accepted it.
     pub created_at: Millis,
+}
+
+impl Message {
+    /// A new message with no reply, reactions, edit or deletion.
+    pub fn new(
+        id: MessageId,
+        room: RoomId,
+        seq: u64,
+        sender: UserId,
+        body: MessageBody,
+        created_at: Millis,
+    ) -> Self {
+        Self {
+            id,
+            room,
+            seq,
+            sender,
+            body,
+            reply_to: None,
+            reactions: BTreeMap::new(),
+            edited_at: None,
+            deleted_at: None,
+            client_ref: None,
+            created_at,
+        }
+    }
+}
+
+/// What a message row keeps besides its identity: the part a store serialises as one JSON
+/// column, so that edits, tombstones and reactions rewrite one value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageContent {
+    /// The content.
+    #[serde(flatten)]
+    pub body: MessageBody,
+    /// See [`Message::reply_to`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<MessageId>,
+    /// See [`Message::reactions`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reactions: BTreeMap<String, Vec<UserId>>,
+    /// See [`Message::edited_at`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<Millis>,
+    /// See [`Message::deleted_at`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<Millis>,
+}
+
+impl MessageContent {
+    /// The content part of `m`.
+    pub fn of(m: &Message) -> Self {
+        Self {
+            body: m.body.clone(),
+            reply_to: m.reply_to,
+            reactions: m.reactions.clone(),
+            edited_at: m.edited_at,
+            deleted_at: m.deleted_at,
+        }
+    }
+
+    /// Puts this content into `m`.
+    pub fn apply(self, m: &mut Message) {
+        m.body = self.body;
+        m.reply_to = self.reply_to;
+        m.reactions = self.reactions;
+        m.edited_at = self.edited_at;
+        m.deleted_at = self.deleted_at;
+    }
+}
+
+/// The state of a friendship between two users, with Syarah's numeric codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FriendshipStatus {
+    /// Requested, awaiting an answer (0).
+    Pending,
+    /// Friends (1).
+    Accepted,
+    /// The request was rejected (2).
+    Rejected,
+    /// One of the two blocked the other (3).
+    Blocked,
+}
+
+impl FriendshipStatus {
+    /// Syarah's number for the status: 0 pending, 1 accepted, 2 rejected, 3 blocked.
+    pub fn code(self) -> u8 {
+        match self {
+            FriendshipStatus::Pending => 0,
+            FriendshipStatus::Accepted => 1,
+            FriendshipStatus::Rejected => 2,
+            FriendshipStatus::Blocked => 3,
+        }
+    }
+
+    /// The status of a number.
+    pub fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            0 => FriendshipStatus::Pending,
+            1 => FriendshipStatus::Accepted,
+            2 => FriendshipStatus::Rejected,
+            3 => FriendshipStatus::Blocked,
+            _ => return None,
+        })
+    }
+}
+
+/// A friendship (or request) between two users, one row per pair. Blocks are kept apart (a
+/// block survives whatever happens to the friendship); a blocked pair shows status `blocked`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Friendship {
+    /// Who asked.
+    pub requester: UserId,
+    /// Who was asked.
+    pub addressee: UserId,
+    /// Where it stands.
+    pub status: FriendshipStatus,
+    /// When it was requested.
+    pub created_at: Millis,
+    /// When the status last changed.
+    pub updated_at: Millis,
+}
+
+impl Friendship {
+    /// The other user of the pair, seen from `me`.
+    pub fn other(&self, me: &UserId) -> &UserId {
+        if &self.requester == me {
+            &self.addressee
+        } else {
+            &self.requester
+        }
+    }
+}
+
+/// A message waiting for a user who had no session viewing its room: delivered on the user's
+/// next connect (Phoenix `pending_notification`), then cleared.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    /// The room.
+    pub room: RoomId,
+    /// The message.
+    pub message_id: MessageId,
+    /// Who sent it.
+    pub sender: UserId,
+    /// A short preview of the content.
+    pub preview: String,
+    /// When the message was accepted.
+    pub created_at: Millis,
+}
+
+/// One entry of a user's chat list: a room with what a list shows about it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chat {
+    /// The room.
+    #[serde(flatten)]
+    pub room: Room,
+    /// The caller's role in it.
+    pub role: Role,
+    /// For a direct room: the other user, with profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<User>,
+    /// For a direct room: whether the other user is online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_online: Option<bool>,
+    /// For a direct room: the friendship status with the other user, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub friendship: Option<FriendshipStatus>,
+    /// Number of members.
+    pub member_count: u32,
+    /// The newest message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message: Option<Message>,
+    /// Messages from others, not deleted, newer than the caller's read marker (capped).
+    pub unread: u32,
+    /// The caller's read marker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_up_to: Option<MessageId>,
+}
+
+/// A friend as listed: the user, online state and the direct room if one exists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FriendView {
+    /// The friendship.
+    #[serde(flatten)]
+    pub friendship: Friendship,
+    /// The other user.
+    pub user: User,
+    /// Whether the other user is online (hidden, so `false`, across a block).
+    pub online: bool,
+    /// The direct room of the pair, if one exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<RoomId>,
 }
 
 #[cfg(test)]
@@ -134,15 +411,14 @@ mod tests {
 
     #[test]
     fn message_serializes_flat() {
-        let m = Message {
-            id: MessageId(10),
-            room: RoomId(3),
-            seq: 1,
-            sender: UserId::parse("42").unwrap_or_else(|_| unreachable!()),
-            body: MessageBody::Text { text: "hi".into() },
-            client_ref: None,
-            created_at: 5,
-        };
+        let m = Message::new(
+            MessageId(10),
+            RoomId(3),
+            1,
+            UserId::parse("42").unwrap_or_else(|_| unreachable!()),
+            MessageBody::Text { text: "hi".into() },
+            5,
+        );
         let v = serde_json::to_value(&m).unwrap_or_default();
         assert_eq!(v["type"], "text");
         assert_eq!(v["text"], "hi");
@@ -150,5 +426,25 @@ mod tests {
         assert!(v.get("client_ref").is_none());
         let back: Message = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, m);
+        // Media and tombstones round-trip through the stored content form.
+        let mut img = m.clone();
+        img.body = MessageBody::Image(Media {
+            media: "/uploads/a.webp".into(),
+            caption: Some("look".into()),
+            duration: None,
+        });
+        img.reactions.insert("+1".into(), vec![m.sender.clone()]);
+        let c = serde_json::to_string(&MessageContent::of(&img)).unwrap_or_default();
+        assert!(c.contains(r#""type":"image""#), "{c}");
+        let back: MessageContent = serde_json::from_str(&c).unwrap_or_else(|e| panic!("{e}"));
+        let mut again = m.clone();
+        back.apply(&mut again);
+        assert_eq!(again, img);
+        // A row written before these fields existed still reads.
+        let old: MessageContent =
+            serde_json::from_str(r#"{"type":"text","text":"x"}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(old.reactions.len(), 0);
+        let d = serde_json::to_value(MessageBody::Deleted {}).unwrap_or_default();
+        assert_eq!(d, serde_json::json!({"type": "deleted"}));
     }
 }

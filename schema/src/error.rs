@@ -31,8 +31,20 @@ pub enum ErrorCode {
     Conflict,
     /// A configured limit (group size, rate) was reached.
     LimitExceeded,
-    /// The caller is sending faster than the configured rate.
+    /// The caller is sending messages faster than the configured rate.
     RateLimited,
+    /// The caller is sending typing events faster than the configured rate.
+    TypingRateLimited,
+    /// A message's text is longer than the configured maximum.
+    TextTooLong,
+    /// A media caption is longer than the configured maximum.
+    CaptionTooLong,
+    /// The group already has the configured maximum of members.
+    GroupFull,
+    /// The user already belongs to the configured maximum of rooms.
+    TooManyRooms,
+    /// One of the two users blocked the other.
+    Blocked,
     /// The key is owned by another node; the caller must re-route.
     NotOwner,
     /// A dependency (store, bus) is down or overloaded; retrying later may succeed.
@@ -58,6 +70,12 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TypingRateLimited => "typing_rate_limited",
+            ErrorCode::TextTooLong => "text_too_long",
+            ErrorCode::CaptionTooLong => "caption_too_long",
+            ErrorCode::GroupFull => "group_full",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::Blocked => "blocked",
             ErrorCode::NotOwner => "not_owner",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Timeout => "timeout",
@@ -71,11 +89,13 @@ impl ErrorCode {
             ErrorCode::MalformedJson | ErrorCode::UnknownOp | ErrorCode::InvalidField => 400,
             ErrorCode::FrameTooLarge => 413,
             ErrorCode::Unauthorized => 401,
-            ErrorCode::Forbidden | ErrorCode::NotMember => 403,
+            ErrorCode::Forbidden | ErrorCode::NotMember | ErrorCode::Blocked => 403,
+            ErrorCode::TextTooLong | ErrorCode::CaptionTooLong => 413,
+            ErrorCode::GroupFull | ErrorCode::TooManyRooms => 422,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict => 409,
             ErrorCode::LimitExceeded => 422,
-            ErrorCode::RateLimited => 429,
+            ErrorCode::RateLimited | ErrorCode::TypingRateLimited => 429,
             ErrorCode::NotOwner | ErrorCode::Unavailable => 503,
             ErrorCode::Timeout => 504,
             ErrorCode::Internal => 500,
@@ -89,8 +109,13 @@ impl ErrorCode {
             ErrorCode::MalformedJson | ErrorCode::UnknownOp | ErrorCode::InvalidField => 1007,
             ErrorCode::FrameTooLarge => 1009,
             ErrorCode::Unauthorized => 4001,
-            ErrorCode::Forbidden | ErrorCode::NotMember => 4003,
-            ErrorCode::RateLimited | ErrorCode::LimitExceeded => 4029,
+            ErrorCode::Forbidden | ErrorCode::NotMember | ErrorCode::Blocked => 4003,
+            ErrorCode::RateLimited
+            | ErrorCode::TypingRateLimited
+            | ErrorCode::LimitExceeded
+            | ErrorCode::GroupFull
+            | ErrorCode::TooManyRooms => 4029,
+            ErrorCode::TextTooLong | ErrorCode::CaptionTooLong => 1009,
             ErrorCode::NotFound | ErrorCode::Conflict => 1008,
             ErrorCode::NotOwner | ErrorCode::Unavailable | ErrorCode::Timeout => 1013,
             ErrorCode::Internal => 1011,

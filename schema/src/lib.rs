@@ -25,8 +25,11 @@ pub mod error;
 pub mod event;
 pub mod ids;
 
-pub use command::{Command, HistoryQuery, Reply};
-pub use domain::{Member, Message, MessageBody, Profile, Role, Room, RoomKind, RoomSummary, User};
+pub use command::{Command, FriendAction, HistoryQuery, Reply, SessionRef};
+pub use domain::{
+    Chat, FriendView, Friendship, FriendshipStatus, Media, Member, Message, MessageBody,
+    MessageContent, Notification, Profile, Role, Room, RoomKind, RoomSummary, User,
+};
 pub use envelope::{Delivery, PushJob, Target};
 pub use error::{Error, ErrorCode};
 pub use event::Event;
@@ -34,7 +37,10 @@ pub use ids::{GatewayId, MessageId, NodeId, RoomId, SessionId, UserId};
 
 /// The ScyllaDB schema as ordered migrations (`schema/cql/NNNN_name.cql`): version and CQL text.
 /// `palaver migrate` applies the ones a keyspace has not seen yet.
-pub const CQL_MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("../cql/0001_init.cql"))];
+pub const CQL_MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("../cql/0001_init.cql")),
+    (2, include_str!("../cql/0002_domain.cql")),
+];
 
 /// Milliseconds since the Unix epoch, the one timestamp unit Palaver stores and sends.
 pub type Millis = i64;

@@ -7,12 +7,21 @@
 //! Server -> client, an event: `{"type":"event","event":"<name>","room":<id>,"seq":<n>,"data":{...}}`
 //! (`seq` only on events that are part of the room's ordered stream).
 //!
-//! Operations: `open_direct {user}`, `create_group {name, members}`,
-//! `send {room, text, client_ref?}`, `history {room, before?, after?, limit?}`, `rooms {}`,
-//! `ping {}`. Unknown arguments are refused, so a typo is an error rather than a silent default.
+//! Operations (arguments in braces; `?` optional): `ping {}`, `open_direct {user}`,
+//! `create_group {name, members?, avatar?, public?}`, `update_group {room, name?, avatar?,
+//! public?}`, `add_members {room, users}`, `remove_member {room, user}`, `set_role {room, user,
+//! role}`, `join {room}`, `leave {room}`, `members {room}`, `send {room, text | type+media+caption?
+//! +duration?, client_ref?, reply_to?}`, `edit {room, message, text}`, `delete {room,
+//! messages}`, `react {room, message, emoji, add?}`, `read {room, message?}`, `typing {room,
+//! typing}`, `view {room, viewing}`, `history {room, before?, after?, limit?}`, `direct_history
+//! {user, before?, after?, limit?}`, `replay {room, after_seq}`, `resume {rooms: {"<room>":
+//! <last seq>}}`, `rooms {}`, `chats {direct_only?, skip?, limit?}`, `friend {user, action}`,
+//! `friendships {all?}`, `user {id? | username?}`. Unknown arguments are refused, so a typo is
+//! an error rather than a silent default.
 
 use schema::{
-    Command, Error, ErrorCode, Event, HistoryQuery, MessageBody, MessageId, Reply, RoomId, UserId,
+    Command, Error, ErrorCode, Event, FriendAction, HistoryQuery, Media, MessageBody, MessageId,
+    Reply, Role, RoomId, UserId,
 };
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -37,6 +46,8 @@ pub enum Op {
     Command(Command),
     /// Liveness check answered by the gateway.
     Ping,
+    /// Catch up on rooms after a reconnect: `(room, last seen seq)`; the session replays each.
+    Resume(Vec<(RoomId, u64)>),
 }
 
 /// A frame that could not be decoded: the id if it was readable, and the error to reply.
@@ -60,14 +71,164 @@ struct CreateGroup {
     name: String,
     #[serde(default)]
     members: Vec<UserId>,
+    avatar: Option<String>,
+    #[serde(default)]
+    public: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateGroup {
+    room: RoomId,
+    name: Option<String>,
+    avatar: Option<String>,
+    public: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMembers {
+    room: RoomId,
+    users: Vec<UserId>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoomUser {
+    room: RoomId,
+    user: UserId,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetRole {
+    room: RoomId,
+    user: UserId,
+    role: Role,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoomOnly {
+    room: RoomId,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum Kind {
+    Text,
+    Image,
+    Audio,
+    Video,
+    File,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Send {
     room: RoomId,
-    text: String,
+    #[serde(rename = "type")]
+    kind: Option<Kind>,
+    text: Option<String>,
+    media: Option<String>,
+    caption: Option<String>,
+    duration: Option<u32>,
     client_ref: Option<String>,
+    reply_to: Option<MessageId>,
+}
+
+impl Send {
+    fn body(self) -> Result<(RoomId, MessageBody, Option<String>, Option<MessageId>), Error> {
+        let kind = self.kind.unwrap_or(if self.media.is_some() {
+            Kind::File
+        } else {
+            Kind::Text
+        });
+        let body = match kind {
+            Kind::Text => {
+                if self.media.is_some() || self.caption.is_some() || self.duration.is_some() {
+                    return Err(Error::invalid(
+                        "send: a text message takes `text` only (no media, caption or duration)",
+                    ));
+                }
+                let text = self
+                    .text
+                    .ok_or_else(|| Error::invalid("send: missing field `text`"))?;
+                MessageBody::Text { text }
+            }
+            k => {
+                if self.text.is_some() {
+                    return Err(Error::invalid(
+                        "send: a media message takes `media` and `caption`, not `text`",
+                    ));
+                }
+                let media = Media {
+                    media: self
+                        .media
+                        .ok_or_else(|| Error::invalid("send: missing field `media`"))?,
+                    caption: self.caption,
+                    duration: self.duration,
+                };
+                match k {
+                    Kind::Image => MessageBody::Image(media),
+                    Kind::Audio => MessageBody::Audio(media),
+                    Kind::Video => MessageBody::Video(media),
+                    _ => MessageBody::File(media),
+                }
+            }
+        };
+        Ok((self.room, body, self.client_ref, self.reply_to))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Edit {
+    room: RoomId,
+    message: MessageId,
+    text: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Delete {
+    room: RoomId,
+    messages: Vec<MessageId>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct React {
+    room: RoomId,
+    message: MessageId,
+    emoji: String,
+    #[serde(default = "yes")]
+    add: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Read {
+    room: RoomId,
+    message: Option<MessageId>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Typing {
+    room: RoomId,
+    typing: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct View {
+    room: RoomId,
+    viewing: bool,
 }
 
 #[derive(Deserialize)]
@@ -81,7 +242,65 @@ struct History {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DirectHistory {
+    user: UserId,
+    before: Option<MessageId>,
+    after: Option<MessageId>,
+    limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Replay {
+    room: RoomId,
+    after_seq: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resume {
+    rooms: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Chats {
+    #[serde(default)]
+    direct_only: bool,
+    #[serde(default)]
+    skip: u32,
+    limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Friend {
+    user: UserId,
+    action: FriendAction,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Friendships {
+    #[serde(default)]
+    all: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserLookup {
+    id: Option<UserId>,
+    username: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Empty {}
+
+/// Every op name, for the unknown-op error.
+const OPS: &str = "ping, open_direct, create_group, update_group, add_members, remove_member, \
+                   set_role, join, leave, members, send, edit, delete, react, read, typing, view, \
+                   history, direct_history, replay, resume, rooms, chats, friend, friendships, user";
 
 fn args<T: DeserializeOwned>(op: &str, m: Map<String, Value>) -> Result<T, Error> {
     serde_json::from_value(Value::Object(m)).map_err(|e| Error::invalid(format!("{op}: {e}")))
@@ -124,26 +343,101 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
         Some(_) => return Err(with_id(Error::invalid("`op` must be a string"))),
         None => return Err(with_id(Error::invalid("missing field `op`"))),
     };
+    let cmd = |c: Command| Op::Command(c);
     let op = match op.as_str() {
         "ping" => args::<Empty>(&op, m).map(|_| Op::Ping),
         "open_direct" => {
-            args::<OpenDirect>(&op, m).map(|a| Op::Command(Command::OpenDirect { peer: a.user }))
+            args::<OpenDirect>(&op, m).map(|a| cmd(Command::OpenDirect { peer: a.user }))
         }
         "create_group" => args::<CreateGroup>(&op, m).map(|a| {
-            Op::Command(Command::CreateGroup {
+            cmd(Command::CreateGroup {
                 name: a.name,
                 members: a.members,
+                avatar: a.avatar,
+                public: a.public,
             })
         }),
-        "send" => args::<Send>(&op, m).map(|a| {
-            Op::Command(Command::Send {
+        "update_group" => args::<UpdateGroup>(&op, m).map(|a| {
+            cmd(Command::UpdateGroup {
                 room: a.room,
-                body: MessageBody::Text { text: a.text },
-                client_ref: a.client_ref,
+                name: a.name,
+                avatar: a.avatar,
+                public: a.public,
+            })
+        }),
+        "add_members" => args::<AddMembers>(&op, m).map(|a| {
+            cmd(Command::AddMembers {
+                room: a.room,
+                users: a.users,
+            })
+        }),
+        "remove_member" => args::<RoomUser>(&op, m).map(|a| {
+            cmd(Command::RemoveMember {
+                room: a.room,
+                user: a.user,
+            })
+        }),
+        "set_role" => args::<SetRole>(&op, m).map(|a| {
+            cmd(Command::SetRole {
+                room: a.room,
+                user: a.user,
+                role: a.role,
+            })
+        }),
+        "join" => args::<RoomOnly>(&op, m).map(|a| cmd(Command::Join { room: a.room })),
+        "leave" => args::<RoomOnly>(&op, m).map(|a| cmd(Command::Leave { room: a.room })),
+        "members" => args::<RoomOnly>(&op, m).map(|a| cmd(Command::Members { room: a.room })),
+        "send" => args::<Send>(&op, m).and_then(|a| {
+            let (room, body, client_ref, reply_to) = a.body()?;
+            Ok(cmd(Command::Send {
+                room,
+                body,
+                client_ref,
+                reply_to,
+            }))
+        }),
+        "edit" => args::<Edit>(&op, m).map(|a| {
+            cmd(Command::Edit {
+                room: a.room,
+                message: a.message,
+                text: a.text,
+            })
+        }),
+        "delete" => args::<Delete>(&op, m).map(|a| {
+            cmd(Command::Delete {
+                room: a.room,
+                messages: a.messages,
+            })
+        }),
+        "react" => args::<React>(&op, m).map(|a| {
+            cmd(Command::React {
+                room: a.room,
+                message: a.message,
+                emoji: a.emoji,
+                add: a.add,
+            })
+        }),
+        "read" => args::<Read>(&op, m).map(|a| {
+            cmd(Command::MarkRead {
+                room: a.room,
+                message: a.message,
+            })
+        }),
+        "typing" => args::<Typing>(&op, m).map(|a| {
+            cmd(Command::Typing {
+                room: a.room,
+                typing: a.typing,
+            })
+        }),
+        "view" => args::<View>(&op, m).map(|a| {
+            cmd(Command::View {
+                room: a.room,
+                viewing: a.viewing,
+                session: None,
             })
         }),
         "history" => args::<History>(&op, m).map(|a| {
-            Op::Command(Command::History {
+            cmd(Command::History {
                 room: a.room,
                 query: HistoryQuery {
                     before: a.before,
@@ -152,29 +446,89 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
                 },
             })
         }),
-        "rooms" => args::<Empty>(&op, m).map(|_| Op::Command(Command::ListRooms)),
+        "direct_history" => args::<DirectHistory>(&op, m).map(|a| {
+            cmd(Command::DirectHistory {
+                peer: a.user,
+                query: HistoryQuery {
+                    before: a.before,
+                    after: a.after,
+                    limit: a.limit,
+                },
+            })
+        }),
+        "replay" => args::<Replay>(&op, m).map(|a| {
+            cmd(Command::Replay {
+                room: a.room,
+                after_seq: a.after_seq,
+            })
+        }),
+        "resume" => args::<Resume>(&op, m).and_then(|a| {
+            if a.rooms.len() > 10_000 {
+                return Err(Error::invalid("resume: at most 10000 rooms"));
+            }
+            a.rooms
+                .into_iter()
+                .map(|(k, seq)| {
+                    k.parse::<u64>()
+                        .ok()
+                        .and_then(|v| RoomId::parse(v).ok())
+                        .map(|r| (r, seq))
+                        .ok_or_else(|| Error::invalid(format!("resume: {k:?} is not a room id")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Op::Resume)
+        }),
+        "rooms" => args::<Empty>(&op, m).map(|_| cmd(Command::ListRooms)),
+        "chats" => args::<Chats>(&op, m).map(|a| {
+            cmd(Command::Chats {
+                direct_only: a.direct_only,
+                skip: a.skip,
+                limit: a.limit,
+            })
+        }),
+        "friend" => args::<Friend>(&op, m).map(|a| {
+            cmd(Command::Friend {
+                peer: a.user,
+                action: a.action,
+            })
+        }),
+        "friendships" => {
+            args::<Friendships>(&op, m).map(|a| cmd(Command::Friendships { all: a.all }))
+        }
+        "user" => args::<UserLookup>(&op, m).map(|a| {
+            cmd(Command::User {
+                id: a.id,
+                username: a.username,
+            })
+        }),
         other => Err(Error::new(
             ErrorCode::UnknownOp,
-            format!(
-                "unknown op {other:?}; expected one of open_direct, create_group, send, history, \
-                 rooms, ping"
-            ),
+            format!("unknown op {other:?}; expected one of {OPS}"),
         )),
     }
     .map_err(with_id)?;
     Ok(Request { id, op })
 }
 
-/// Encodes a successful reply.
-pub fn encode_ok(id: &Value, reply: &Reply) -> String {
-    let data = match reply {
-        Reply::Room { room, created } => json!({ "room": room, "created": created }),
-        Reply::Message { message } => json!({ "message": message }),
-        Reply::History { messages, has_more } => {
-            json!({ "messages": messages, "has_more": has_more })
+/// The fields of a tagged enum value, without its tag.
+fn untagged(v: impl serde::Serialize, tag: &str) -> Value {
+    match serde_json::to_value(v) {
+        Ok(Value::Object(mut m)) => {
+            m.remove(tag);
+            Value::Object(m)
         }
-        Reply::Rooms { rooms } => json!({ "rooms": rooms }),
-    };
+        Ok(other) => other,
+        Err(e) => json!({ "encode_error": e.to_string() }),
+    }
+}
+
+/// Encodes a successful reply: `data` holds the reply's fields.
+pub fn encode_ok(id: &Value, reply: &Reply) -> String {
+    encode_data(id, untagged(reply, "reply"))
+}
+
+/// Encodes a successful reply with the given data.
+pub fn encode_data(id: &Value, data: Value) -> String {
     json!({ "type": "reply", "id": id, "ok": true, "data": data }).to_string()
 }
 
@@ -194,13 +548,13 @@ pub fn encode_error(id: &Value, e: &Error) -> String {
     .to_string()
 }
 
-/// Encodes an event.
+/// Encodes an event: `data` holds the event's fields; `room` and `seq` are repeated at the top
+/// level when the event has them.
 pub fn encode_event(e: &Event) -> String {
-    let data = match e {
-        Event::Message { message } => json!({ "message": message }),
-        Event::RoomJoined { room } => json!({ "room": room }),
-    };
-    let mut v = json!({ "type": "event", "event": e.name(), "room": e.room(), "data": data });
+    let mut v = json!({ "type": "event", "event": e.name(), "data": untagged(e, "event") });
+    if let Some(room) = e.room() {
+        v["room"] = json!(room);
+    }
     if let Some(seq) = e.seq() {
         v["seq"] = json!(seq);
     }
@@ -228,7 +582,8 @@ mod tests {
             Op::Command(Command::Send {
                 room: RoomId(5),
                 body: MessageBody::Text { text: "hi".into() },
-                client_ref: Some("c1".into())
+                client_ref: Some("c1".into()),
+                reply_to: None,
             })
         );
         let r = decode(r#"{"id":"a","op":"history","room":5,"before":9,"limit":2}"#).expect("h");
@@ -307,15 +662,14 @@ mod tests {
             encode_pong(&json!(3)),
             r#"{"data":{},"id":3,"ok":true,"type":"reply"}"#
         );
-        let m = schema::Message {
-            id: MessageId(77),
-            room: RoomId(5),
-            seq: 2,
-            sender: UserId::parse("1").expect("uid"),
-            body: MessageBody::Text { text: "yo".into() },
-            client_ref: None,
-            created_at: 9,
-        };
+        let m = schema::Message::new(
+            MessageId(77),
+            RoomId(5),
+            2,
+            UserId::parse("1").expect("uid"),
+            MessageBody::Text { text: "yo".into() },
+            9,
+        );
         assert_eq!(
             encode_event(&Event::Message { message: m }),
             r#"{"data":{"message":{"created_at":9,"id":77,"room":5,"sender":"1","seq":2,"text":"yo","type":"text"}},"event":"message","room":5,"seq":2,"type":"event"}"#

@@ -87,6 +87,8 @@ mod tests {
                 created_at: 0,
                 last_seq: 0,
                 last_message_id: None,
+                avatar: None,
+                public: false,
             },
             members: vec![],
             last_message: None,
@@ -121,9 +123,15 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         for n in 1..=10 {
-            assert_eq!(a.next().await.map(|d| d.event.room().0), Some(n));
+            assert_eq!(
+                a.next().await.map(|d| d.event.room().map_or(0, |r| r.0)),
+                Some(n)
+            );
         }
-        assert_eq!(b.next().await.map(|d| d.event.room().0), Some(99));
+        assert_eq!(
+            b.next().await.map(|d| d.event.room().map_or(0, |r| r.0)),
+            Some(99)
+        );
         bus.close().await;
         assert!(a.next().await.is_none());
     }

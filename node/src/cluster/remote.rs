@@ -4,7 +4,7 @@ use super::Cluster;
 use super::wire::{NodeRequest, NodeResponse};
 use crate::api::NodeApi;
 use crate::ring::RingKey;
-use crate::user::SessionInfo;
+use crate::user::{Connected, SessionInfo};
 use async_trait::async_trait;
 use schema::{Command, Error, GatewayId, Profile, Reply, RoomId, SessionId, UserId};
 use std::collections::BTreeMap;
@@ -26,13 +26,16 @@ fn unexpected(r: NodeResponse) -> Error {
     Error::internal(format!("unexpected node answer {r:?}"))
 }
 
-/// The ring key a command is routed by: the room for room commands, the caller otherwise.
+/// The ring key a command is routed by: the room for room commands (its single writer), the
+/// pair's smaller user id for friendship changes (one node serialises a pair's changes), the
+/// caller otherwise.
 pub fn command_key(caller: &UserId, cmd: &Command) -> RingKey {
+    if let Some(room) = cmd.room() {
+        return RingKey::Room(room);
+    }
     match cmd {
-        Command::Send { room, .. } | Command::History { room, .. } => RingKey::Room(*room),
-        Command::OpenDirect { .. } | Command::CreateGroup { .. } | Command::ListRooms => {
-            RingKey::User(caller.clone())
-        }
+        Command::Friend { peer, .. } => RingKey::User(caller.min(peer).clone()),
+        _ => RingKey::User(caller.clone()),
     }
 }
 
@@ -84,14 +87,30 @@ impl RemoteNodes {
 
 #[async_trait]
 impl NodeApi for RemoteNodes {
-    async fn connect(&self, profile: Profile, session: SessionInfo) -> Result<Vec<RoomId>, Error> {
+    async fn connect(&self, profile: Profile, session: SessionInfo) -> Result<Connected, Error> {
         let key = RingKey::User(profile.id.clone());
         match self
             .cluster
             .call(&key, NodeRequest::Connect { profile, session }, true)
             .await?
         {
-            NodeResponse::Rooms { rooms } => Ok(rooms),
+            NodeResponse::Connected { connected } => Ok(connected),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn import_users(&self, users: Vec<Profile>) -> Result<usize, Error> {
+        // Users live in the shared store: any node can write them; route by the first id.
+        let Some(first) = users.first() else {
+            return Ok(0);
+        };
+        let key = RingKey::User(first.id.clone());
+        match self
+            .cluster
+            .call(&key, NodeRequest::ImportUsers { users }, true)
+            .await?
+        {
+            NodeResponse::Imported { count } => Ok(count),
             other => Err(unexpected(other)),
         }
     }
@@ -110,8 +129,15 @@ impl NodeApi for RemoteNodes {
 
     async fn execute(&self, caller: &UserId, cmd: Command) -> Result<Reply, Error> {
         let key = command_key(caller, &cmd);
-        // Creating a group twice is not harmless: retry it only when it surely did not run.
-        let idempotent = !matches!(cmd, Command::CreateGroup { .. });
+        // Creating a group twice, or leaving twice, is not harmless: retry those only when they
+        // surely did not run.
+        let idempotent = !matches!(
+            cmd,
+            Command::CreateGroup { .. }
+                | Command::Leave { .. }
+                | Command::RemoveMember { .. }
+                | Command::Friend { .. }
+        );
         let auto_ref = match &cmd {
             Command::Send {
                 client_ref: None, ..

@@ -44,7 +44,7 @@ impl ClusterService for NodeService {
                 NodeRequest::Connect { profile, session } => node
                     .connect(profile, session)
                     .await
-                    .map(|rooms| NodeResponse::Rooms { rooms }),
+                    .map(|connected| NodeResponse::Connected { connected }),
                 NodeRequest::Disconnect {
                     user,
                     gateway,
@@ -71,6 +71,17 @@ impl ClusterService for NodeService {
                 NodeRequest::UserGateways { user } => node
                     .local_user_gateways(&user)
                     .map(|gateways| NodeResponse::Gateways { gateways }),
+                NodeRequest::Online { users } => Ok(NodeResponse::Online {
+                    online: node.local_online(&users),
+                }),
+                NodeRequest::ReloadRoom { room } => {
+                    node.reload_local_room(room);
+                    Ok(NodeResponse::Done)
+                }
+                NodeRequest::ImportUsers { users } => node
+                    .import_users(users)
+                    .await
+                    .map(|count| NodeResponse::Imported { count }),
             }
         }
         .instrument(span)

@@ -1,6 +1,6 @@
 //! The messages of the cluster service.
 
-use crate::user::SessionInfo;
+use crate::user::{Connected, SessionInfo};
 use schema::{Command, Error, GatewayId, NodeId, Profile, Reply, RoomId, SessionId, UserId};
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +69,21 @@ pub enum NodeRequest {
         /// The user.
         user: UserId,
     },
+    /// Whether these users have a connected session (owner of the users).
+    Online {
+        /// The users.
+        users: Vec<UserId>,
+    },
+    /// Reread a room from the store (owner of the room), after a block changed.
+    ReloadRoom {
+        /// The room.
+        room: RoomId,
+    },
+    /// Create or update users (any node).
+    ImportUsers {
+        /// Their profiles.
+        users: Vec<Profile>,
+    },
 }
 
 /// A node's answer.
@@ -86,10 +101,20 @@ pub enum NodeResponse {
         #[serde(default)]
         incarnation: u64,
     },
-    /// To `Connect`: the user's rooms.
-    Rooms {
-        /// Room ids.
-        rooms: Vec<RoomId>,
+    /// To `Connect`: the user's rooms and pending notifications.
+    Connected {
+        /// What the session learns.
+        connected: Connected,
+    },
+    /// To `Online`, in the order asked.
+    Online {
+        /// Online or not.
+        online: Vec<bool>,
+    },
+    /// To `ImportUsers`.
+    Imported {
+        /// How many.
+        count: usize,
     },
     /// To `Execute`.
     Reply {

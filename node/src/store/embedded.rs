@@ -11,13 +11,13 @@
 //! grows and the cost of the fsync is shared; idle, a write commits alone at once. Reads run on
 //! a small pool of read connections (WAL lets them run beside the writer) on the blocking pool.
 
-use super::{HistoryPage, NewRoom, Store, StoreError, StoreResult};
+use super::{HistoryPage, NewRoom, RoomWrite, Store, StoreError, StoreResult};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use schema::{
-    HistoryQuery, Member, Message, MessageBody, MessageId, Millis, Profile, Room, RoomId,
-    RoomSummary, User, UserId,
+    Event, Friendship, FriendshipStatus, HistoryQuery, Member, Message, MessageContent, MessageId,
+    Millis, Notification, Profile, Room, RoomId, RoomSummary, User, UserId,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,13 +45,20 @@ enum WriteOp {
     SetLastSeen(UserId, Millis),
     CreateRoom(NewRoom),
     GetOrCreateDirect(NewRoom),
-    Append(RoomId, Vec<Message>),
+    ApplyRoom(RoomId, Box<RoomWrite>),
+    SetRead(RoomId, UserId, MessageId),
+    PutFriendship(Box<Friendship>),
+    DeleteFriendship(UserId, UserId),
+    SetBlock(UserId, UserId, bool),
+    AddPending(Vec<(UserId, Notification)>, u32),
+    TakePending(UserId),
 }
 
 enum WriteOut {
     User(Box<User>),
     Unit,
     Direct(Box<Room>, bool),
+    Pending(Vec<Notification>),
 }
 
 struct WriteJob {
@@ -163,7 +170,8 @@ fn open_conn(path: &PathBuf, durability: Durability) -> StoreResult<Connection> 
 }
 
 /// Ordered migrations; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     id TEXT PRIMARY KEY,
     username TEXT,
@@ -206,7 +214,47 @@ CREATE TABLE messages (
 CREATE UNIQUE INDEX messages_by_seq ON messages(room, seq);
 CREATE UNIQUE INDEX messages_by_client_ref ON messages(room, sender, client_ref)
     WHERE client_ref IS NOT NULL;
-"#];
+"#,
+    r#"
+ALTER TABLE rooms ADD COLUMN avatar TEXT;
+ALTER TABLE rooms ADD COLUMN public INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE room_log (
+    room INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    PRIMARY KEY (room, seq)
+) WITHOUT ROWID;
+CREATE TABLE read_markers (
+    room INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    message_id INTEGER NOT NULL,
+    PRIMARY KEY (room, user)
+) WITHOUT ROWID;
+CREATE TABLE friendships (
+    lo TEXT NOT NULL,
+    hi TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    addressee TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (lo, hi)
+) WITHOUT ROWID;
+CREATE INDEX friendships_by_hi ON friendships(hi, lo);
+CREATE TABLE blocks (
+    blocker TEXT NOT NULL,
+    blocked TEXT NOT NULL,
+    PRIMARY KEY (blocker, blocked)
+) WITHOUT ROWID;
+CREATE INDEX blocks_by_blocked ON blocks(blocked, blocker);
+CREATE TABLE pending (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX pending_by_user ON pending(user, id);
+"#,
+];
 
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
     let done: usize = conn
@@ -335,49 +383,204 @@ fn apply(tx: &mut rusqlite::Savepoint<'_>, op: &WriteOp) -> StoreResult<WriteOut
                 }
             }
         }
-        WriteOp::Append(room, msgs) => {
-            let mut ins = tx
-                .prepare_cached(
-                    "INSERT INTO messages (room, id, seq, sender, client_ref, body, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .map_err(db_err)?;
-            let (mut last_seq, mut last_id, mut last_at) = (0u64, 0u64, 0i64);
-            for m in msgs {
-                let body = serde_json::to_string(&m.body)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                ins.execute(params![
-                    room.0 as i64,
-                    m.id.0 as i64,
-                    m.seq as i64,
-                    m.sender.as_str(),
-                    m.client_ref,
-                    body,
-                    m.created_at
-                ])
-                .map_err(db_err)?;
-                last_seq = last_seq.max(m.seq);
-                last_id = last_id.max(m.id.0);
-                last_at = last_at.max(m.created_at);
-            }
-            drop(ins);
+        WriteOp::ApplyRoom(room, w) => {
+            apply_room(tx, *room, w)?;
+            Ok(WriteOut::Unit)
+        }
+        WriteOp::SetRead(room, user, id) => {
             tx.prepare_cached(
-                "UPDATE rooms SET last_seq = max(last_seq, ?2),
-                   last_message_id = max(coalesce(last_message_id, 0), ?3),
-                   last_activity = max(last_activity, ?4) WHERE id = ?1",
+                "INSERT INTO read_markers (room, user, message_id) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(room, user) DO UPDATE SET message_id = excluded.message_id
+                 WHERE excluded.message_id > read_markers.message_id",
+            )
+            .and_then(|mut s| s.execute(params![room.0 as i64, user.as_str(), id.0 as i64]))
+            .map_err(db_err)?;
+            Ok(WriteOut::Unit)
+        }
+        WriteOp::PutFriendship(f) => {
+            let (lo, hi) = pair(&f.requester, &f.addressee);
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO friendships
+                   (lo, hi, requester, addressee, status, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
             .and_then(|mut s| {
                 s.execute(params![
-                    room.0 as i64,
-                    last_seq as i64,
-                    last_id as i64,
-                    last_at
+                    lo,
+                    hi,
+                    f.requester.as_str(),
+                    f.addressee.as_str(),
+                    f.status.code(),
+                    f.created_at,
+                    f.updated_at
                 ])
             })
             .map_err(db_err)?;
             Ok(WriteOut::Unit)
         }
+        WriteOp::DeleteFriendship(a, b) => {
+            let (lo, hi) = pair(a, b);
+            tx.prepare_cached("DELETE FROM friendships WHERE lo = ?1 AND hi = ?2")
+                .and_then(|mut s| s.execute(params![lo, hi]))
+                .map_err(db_err)?;
+            Ok(WriteOut::Unit)
+        }
+        WriteOp::SetBlock(blocker, blocked, on) => {
+            let sql = if *on {
+                "INSERT OR IGNORE INTO blocks (blocker, blocked) VALUES (?1, ?2)"
+            } else {
+                "DELETE FROM blocks WHERE blocker = ?1 AND blocked = ?2"
+            };
+            tx.prepare_cached(sql)
+                .and_then(|mut s| s.execute(params![blocker.as_str(), blocked.as_str()]))
+                .map_err(db_err)?;
+            Ok(WriteOut::Unit)
+        }
+        WriteOp::AddPending(items, cap) => {
+            let mut users: Vec<&UserId> = Vec::new();
+            {
+                let mut ins = tx
+                    .prepare_cached("INSERT INTO pending (user, body) VALUES (?1, ?2)")
+                    .map_err(db_err)?;
+                for (user, n) in items {
+                    let body =
+                        serde_json::to_string(n).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    ins.execute(params![user.as_str(), body]).map_err(db_err)?;
+                    if !users.contains(&user) {
+                        users.push(user);
+                    }
+                }
+            }
+            let mut trim = tx
+                .prepare_cached(
+                    "DELETE FROM pending WHERE user = ?1 AND id NOT IN
+                       (SELECT id FROM pending WHERE user = ?1 ORDER BY id DESC LIMIT ?2)",
+                )
+                .map_err(db_err)?;
+            for user in users {
+                trim.execute(params![user.as_str(), i64::from(*cap)])
+                    .map_err(db_err)?;
+            }
+            Ok(WriteOut::Unit)
+        }
+        WriteOp::TakePending(user) => {
+            let items = tx
+                .prepare_cached("SELECT body FROM pending WHERE user = ?1 ORDER BY id")
+                .and_then(|mut s| {
+                    s.query_map([user.as_str()], |r| r.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<Vec<String>>>()
+                })
+                .map_err(db_err)?;
+            tx.prepare_cached("DELETE FROM pending WHERE user = ?1")
+                .and_then(|mut s| s.execute([user.as_str()]))
+                .map_err(db_err)?;
+            let items = items
+                .iter()
+                .map(|b| serde_json::from_str(b).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .collect::<StoreResult<Vec<Notification>>>()?;
+            Ok(WriteOut::Pending(items))
+        }
     }
+}
+
+/// A pair of users in canonical order.
+fn pair<'a>(a: &'a UserId, b: &'a UserId) -> (&'a str, &'a str) {
+    if a <= b {
+        (a.as_str(), b.as_str())
+    } else {
+        (b.as_str(), a.as_str())
+    }
+}
+
+fn content_json(m: &Message) -> StoreResult<String> {
+    serde_json::to_string(&MessageContent::of(m)).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn apply_room(tx: &rusqlite::Savepoint<'_>, room: RoomId, w: &RoomWrite) -> StoreResult<()> {
+    let r = room.0 as i64;
+    if !w.new_messages.is_empty() {
+        let mut ins = tx
+            .prepare_cached(
+                "INSERT INTO messages (room, id, seq, sender, client_ref, body, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(db_err)?;
+        for m in &w.new_messages {
+            ins.execute(params![
+                r,
+                m.id.0 as i64,
+                m.seq as i64,
+                m.sender.as_str(),
+                m.client_ref,
+                content_json(m)?,
+                m.created_at
+            ])
+            .map_err(db_err)?;
+        }
+    }
+    if !w.changed_messages.is_empty() {
+        let mut upd = tx
+            .prepare_cached("UPDATE messages SET body = ?3 WHERE room = ?1 AND id = ?2")
+            .map_err(db_err)?;
+        for m in &w.changed_messages {
+            upd.execute(params![r, m.id.0 as i64, content_json(m)?])
+                .map_err(db_err)?;
+        }
+    }
+    if !w.log.is_empty() {
+        let mut ins = tx
+            .prepare_cached("INSERT INTO room_log (room, seq, event) VALUES (?1, ?2, ?3)")
+            .map_err(db_err)?;
+        for (seq, e) in &w.log {
+            let json = serde_json::to_string(e).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            ins.execute(params![r, *seq as i64, json]).map_err(db_err)?;
+        }
+    }
+    for m in &w.upsert_members {
+        tx.prepare_cached(
+            "INSERT INTO members (room, user, role, joined_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(room, user) DO UPDATE SET role = excluded.role",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                r,
+                m.user.as_str(),
+                super::role_str(m.role),
+                m.joined_at
+            ])
+        })
+        .map_err(db_err)?;
+    }
+    for u in &w.remove_members {
+        tx.prepare_cached("DELETE FROM members WHERE room = ?1 AND user = ?2")
+            .and_then(|mut s| s.execute(params![r, u.as_str()]))
+            .map_err(db_err)?;
+        tx.prepare_cached("DELETE FROM read_markers WHERE room = ?1 AND user = ?2")
+            .and_then(|mut s| s.execute(params![r, u.as_str()]))
+            .map_err(db_err)?;
+    }
+    if let Some(p) = &w.patch {
+        tx.prepare_cached("UPDATE rooms SET name = ?2, avatar = ?3, public = ?4 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![r, p.name, p.avatar, p.public]))
+            .map_err(db_err)?;
+    }
+    let activity = if w.new_messages.is_empty() { 0 } else { w.at };
+    tx.prepare_cached(
+        "UPDATE rooms SET last_seq = max(last_seq, ?2),
+           last_message_id = CASE WHEN ?3 IS NULL THEN last_message_id
+             ELSE max(coalesce(last_message_id, 0), ?3) END,
+           last_activity = max(last_activity, ?4) WHERE id = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            r,
+            w.last_seq as i64,
+            w.last_message_id.map(|m| m.0 as i64),
+            activity
+        ])
+    })
+    .map_err(db_err)?;
+    Ok(())
 }
 
 fn insert_room(
@@ -387,8 +590,9 @@ fn insert_room(
 ) -> StoreResult<()> {
     let r = &new.room;
     tx.prepare_cached(
-        "INSERT INTO rooms (id, kind, name, created_by, created_at, direct_key, last_activity)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5)",
+        "INSERT INTO rooms (id, kind, name, created_by, created_at, direct_key, last_activity,
+           avatar, public)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5, ?7, ?8)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -397,7 +601,9 @@ fn insert_room(
             r.name,
             r.created_by.as_str(),
             r.created_at,
-            direct_key
+            direct_key,
+            r.avatar,
+            r.public
         ])
     })
     .map_err(db_err)?;
@@ -417,7 +623,8 @@ fn insert_room(
 }
 
 const USER_COLS: &str = "id, username, name, avatar, created_at, updated_at, last_seen";
-const ROOM_COLS: &str = "id, kind, name, created_by, created_at, last_seq, last_message_id";
+const ROOM_COLS: &str =
+    "id, kind, name, created_by, created_at, last_seq, last_message_id, avatar, public";
 const MSG_COLS: &str = "id, room, seq, sender, client_ref, body, created_at";
 
 fn user_id(s: String) -> rusqlite::Result<UserId> {
@@ -455,6 +662,8 @@ fn room_row(r: &Row<'_>) -> rusqlite::Result<Room> {
         created_at: r.get(4)?,
         last_seq: r.get::<_, i64>(5)? as u64,
         last_message_id: r.get::<_, Option<i64>>(6)?.map(|v| MessageId(v as u64)),
+        avatar: r.get(7)?,
+        public: r.get(8)?,
     })
 }
 
@@ -467,20 +676,37 @@ fn member_row(r: &Row<'_>) -> rusqlite::Result<Member> {
             None => return Err(conv(format!("unknown role {:?}", role))),
         },
         joined_at: r.get(2)?,
+        online: None,
     })
 }
 
 fn message_row(r: &Row<'_>) -> rusqlite::Result<Message> {
     let body: String = r.get(5)?;
-    let body: MessageBody = serde_json::from_str(&body).map_err(|e| conv(e.to_string()))?;
-    Ok(Message {
-        id: MessageId(r.get::<_, i64>(0)? as u64),
-        room: RoomId(r.get::<_, i64>(1)? as u64),
-        seq: r.get::<_, i64>(2)? as u64,
-        sender: user_id(r.get(3)?)?,
-        body,
-        client_ref: r.get(4)?,
-        created_at: r.get(6)?,
+    let content: MessageContent = serde_json::from_str(&body).map_err(|e| conv(e.to_string()))?;
+    let mut m = Message::new(
+        MessageId(r.get::<_, i64>(0)? as u64),
+        RoomId(r.get::<_, i64>(1)? as u64),
+        r.get::<_, i64>(2)? as u64,
+        user_id(r.get(3)?)?,
+        content.body.clone(),
+        r.get(6)?,
+    );
+    m.client_ref = r.get(4)?;
+    content.apply(&mut m);
+    Ok(m)
+}
+
+const FRIEND_COLS: &str = "requester, addressee, status, created_at, updated_at";
+
+fn friendship_row(r: &Row<'_>) -> rusqlite::Result<Friendship> {
+    let code: u8 = r.get(2)?;
+    Ok(Friendship {
+        requester: user_id(r.get(0)?)?,
+        addressee: user_id(r.get(1)?)?,
+        status: FriendshipStatus::from_code(code)
+            .ok_or_else(|| conv(format!("unknown friendship status {code}")))?,
+        created_at: r.get(3)?,
+        updated_at: r.get(4)?,
     })
 }
 
@@ -567,7 +793,7 @@ impl Store for EmbeddedStore {
             let rooms: Vec<Room> = c
                 .prepare_cached(
                     "SELECT r.id, r.kind, r.name, r.created_by, r.created_at, r.last_seq,
-                            r.last_message_id
+                            r.last_message_id, r.avatar, r.public
                      FROM members m JOIN rooms r ON r.id = m.room
                      WHERE m.user = ?1 ORDER BY r.last_activity DESC, r.id DESC",
                 )?
@@ -592,11 +818,209 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn append_messages(&self, room: RoomId, batch: Vec<Message>) -> StoreResult<()> {
-        if batch.is_empty() {
+    async fn direct_room(&self, a: &UserId, b: &UserId) -> StoreResult<Option<RoomId>> {
+        let key = super::direct_key(a, b);
+        self.read(move |c| {
+            c.prepare_cached("SELECT id FROM rooms WHERE direct_key = ?1")?
+                .query_row([&key], |r| Ok(RoomId(r.get::<_, i64>(0)? as u64)))
+                .optional()
+        })
+        .await
+    }
+
+    async fn apply_room(&self, room: RoomId, write: RoomWrite) -> StoreResult<()> {
+        self.write(WriteOp::ApplyRoom(room, Box::new(write)))
+            .await
+            .map(|_| ())
+    }
+
+    async fn message(&self, room: RoomId, id: MessageId) -> StoreResult<Option<Message>> {
+        self.read(move |c| message_by_id(c, room, id)).await
+    }
+
+    async fn messages_after_seq(
+        &self,
+        room: RoomId,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {MSG_COLS} FROM messages WHERE room = ?1 AND seq > ?2
+                 ORDER BY seq ASC LIMIT ?3"
+            ))?
+            .query_map(
+                params![room.0 as i64, after_seq as i64, i64::from(limit)],
+                message_row,
+            )?
+            .collect()
+        })
+        .await
+    }
+
+    async fn room_log(
+        &self,
+        room: RoomId,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<(u64, Event)>> {
+        let rows: Vec<(i64, String)> = self
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT seq, event FROM room_log WHERE room = ?1 AND seq > ?2
+                     ORDER BY seq ASC LIMIT ?3",
+                )?
+                .query_map(
+                    params![room.0 as i64, after_seq as i64, i64::from(limit)],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?
+                .collect()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(seq, json)| {
+                serde_json::from_str(&json)
+                    .map(|e| (seq as u64, e))
+                    .map_err(|e| StoreError::Corrupt(format!("room log: {e}")))
+            })
+            .collect()
+    }
+
+    async fn set_read_marker(
+        &self,
+        room: RoomId,
+        user: &UserId,
+        up_to: MessageId,
+    ) -> StoreResult<()> {
+        self.write(WriteOp::SetRead(room, user.clone(), up_to))
+            .await
+            .map(|_| ())
+    }
+
+    async fn read_marker(&self, room: RoomId, user: &UserId) -> StoreResult<Option<MessageId>> {
+        let user = user.clone();
+        self.read(move |c| {
+            c.prepare_cached("SELECT message_id FROM read_markers WHERE room = ?1 AND user = ?2")?
+                .query_row(params![room.0 as i64, user.as_str()], |r| {
+                    Ok(MessageId(r.get::<_, i64>(0)? as u64))
+                })
+                .optional()
+        })
+        .await
+    }
+
+    async fn unread_count(
+        &self,
+        room: RoomId,
+        user: &UserId,
+        after: Option<MessageId>,
+        cap: u32,
+    ) -> StoreResult<u32> {
+        let user = user.clone();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT count(*) FROM (SELECT 1 FROM messages
+                   WHERE room = ?1 AND id > ?2 AND sender <> ?3
+                     AND json_extract(body, '$.type') <> 'deleted' LIMIT ?4)",
+            )?
+            .query_row(
+                params![
+                    room.0 as i64,
+                    after.map_or(0, |m| m.0 as i64),
+                    user.as_str(),
+                    i64::from(cap)
+                ],
+                |r| r.get::<_, u32>(0),
+            )
+        })
+        .await
+    }
+
+    async fn friendship(&self, a: &UserId, b: &UserId) -> StoreResult<Option<Friendship>> {
+        let (lo, hi) = pair(a, b);
+        let (lo, hi) = (lo.to_owned(), hi.to_owned());
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {FRIEND_COLS} FROM friendships WHERE lo = ?1 AND hi = ?2"
+            ))?
+            .query_row(params![lo, hi], friendship_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_friendship(&self, f: &Friendship) -> StoreResult<()> {
+        self.write(WriteOp::PutFriendship(Box::new(f.clone())))
+            .await
+            .map(|_| ())
+    }
+
+    async fn delete_friendship(&self, a: &UserId, b: &UserId) -> StoreResult<()> {
+        self.write(WriteOp::DeleteFriendship(a.clone(), b.clone()))
+            .await
+            .map(|_| ())
+    }
+
+    async fn friendships_of(&self, user: &UserId) -> StoreResult<Vec<Friendship>> {
+        let user = user.clone();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {FRIEND_COLS} FROM friendships WHERE lo = ?1
+                 UNION ALL SELECT {FRIEND_COLS} FROM friendships WHERE hi = ?1"
+            ))?
+            .query_map([user.as_str()], friendship_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn set_block(&self, blocker: &UserId, blocked: &UserId, on: bool) -> StoreResult<()> {
+        self.write(WriteOp::SetBlock(blocker.clone(), blocked.clone(), on))
+            .await
+            .map(|_| ())
+    }
+
+    async fn blocks_of(&self, user: &UserId) -> StoreResult<Vec<(UserId, UserId)>> {
+        let user = user.clone();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT blocker, blocked FROM blocks WHERE blocker = ?1
+                 UNION ALL SELECT blocker, blocked FROM blocks WHERE blocked = ?1",
+            )?
+            .query_map([user.as_str()], |r| {
+                Ok((user_id(r.get(0)?)?, user_id(r.get(1)?)?))
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn add_pending(&self, items: Vec<(UserId, Notification)>, cap: u32) -> StoreResult<()> {
+        if items.is_empty() {
             return Ok(());
         }
-        self.write(WriteOp::Append(room, batch)).await.map(|_| ())
+        self.write(WriteOp::AddPending(items, cap))
+            .await
+            .map(|_| ())
+    }
+
+    async fn take_pending(&self, user: &UserId) -> StoreResult<Vec<Notification>> {
+        match self.write(WriteOp::TakePending(user.clone())).await? {
+            WriteOut::Pending(p) => Ok(p),
+            _ => Err(StoreError::Corrupt("unexpected writer answer".into())),
+        }
+    }
+
+    async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>> {
+        let name = username.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {USER_COLS} FROM users WHERE username = ?1 ORDER BY updated_at DESC LIMIT 1"
+            ))?
+            .query_row([name], user_row)
+            .optional()
+        })
+        .await
     }
 
     async fn messages_by_client_ref(

@@ -14,8 +14,8 @@ pub mod scylla;
 
 use async_trait::async_trait;
 use schema::{
-    HistoryQuery, Member, Message, Millis, Profile, Role, Room, RoomId, RoomKind, RoomSummary,
-    User, UserId,
+    Event, Friendship, HistoryQuery, Member, Message, MessageId, Millis, Notification, Profile,
+    Role, Room, RoomId, RoomKind, RoomSummary, User, UserId,
 };
 
 /// Store failures. All are server-side: a client sees them as `unavailable` or `internal`.
@@ -61,6 +61,41 @@ pub struct NewRoom {
     pub members: Vec<Member>,
 }
 
+/// A group's name, avatar or visibility after a change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomPatch {
+    /// Name.
+    pub name: Option<String>,
+    /// Avatar.
+    pub avatar: Option<String>,
+    /// Visibility.
+    pub public: bool,
+}
+
+/// One atomic batch of changes to a room, written by its single writer (the room's sequencer)
+/// in sequence order.
+#[derive(Clone, Debug, Default)]
+pub struct RoomWrite {
+    /// New messages; a `(sender, client_ref)` already stored fails the whole write.
+    pub new_messages: Vec<Message>,
+    /// Messages whose content changed (edit, tombstone, reactions), rewritten whole.
+    pub changed_messages: Vec<Message>,
+    /// The ordered events other than new messages, kept for replay: `(seq, event)`.
+    pub log: Vec<(u64, Event)>,
+    /// Members added, or whose role changed.
+    pub upsert_members: Vec<Member>,
+    /// Members removed.
+    pub remove_members: Vec<UserId>,
+    /// The group's new name/avatar/visibility.
+    pub patch: Option<RoomPatch>,
+    /// The room's sequence number after the batch.
+    pub last_seq: u64,
+    /// Its newest message after the batch.
+    pub last_message_id: Option<MessageId>,
+    /// When the batch happened (orders chat lists by last activity; only new messages move it).
+    pub at: Millis,
+}
+
 /// A page of history, newest first.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HistoryPage {
@@ -85,6 +120,9 @@ pub trait Store: Send + Sync + 'static {
     /// Records when the user's last session closed.
     async fn set_last_seen(&self, id: &UserId, at: Millis) -> StoreResult<()>;
 
+    /// Finds a user by username (exact match).
+    async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>>;
+
     // ---- rooms ----
 
     /// Creates a room with its members.
@@ -107,12 +145,50 @@ pub trait Store: Send + Sync + 'static {
     /// The rooms `user` belongs to with members and newest message, most recently active first.
     async fn rooms_of(&self, user: &UserId) -> StoreResult<Vec<RoomSummary>>;
 
+    /// The direct room of the pair, if one exists.
+    async fn direct_room(&self, a: &UserId, b: &UserId) -> StoreResult<Option<RoomId>>;
+
+    /// Applies a batch of changes to a room atomically (see [`RoomWrite`]) and advances its
+    /// `last_seq` / `last_message_id`.
+    async fn apply_room(&self, room: RoomId, write: RoomWrite) -> StoreResult<()>;
+
     // ---- messages ----
 
     /// Appends messages of one room in one atomic, durable write and advances the room's
     /// `last_seq`/`last_message_id`. The caller (the room's single writer) has assigned ids and
     /// sequence numbers; a `(room, sender, client_ref)` already stored makes the whole call fail.
-    async fn append_messages(&self, room: RoomId, batch: Vec<Message>) -> StoreResult<()>;
+    async fn append_messages(&self, room: RoomId, batch: Vec<Message>) -> StoreResult<()> {
+        let Some(last) = batch.iter().max_by_key(|m| m.seq) else {
+            return Ok(());
+        };
+        let write = RoomWrite {
+            last_seq: last.seq,
+            last_message_id: Some(last.id),
+            at: last.created_at,
+            new_messages: batch,
+            ..RoomWrite::default()
+        };
+        self.apply_room(room, write).await
+    }
+
+    /// Reads one message.
+    async fn message(&self, room: RoomId, id: MessageId) -> StoreResult<Option<Message>>;
+
+    /// Messages of `room` with `seq > after_seq`, oldest first, at most `limit`.
+    async fn messages_after_seq(
+        &self,
+        room: RoomId,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>>;
+
+    /// Logged ordered events of `room` with `seq > after_seq`, oldest first, at most `limit`.
+    async fn room_log(
+        &self,
+        room: RoomId,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<(u64, Event)>>;
 
     /// Finds stored messages of `room` by `(sender, client_ref)`.
     async fn messages_by_client_ref(
@@ -128,6 +204,57 @@ pub trait Store: Send + Sync + 'static {
         query: &HistoryQuery,
         limit: u32,
     ) -> StoreResult<HistoryPage>;
+
+    // ---- read markers ----
+
+    /// Moves `user`'s read marker in `room` forward to `up_to` (never backwards).
+    async fn set_read_marker(
+        &self,
+        room: RoomId,
+        user: &UserId,
+        up_to: MessageId,
+    ) -> StoreResult<()>;
+
+    /// `user`'s read marker in `room`.
+    async fn read_marker(&self, room: RoomId, user: &UserId) -> StoreResult<Option<MessageId>>;
+
+    /// Messages of `room` newer than `after` (all when `None`), not sent by `user` and not
+    /// deleted, counted up to `cap`.
+    async fn unread_count(
+        &self,
+        room: RoomId,
+        user: &UserId,
+        after: Option<MessageId>,
+        cap: u32,
+    ) -> StoreResult<u32>;
+
+    // ---- friendships and blocks ----
+
+    /// The friendship of a pair, whichever asked.
+    async fn friendship(&self, a: &UserId, b: &UserId) -> StoreResult<Option<Friendship>>;
+
+    /// Creates or replaces the friendship of the pair `f.requester`, `f.addressee`.
+    async fn put_friendship(&self, f: &Friendship) -> StoreResult<()>;
+
+    /// Removes the friendship of a pair.
+    async fn delete_friendship(&self, a: &UserId, b: &UserId) -> StoreResult<()>;
+
+    /// Every friendship (any status) `user` is part of.
+    async fn friendships_of(&self, user: &UserId) -> StoreResult<Vec<Friendship>>;
+
+    /// Records (`on`) or lifts a block of `blocked` by `blocker`.
+    async fn set_block(&self, blocker: &UserId, blocked: &UserId, on: bool) -> StoreResult<()>;
+
+    /// Every block `user` is part of, either way, as `(blocker, blocked)`.
+    async fn blocks_of(&self, user: &UserId) -> StoreResult<Vec<(UserId, UserId)>>;
+
+    // ---- pending notifications ----
+
+    /// Records notifications for users, keeping at most `cap` per user (the oldest go).
+    async fn add_pending(&self, items: Vec<(UserId, Notification)>, cap: u32) -> StoreResult<()>;
+
+    /// Takes (reads and removes) `user`'s pending notifications, oldest first.
+    async fn take_pending(&self, user: &UserId) -> StoreResult<Vec<Notification>>;
 
     // ---- lifecycle ----
 
