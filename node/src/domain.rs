@@ -158,7 +158,7 @@ impl Node {
         if !members.iter().any(|m| &m.user == caller) {
             return Err(Error::not_member(room));
         }
-        let page = self.ctx.store.history(room, &query, limit).await?;
+        let page = self.history_page(room, query, limit).await?;
         Ok(Reply::History {
             messages: page.messages.into_iter().map(public).collect(),
             has_more: page.has_more,

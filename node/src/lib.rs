@@ -541,6 +541,50 @@ impl Node {
         Ok(limit)
     }
 
+    /// Reads a history page, first paging past `query.skip` messages from the anchor.
+    pub(crate) async fn history_page(
+        &self,
+        room: RoomId,
+        mut query: HistoryQuery,
+        limit: u32,
+    ) -> Result<store::HistoryPage, Error> {
+        const MAX_SKIP: u32 = 10_000;
+        let mut skip = query.skip.take().unwrap_or(0);
+        if skip > MAX_SKIP {
+            return Err(Error::invalid(format!("skip is at most {MAX_SKIP}")));
+        }
+        let forward = query.after.is_some();
+        while skip > 0 {
+            let n = skip.min(self.ctx.config.history_max_limit.max(1));
+            let page = self.ctx.store.history(room, &query, n).await?;
+            // Pages are newest first: forward, the newest is the new lower bound; backward,
+            // the oldest is the new upper bound.
+            let edge = if forward {
+                page.messages.first()
+            } else {
+                page.messages.last()
+            };
+            let Some(edge) = edge else {
+                return Ok(store::HistoryPage::default());
+            };
+            if forward {
+                query.after = Some(edge.id);
+            } else {
+                query.before = Some(edge.id);
+            }
+            skip -= u32::try_from(page.messages.len()).unwrap_or(n).min(skip);
+            if !page.has_more {
+                return Ok(store::HistoryPage::default());
+            }
+        }
+        if let (Some(a), Some(b)) = (query.after, query.before)
+            && a >= b
+        {
+            return Ok(store::HistoryPage::default());
+        }
+        Ok(self.ctx.store.history(room, &query, limit).await?)
+    }
+
     async fn history(
         &self,
         caller: &UserId,
@@ -554,7 +598,7 @@ impl Node {
         })
         .await??;
         // Read beside the actor: every acknowledged message is already committed.
-        let page = self.ctx.store.history(room, &query, limit).await?;
+        let page = self.history_page(room, query, limit).await?;
         Ok(Reply::History {
             messages: page.messages.into_iter().map(public).collect(),
             has_more: page.has_more,

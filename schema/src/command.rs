@@ -310,6 +310,10 @@ pub struct HistoryQuery {
     pub after: Option<MessageId>,
     /// Page size; clamped to the configured maximum.
     pub limit: Option<u32>,
+    /// Messages to skip from the anchor before the page starts (Syarah `skipCount`), at most
+    /// 10 000. Stores never see it: the node pages past the skipped messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip: Option<u32>,
 }
 
 /// A successful answer to a [`Command`].

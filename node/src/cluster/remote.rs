@@ -94,7 +94,7 @@ impl NodeApi for RemoteNodes {
             .call(&key, NodeRequest::Connect { profile, session }, true)
             .await?
         {
-            NodeResponse::Connected { connected } => Ok(connected),
+            NodeResponse::Connected { connected } => Ok(*connected),
             other => Err(unexpected(other)),
         }
     }
@@ -150,7 +150,7 @@ impl NodeApi for RemoteNodes {
             auto_ref,
         };
         match self.cluster.call(&key, body, idempotent).await? {
-            NodeResponse::Reply { reply } => Ok(reply),
+            NodeResponse::Reply { reply } => Ok(*reply),
             other => Err(unexpected(other)),
         }
     }

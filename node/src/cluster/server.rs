@@ -44,7 +44,9 @@ impl ClusterService for NodeService {
                 NodeRequest::Connect { profile, session } => node
                     .connect(profile, session)
                     .await
-                    .map(|connected| NodeResponse::Connected { connected }),
+                    .map(|connected| NodeResponse::Connected {
+                        connected: Box::new(connected),
+                    }),
                 NodeRequest::Disconnect {
                     user,
                     gateway,
@@ -60,7 +62,9 @@ impl ClusterService for NodeService {
                 } => node
                     .execute_with_ref(&caller, command, auto_ref)
                     .await
-                    .map(|reply| NodeResponse::Reply { reply }),
+                    .map(|reply| NodeResponse::Reply {
+                        reply: Box::new(reply),
+                    }),
                 NodeRequest::Subscribe { gateway, rooms } => node
                     .subscribe_owned(&gateway, &rooms)
                     .map(|()| NodeResponse::Done),

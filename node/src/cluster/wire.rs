@@ -104,7 +104,7 @@ pub enum NodeResponse {
     /// To `Connect`: the user's rooms and pending notifications.
     Connected {
         /// What the session learns.
-        connected: Connected,
+        connected: Box<Connected>,
     },
     /// To `Online`, in the order asked.
     Online {
@@ -119,7 +119,7 @@ pub enum NodeResponse {
     /// To `Execute`.
     Reply {
         /// The reply.
-        reply: Reply,
+        reply: Box<Reply>,
     },
     /// To `UserGateways`.
     Gateways {

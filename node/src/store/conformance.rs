@@ -4,10 +4,10 @@
 //! test support compiled into the library so that every backend, in any crate, can run it).
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
-use super::{NewRoom, Store, StoreError};
+use super::{NewRoom, RoomPatch, RoomWrite, Store, StoreError};
 use schema::{
-    HistoryQuery, Member, Message, MessageBody, MessageId, Profile, Role, Room, RoomId, RoomKind,
-    UserId,
+    Event, HistoryQuery, Media, Member, Message, MessageBody, MessageId, Notification, Profile,
+    Role, Room, RoomId, RoomKind, UserId,
 };
 use std::sync::Arc;
 
@@ -33,6 +33,8 @@ fn room(id: u64, kind: RoomKind, by: &str) -> Room {
         created_at: 1_000,
         last_seq: 0,
         last_message_id: None,
+        avatar: None,
+        public: false,
     }
 }
 
@@ -41,6 +43,7 @@ fn member(u: &str, role: Role) -> Member {
         user: uid(u),
         role,
         joined_at: 1_000,
+        online: None,
     }
 }
 
@@ -58,17 +61,18 @@ pub async fn seed_room(store: &dyn Store, id: u64) -> RoomId {
 
 /// The message with sequence `seq` in `room`, as the test data defines it.
 pub fn msg(room: RoomId, seq: u64, sender: &str, client_ref: Option<&str>) -> Message {
-    Message {
-        id: MessageId(room.0 * 100_000 + seq),
+    let mut m = Message::new(
+        MessageId(room.0 * 100_000 + seq),
         room,
         seq,
-        sender: uid(sender),
-        body: MessageBody::Text {
+        uid(sender),
+        MessageBody::Text {
             text: format!("message {seq}"),
         },
-        client_ref: client_ref.map(str::to_owned),
-        created_at: 2_000 + seq as i64,
-    }
+        2_000 + seq as i64,
+    );
+    m.client_ref = client_ref.map(str::to_owned);
+    m
 }
 
 /// Appends messages `first..first+n` of `room`, alternating senders `a` and `b`.
@@ -86,6 +90,16 @@ pub async fn run_all(store: Arc<dyn Store>) {
     direct_rooms(store.clone()).await;
     history(&*store).await;
     idempotency(&*store).await;
+    usernames(&*store).await;
+    direct_lookup(&*store).await;
+    message_changes(&*store).await;
+    membership(&*store).await;
+    resume(&*store).await;
+    read_markers(&*store).await;
+    unread(&*store).await;
+    friendships(&*store).await;
+    blocks(&*store).await;
+    pending(&*store).await;
 }
 
 async fn users(store: &dyn Store) {
@@ -231,7 +245,7 @@ async fn history(store: &dyn Store) {
     let between = HistoryQuery {
         after: Some(id(50)),
         before: Some(id(54)),
-        limit: None,
+        ..Default::default()
     };
     let p = store.history(r, &between, 10).await.unwrap();
     assert_eq!(seqs(&p), vec![53, 52, 51]);
@@ -292,4 +306,862 @@ async fn idempotency(store: &dyn Store) {
         "nothing of the failed batch was stored"
     );
     assert_eq!(store.room(r).await.unwrap().unwrap().last_seq, 2);
+}
+
+/// A message id of the test data: `room * 100_000 + seq`.
+fn mid(room: RoomId, seq: u64) -> MessageId {
+    MessageId(room.0 * 100_000 + seq)
+}
+
+/// Applies new messages (and nothing else) as one write at time `at`.
+async fn write_new(store: &dyn Store, room: RoomId, messages: Vec<Message>, at: i64) {
+    let last = messages.iter().max_by_key(|m| m.seq).unwrap();
+    let write = RoomWrite {
+        last_seq: last.seq,
+        last_message_id: Some(last.id),
+        at,
+        ..RoomWrite::default()
+    };
+    store
+        .apply_room(
+            room,
+            RoomWrite {
+                new_messages: messages,
+                ..write
+            },
+        )
+        .await
+        .unwrap();
+}
+
+/// The room's position as stored.
+async fn position(store: &dyn Store, room: RoomId) -> (u64, Option<MessageId>) {
+    let r = store.room(room).await.unwrap().unwrap();
+    (r.last_seq, r.last_message_id)
+}
+
+fn position_of(list: &[schema::RoomSummary], room: RoomId) -> usize {
+    list.iter().position(|s| s.room.id == room).unwrap()
+}
+
+async fn usernames(store: &dyn Store) {
+    // `users` renamed 415 from Ann to Anne.
+    let found = store
+        .user_by_username("Anne-handle")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.profile.id, uid("415"));
+    assert_eq!(store.user_by_username("Ann-handle").await.unwrap(), None);
+    assert_eq!(store.user_by_username("anne-handle").await.unwrap(), None);
+    assert_eq!(store.user_by_username("Anne").await.unwrap(), None);
+    // A username two users carry: the most recently updated one.
+    store
+        .upsert_user(&profile("u-old", "Dup"), 100)
+        .await
+        .unwrap();
+    store
+        .upsert_user(&profile("u-new", "Dup"), 200)
+        .await
+        .unwrap();
+    let dup = store.user_by_username("Dup-handle").await.unwrap().unwrap();
+    assert_eq!(dup.profile.id, uid("u-new"));
+}
+
+async fn direct_lookup(store: &dyn Store) {
+    assert_eq!(
+        store.direct_room(&uid("e1"), &uid("e2")).await.unwrap(),
+        None
+    );
+    let (created, was_created) = store
+        .get_or_create_direct(NewRoom {
+            room: room(30, RoomKind::Direct, "e1"),
+            members: vec![member("e1", Role::Member), member("e2", Role::Member)],
+        })
+        .await
+        .unwrap();
+    assert!(was_created);
+    assert_eq!(created.id, RoomId(30));
+    for (x, y) in [("e1", "e2"), ("e2", "e1")] {
+        assert_eq!(
+            store.direct_room(&uid(x), &uid(y)).await.unwrap(),
+            Some(RoomId(30))
+        );
+    }
+    assert_eq!(
+        store.direct_room(&uid("e1"), &uid("e3")).await.unwrap(),
+        None
+    );
+    // Creating again returns the stored room.
+    let (again, was_created) = store
+        .get_or_create_direct(NewRoom {
+            room: room(31, RoomKind::Direct, "e2"),
+            members: vec![member("e2", Role::Member), member("e1", Role::Member)],
+        })
+        .await
+        .unwrap();
+    assert!(!was_created);
+    assert_eq!(again.id, RoomId(30));
+}
+
+/// Edits, tombstones and reactions rewrite a message in place, visible through every read.
+async fn message_changes(store: &dyn Store) {
+    let r = seed_room(store, 20).await;
+    let first = msg(r, 1, "a", Some("c-1"));
+    let mut image = msg(r, 2, "b", None);
+    image.body = MessageBody::Image(Media {
+        media: "/uploads/p.webp".into(),
+        caption: Some("look".into()),
+        duration: None,
+    });
+    let mut reply = msg(r, 3, "b", None);
+    reply.reply_to = Some(first.id);
+    write_new(
+        store,
+        r,
+        vec![first.clone(), image.clone(), reply.clone()],
+        2_003,
+    )
+    .await;
+    assert_eq!(
+        store.message(r, reply.id).await.unwrap().as_ref(),
+        Some(&reply)
+    );
+    assert_eq!(
+        store.message(r, image.id).await.unwrap().as_ref(),
+        Some(&image)
+    );
+    assert_eq!(store.message(r, mid(r, 99)).await.unwrap(), None);
+    assert_eq!(store.message(RoomId(999), first.id).await.unwrap(), None);
+
+    let mut edited = first.clone();
+    edited.body = MessageBody::Text {
+        text: "edited".into(),
+    };
+    edited.edited_at = Some(5_000);
+    let mut deleted = image.clone();
+    deleted.body = MessageBody::Deleted {};
+    deleted.deleted_at = Some(5_001);
+    let mut reacted = reply.clone();
+    reacted
+        .reactions
+        .insert("+1".into(), vec![uid("b"), uid("a")]);
+    reacted.reactions.insert("🎉".into(), vec![uid("a")]);
+    store
+        .apply_room(
+            r,
+            RoomWrite {
+                changed_messages: vec![edited.clone(), deleted.clone(), reacted.clone()],
+                log: vec![
+                    (
+                        4,
+                        Event::MessageEdited {
+                            seq: 4,
+                            message: edited.clone(),
+                        },
+                    ),
+                    (
+                        5,
+                        Event::MessageDeleted {
+                            seq: 5,
+                            room: r,
+                            message_id: deleted.id,
+                            by: uid("b"),
+                        },
+                    ),
+                    (
+                        6,
+                        Event::Reaction {
+                            seq: 6,
+                            message: reacted.clone(),
+                            user: uid("a"),
+                            emoji: "🎉".into(),
+                            added: true,
+                        },
+                    ),
+                ],
+                last_seq: 6,
+                last_message_id: Some(reply.id),
+                at: 9_999,
+                ..RoomWrite::default()
+            },
+        )
+        .await
+        .unwrap();
+    for m in [&edited, &deleted, &reacted] {
+        assert_eq!(store.message(r, m.id).await.unwrap().as_ref(), Some(m));
+    }
+    let page = store
+        .history(r, &HistoryQuery::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.messages,
+        vec![reacted.clone(), deleted.clone(), edited.clone()]
+    );
+    assert_eq!(
+        store.messages_after_seq(r, 0, 10).await.unwrap(),
+        vec![edited.clone(), deleted.clone(), reacted.clone()]
+    );
+    // The client_ref survives a rewrite.
+    let by_ref = store
+        .messages_by_client_ref(r, vec![(uid("a"), "c-1".into())])
+        .await
+        .unwrap();
+    assert_eq!(by_ref, vec![edited.clone()]);
+    assert_eq!(position(store, r).await, (6, Some(reply.id)));
+    let list = store.rooms_of(&uid("b")).await.unwrap();
+    let summary = &list[position_of(&list, r)];
+    assert_eq!(summary.last_message.as_ref(), Some(&reacted));
+    assert_eq!(summary.room.last_seq, 6);
+
+    // Only new messages move a room in the chat list: room 21 was active at 3000, room 20 at
+    // 2003 (its change-only write at 9999 does not count).
+    let other = seed_room(store, 21).await;
+    write_new(store, other, vec![msg(other, 1, "a", None)], 3_000).await;
+    let list = store.rooms_of(&uid("b")).await.unwrap();
+    assert!(position_of(&list, other) < position_of(&list, r));
+    write_new(store, r, vec![msg(r, 7, "a", None)], 4_000).await;
+    let list = store.rooms_of(&uid("b")).await.unwrap();
+    assert!(position_of(&list, r) < position_of(&list, other));
+    assert_eq!(position(store, r).await, (7, Some(mid(r, 7))));
+
+    // A write repeating a stored client_ref fails whole: no message, rewrite, log entry or
+    // position of it is stored.
+    let mut again = edited.clone();
+    again.body = MessageBody::Text {
+        text: "never".into(),
+    };
+    let dup = store
+        .apply_room(
+            r,
+            RoomWrite {
+                new_messages: vec![msg(r, 8, "b", None), msg(r, 9, "a", Some("c-1"))],
+                changed_messages: vec![again],
+                log: vec![(
+                    10,
+                    Event::MemberUpdated {
+                        seq: 10,
+                        room: r,
+                        member: member("b", Role::Admin),
+                    },
+                )],
+                upsert_members: vec![member("b", Role::Admin)],
+                last_seq: 10,
+                last_message_id: Some(mid(r, 9)),
+                at: 6_000,
+                ..RoomWrite::default()
+            },
+        )
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    assert_eq!(
+        store.message(r, edited.id).await.unwrap().as_ref(),
+        Some(&edited)
+    );
+    assert_eq!(store.message(r, mid(r, 8)).await.unwrap(), None);
+    assert!(store.room_log(r, 6, 10).await.unwrap().is_empty());
+    assert_eq!(position(store, r).await, (7, Some(mid(r, 7))));
+    let roles: Vec<_> = store
+        .members(r)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.role)
+        .collect();
+    assert_eq!(roles, vec![Role::Owner, Role::Member]);
+}
+
+/// Membership and group changes through `apply_room`.
+async fn membership(store: &dyn Store) {
+    let r = seed_room(store, 22).await;
+    let c = Member {
+        joined_at: 3_000,
+        ..member("c2", Role::Member)
+    };
+    store
+        .apply_room(
+            r,
+            RoomWrite {
+                upsert_members: vec![c.clone()],
+                log: vec![(
+                    1,
+                    Event::MemberJoined {
+                        seq: 1,
+                        room: r,
+                        member: c.clone(),
+                        by: uid("a"),
+                    },
+                )],
+                last_seq: 1,
+                at: 3_000,
+                ..RoomWrite::default()
+            },
+        )
+        .await
+        .unwrap();
+    let members = store.members(r).await.unwrap();
+    assert_eq!(members.len(), 3);
+    assert_eq!(members.last(), Some(&c));
+    assert_eq!(store.room_ids_of(&uid("c2")).await.unwrap(), vec![r]);
+    // A write without messages leaves an empty room without a newest message.
+    assert_eq!(position(store, r).await, (1, None));
+    let list = store.rooms_of(&uid("c2")).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].last_message, None);
+    assert_eq!(list[0].members.len(), 3);
+
+    // A role change keeps the member's joined_at.
+    let promoted = Member {
+        joined_at: 9_000,
+        ..member("c2", Role::Admin)
+    };
+    store
+        .apply_room(
+            r,
+            RoomWrite {
+                upsert_members: vec![promoted.clone()],
+                log: vec![(
+                    2,
+                    Event::MemberUpdated {
+                        seq: 2,
+                        room: r,
+                        member: promoted.clone(),
+                    },
+                )],
+                last_seq: 2,
+                ..RoomWrite::default()
+            },
+        )
+        .await
+        .unwrap();
+    let members = store.members(r).await.unwrap();
+    let stored = members.iter().find(|m| m.user == uid("c2")).unwrap();
+    assert_eq!((stored.role, stored.joined_at), (Role::Admin, 3_000));
+    assert_eq!(members.len(), 3);
+
+    // Removal drops the member, the room from the member's rooms and the member's read marker.
+    write_new(store, r, vec![msg(r, 3, "a", None)], 3_100).await;
+    store
+        .set_read_marker(r, &uid("c2"), mid(r, 3))
+        .await
+        .unwrap();
+    store
+        .set_read_marker(r, &uid("b"), mid(r, 3))
+        .await
+        .unwrap();
+    store
+        .apply_room(
+            r,
+            RoomWrite {
+                remove_members: vec![uid("c2")],
+                log: vec![(
+                    4,
+                    Event::MemberLeft {
+                        seq: 4,
+                        room: r,
+                        user: uid("c2"),
+                        by: uid("c2"),
+                    },
+                )],
+                last_seq: 4,
+                last_message_id: Some(mid(r, 3)),
+                at: 3_200,
+                ..RoomWrite::default()
+            },
+        )
+        .await
+        .unwrap();
+    let users: Vec<_> = store
+        .members(r)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.user)
+        .collect();
+    assert_eq!(users, vec![uid("a"), uid("b")]);
+    assert!(store.room_ids_of(&uid("c2")).await.unwrap().is_empty());
+    assert!(store.rooms_of(&uid("c2")).await.unwrap().is_empty());
+    assert_eq!(store.read_marker(r, &uid("c2")).await.unwrap(), None);
+    assert_eq!(
+        store.read_marker(r, &uid("b")).await.unwrap(),
+        Some(mid(r, 3))
+    );
+    assert_eq!(position(store, r).await, (4, Some(mid(r, 3))));
+    // Rejoining starts with no marker, and a new marker counts.
+    store
+        .apply_room(
+            r,
+            RoomWrite {
+                upsert_members: vec![member("c2", Role::Member)],
+                log: vec![(
+                    5,
+                    Event::MemberJoined {
+                        seq: 5,
+                        room: r,
+                        member: member("c2", Role::Member),
+                        by: uid("a"),
+                    },
+                )],
+                last_seq: 5,
+                ..RoomWrite::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.read_marker(r, &uid("c2")).await.unwrap(), None);
+    store
+        .set_read_marker(r, &uid("c2"), mid(r, 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_marker(r, &uid("c2")).await.unwrap(),
+        Some(mid(r, 3))
+    );
+
+    // A group's name, avatar and visibility.
+    let patch = RoomPatch {
+        name: Some("renamed".into()),
+        avatar: Some("/uploads/g.png".into()),
+        public: true,
+    };
+    let mut updated = store.room(r).await.unwrap().unwrap();
+    updated.name = patch.name.clone();
+    updated.avatar = patch.avatar.clone();
+    updated.public = true;
+    updated.last_seq = 6;
+    store
+        .apply_room(
+            r,
+            RoomWrite {
+                patch: Some(patch),
+                log: vec![(
+                    6,
+                    Event::RoomUpdated {
+                        seq: 6,
+                        room: updated.clone(),
+                    },
+                )],
+                last_seq: 6,
+                last_message_id: Some(mid(r, 3)),
+                ..RoomWrite::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.room(r).await.unwrap().as_ref(), Some(&updated));
+    let list = store.rooms_of(&uid("c2")).await.unwrap();
+    assert_eq!(list[0].room, updated);
+    let log = store.room_log(r, 0, 100).await.unwrap();
+    assert_eq!(
+        log.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![1, 2, 4, 5, 6]
+    );
+    assert_eq!(
+        log[4].1,
+        Event::RoomUpdated {
+            seq: 6,
+            room: updated
+        }
+    );
+
+    // A room created with an avatar and public reads back so.
+    let mut public = room(23, RoomKind::Group, "a");
+    public.avatar = Some("/uploads/h.png".into());
+    public.public = true;
+    store
+        .create_room(NewRoom {
+            room: public.clone(),
+            members: vec![member("a", Role::Owner)],
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.room(public.id).await.unwrap(), Some(public));
+}
+
+/// What a resuming session reads: messages and logged events after a sequence number.
+async fn resume(store: &dyn Store) {
+    let r = seed_room(store, 24).await;
+    append_n(store, r, 1, 5).await;
+    let mut edited = msg(r, 2, "b", None);
+    edited.edited_at = Some(7_000);
+    let e6 = Event::MessageEdited {
+        seq: 6,
+        message: edited.clone(),
+    };
+    let e7 = Event::MessageDeleted {
+        seq: 7,
+        room: r,
+        message_id: mid(r, 4),
+        by: uid("a"),
+    };
+    let mut gone = msg(r, 4, "b", None);
+    gone.body = MessageBody::Deleted {};
+    gone.deleted_at = Some(7_001);
+    store
+        .apply_room(
+            r,
+            RoomWrite {
+                changed_messages: vec![edited, gone],
+                log: vec![(6, e6.clone()), (7, e7.clone())],
+                last_seq: 7,
+                last_message_id: Some(mid(r, 5)),
+                at: 7_001,
+                ..RoomWrite::default()
+            },
+        )
+        .await
+        .unwrap();
+    append_n(store, r, 8, 3).await;
+    let e11 = Event::MemberUpdated {
+        seq: 11,
+        room: r,
+        member: member("b", Role::Admin),
+    };
+    let e12 = Event::MemberLeft {
+        seq: 12,
+        room: r,
+        user: uid("b"),
+        by: uid("a"),
+    };
+    store
+        .apply_room(
+            r,
+            RoomWrite {
+                upsert_members: vec![member("b", Role::Admin)],
+                remove_members: vec![uid("b")],
+                log: vec![(11, e11.clone()), (12, e12.clone())],
+                last_seq: 12,
+                last_message_id: Some(mid(r, 10)),
+                at: 8_000,
+                ..RoomWrite::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(position(store, r).await, (12, Some(mid(r, 10))));
+    assert_eq!(store.members(r).await.unwrap().len(), 1);
+
+    let seqs = |v: Vec<Message>| v.into_iter().map(|m| m.seq).collect::<Vec<_>>();
+    let after = |s, l| store.messages_after_seq(r, s, l);
+    assert_eq!(
+        seqs(after(0, 100).await.unwrap()),
+        vec![1, 2, 3, 4, 5, 8, 9, 10]
+    );
+    assert_eq!(seqs(after(3, 2).await.unwrap()), vec![4, 5]);
+    assert_eq!(seqs(after(5, 2).await.unwrap()), vec![8, 9]);
+    assert_eq!(seqs(after(6, 100).await.unwrap()), vec![8, 9, 10]);
+    assert_eq!(seqs(after(9, 100).await.unwrap()), vec![10]);
+    assert!(after(10, 100).await.unwrap().is_empty());
+    assert!(after(0, 0).await.unwrap().is_empty());
+    assert!(
+        store
+            .messages_after_seq(RoomId(998), 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Messages read back as they now are (the tombstone included).
+    let all = after(0, 100).await.unwrap();
+    assert_eq!(all[3].body, MessageBody::Deleted {});
+    assert_eq!(all[1].edited_at, Some(7_000));
+
+    let log = |s, l| store.room_log(r, s, l);
+    assert_eq!(
+        log(0, 100).await.unwrap(),
+        vec![
+            (6, e6.clone()),
+            (7, e7.clone()),
+            (11, e11.clone()),
+            (12, e12.clone())
+        ]
+    );
+    assert_eq!(log(6, 2).await.unwrap(), vec![(7, e7), (11, e11)]);
+    assert_eq!(log(11, 100).await.unwrap(), vec![(12, e12)]);
+    assert!(log(12, 100).await.unwrap().is_empty());
+    assert!(log(0, 0).await.unwrap().is_empty());
+    assert!(store.room_log(RoomId(998), 0, 10).await.unwrap().is_empty());
+}
+
+async fn read_markers(store: &dyn Store) {
+    let r = seed_room(store, 25).await;
+    append_n(store, r, 1, 5).await;
+    assert_eq!(store.read_marker(r, &uid("b")).await.unwrap(), None);
+    store
+        .set_read_marker(r, &uid("b"), mid(r, 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_marker(r, &uid("b")).await.unwrap(),
+        Some(mid(r, 3))
+    );
+    // Never backwards.
+    store
+        .set_read_marker(r, &uid("b"), mid(r, 2))
+        .await
+        .unwrap();
+    store
+        .set_read_marker(r, &uid("b"), mid(r, 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_marker(r, &uid("b")).await.unwrap(),
+        Some(mid(r, 3))
+    );
+    store
+        .set_read_marker(r, &uid("b"), mid(r, 5))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_marker(r, &uid("b")).await.unwrap(),
+        Some(mid(r, 5))
+    );
+    store
+        .set_read_marker(r, &uid("b"), mid(r, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_marker(r, &uid("b")).await.unwrap(),
+        Some(mid(r, 5))
+    );
+    // Per user and per room.
+    assert_eq!(store.read_marker(r, &uid("a")).await.unwrap(), None);
+    assert_eq!(
+        store.read_marker(RoomId(20), &uid("b")).await.unwrap(),
+        None
+    );
+}
+
+async fn unread(store: &dyn Store) {
+    let r = seed_room(store, 26).await;
+    let count = |u: &'static str, after: Option<u64>, cap| async move {
+        store
+            .unread_count(r, &uid(u), after.map(|s| mid(r, s)), cap)
+            .await
+    };
+    assert_eq!(count("b", None, 100).await.unwrap(), 0);
+    // Odd seqs are a's, even seqs b's.
+    append_n(store, r, 1, 5).await;
+    let mut gone = msg(r, 3, "a", None);
+    gone.body = MessageBody::Deleted {};
+    gone.deleted_at = Some(6_000);
+    store
+        .apply_room(
+            r,
+            RoomWrite {
+                changed_messages: vec![gone],
+                log: vec![(
+                    6,
+                    Event::MessageDeleted {
+                        seq: 6,
+                        room: r,
+                        message_id: mid(r, 3),
+                        by: uid("a"),
+                    },
+                )],
+                last_seq: 6,
+                last_message_id: Some(mid(r, 5)),
+                at: 6_000,
+                ..RoomWrite::default()
+            },
+        )
+        .await
+        .unwrap();
+    let later: Vec<Message> = (7..=10)
+        .map(|s| msg(r, s, if s % 2 == 0 { "b" } else { "a" }, None))
+        .collect();
+    write_new(store, r, later, 6_100).await;
+    // b: a's 1, 5, 7, 9 (3 is deleted); a: b's 2, 4, 8, 10.
+    assert_eq!(count("b", None, 100).await.unwrap(), 4);
+    assert_eq!(count("a", None, 100).await.unwrap(), 4);
+    assert_eq!(count("c", None, 100).await.unwrap(), 8);
+    assert_eq!(count("b", Some(1), 100).await.unwrap(), 3);
+    assert_eq!(count("b", Some(2), 100).await.unwrap(), 3);
+    assert_eq!(count("b", Some(5), 100).await.unwrap(), 2);
+    assert_eq!(count("b", Some(9), 100).await.unwrap(), 0);
+    assert_eq!(count("a", Some(9), 100).await.unwrap(), 1);
+    assert_eq!(count("b", Some(10), 100).await.unwrap(), 0);
+    // Capped.
+    assert_eq!(count("b", None, 3).await.unwrap(), 3);
+    assert_eq!(count("c", None, 5).await.unwrap(), 5);
+    assert_eq!(count("b", None, 0).await.unwrap(), 0);
+    // With the stored marker.
+    store
+        .set_read_marker(r, &uid("b"), mid(r, 7))
+        .await
+        .unwrap();
+    let marker = store.read_marker(r, &uid("b")).await.unwrap();
+    assert_eq!(
+        store.unread_count(r, &uid("b"), marker, 100).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .unread_count(RoomId(997), &uid("b"), None, 100)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+async fn friendships(store: &dyn Store) {
+    use schema::{Friendship, FriendshipStatus};
+    let f = |req: &str, addr: &str, status, created_at, updated_at| Friendship {
+        requester: uid(req),
+        addressee: uid(addr),
+        status,
+        created_at,
+        updated_at,
+    };
+    assert_eq!(
+        store.friendship(&uid("f1"), &uid("f2")).await.unwrap(),
+        None
+    );
+    assert!(store.friendships_of(&uid("f1")).await.unwrap().is_empty());
+    let asked = f("f1", "f2", FriendshipStatus::Pending, 100, 100);
+    store.put_friendship(&asked).await.unwrap();
+    for (x, y) in [("f1", "f2"), ("f2", "f1")] {
+        assert_eq!(
+            store.friendship(&uid(x), &uid(y)).await.unwrap().as_ref(),
+            Some(&asked)
+        );
+    }
+    let accepted = f("f1", "f2", FriendshipStatus::Accepted, 100, 200);
+    store.put_friendship(&accepted).await.unwrap();
+    assert_eq!(
+        store
+            .friendship(&uid("f2"), &uid("f1"))
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&accepted)
+    );
+    // One row per pair, whoever asks: asking the other way replaces it.
+    let reversed = f("f2", "f1", FriendshipStatus::Pending, 300, 300);
+    store.put_friendship(&reversed).await.unwrap();
+    assert_eq!(
+        store
+            .friendship(&uid("f1"), &uid("f2"))
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&reversed)
+    );
+    let other = f("f3", "f1", FriendshipStatus::Blocked, 400, 500);
+    store.put_friendship(&other).await.unwrap();
+    let sorted = |mut v: Vec<Friendship>| {
+        v.sort_by(|a, b| (&a.requester, &a.addressee).cmp(&(&b.requester, &b.addressee)));
+        v
+    };
+    assert_eq!(
+        sorted(store.friendships_of(&uid("f1")).await.unwrap()),
+        vec![reversed.clone(), other.clone()]
+    );
+    assert_eq!(
+        store.friendships_of(&uid("f2")).await.unwrap(),
+        vec![reversed]
+    );
+    assert_eq!(
+        store.friendships_of(&uid("f3")).await.unwrap(),
+        vec![other.clone()]
+    );
+    // Deleting from either side.
+    store
+        .delete_friendship(&uid("f1"), &uid("f2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.friendship(&uid("f2"), &uid("f1")).await.unwrap(),
+        None
+    );
+    assert!(store.friendships_of(&uid("f2")).await.unwrap().is_empty());
+    assert_eq!(store.friendships_of(&uid("f1")).await.unwrap(), vec![other]);
+    store
+        .delete_friendship(&uid("f1"), &uid("f3"))
+        .await
+        .unwrap();
+    assert!(store.friendships_of(&uid("f3")).await.unwrap().is_empty());
+    // Deleting what is not there is no error.
+    store
+        .delete_friendship(&uid("f1"), &uid("f9"))
+        .await
+        .unwrap();
+}
+
+async fn blocks(store: &dyn Store) {
+    let of = |u: &'static str| async move {
+        let mut v = store.blocks_of(&uid(u)).await.unwrap();
+        v.sort();
+        v
+    };
+    let pair = |a: &str, b: &str| (uid(a), uid(b));
+    assert!(of("g1").await.is_empty());
+    store.set_block(&uid("g1"), &uid("g2"), true).await.unwrap();
+    assert_eq!(of("g1").await, vec![pair("g1", "g2")]);
+    assert_eq!(of("g2").await, vec![pair("g1", "g2")]);
+    // Both directions, each its own block; setting twice keeps one.
+    store.set_block(&uid("g2"), &uid("g1"), true).await.unwrap();
+    store.set_block(&uid("g2"), &uid("g1"), true).await.unwrap();
+    assert_eq!(of("g1").await, vec![pair("g1", "g2"), pair("g2", "g1")]);
+    assert_eq!(of("g2").await, vec![pair("g1", "g2"), pair("g2", "g1")]);
+    store
+        .set_block(&uid("g1"), &uid("g2"), false)
+        .await
+        .unwrap();
+    assert_eq!(of("g1").await, vec![pair("g2", "g1")]);
+    assert_eq!(of("g2").await, vec![pair("g2", "g1")]);
+    store
+        .set_block(&uid("g2"), &uid("g1"), false)
+        .await
+        .unwrap();
+    assert!(of("g1").await.is_empty() && of("g2").await.is_empty());
+    // Lifting a block that is not there is no error.
+    store
+        .set_block(&uid("g3"), &uid("g1"), false)
+        .await
+        .unwrap();
+    assert!(of("g3").await.is_empty());
+}
+
+async fn pending(store: &dyn Store) {
+    let n = |i: u64| Notification {
+        room: RoomId(27),
+        message_id: MessageId(2_700_000 + i),
+        sender: uid("a"),
+        preview: format!("message {i}"),
+        created_at: 2_000 + i as i64,
+    };
+    assert!(store.take_pending(&uid("p1")).await.unwrap().is_empty());
+    store.add_pending(Vec::new(), 3).await.unwrap();
+    store
+        .add_pending(
+            vec![(uid("p1"), n(1)), (uid("p2"), n(2)), (uid("p1"), n(3))],
+            5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.take_pending(&uid("p1")).await.unwrap(),
+        vec![n(1), n(3)]
+    );
+    assert!(store.take_pending(&uid("p1")).await.unwrap().is_empty());
+    assert_eq!(store.take_pending(&uid("p2")).await.unwrap(), vec![n(2)]);
+    // At most `cap` per user, the oldest dropped, within one call and across calls.
+    store
+        .add_pending((1..=4).map(|i| (uid("p1"), n(i))).collect(), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.take_pending(&uid("p1")).await.unwrap(),
+        vec![n(2), n(3), n(4)]
+    );
+    for i in 5..=7 {
+        store.add_pending(vec![(uid("p1"), n(i))], 2).await.unwrap();
+    }
+    store.add_pending(vec![(uid("p3"), n(8))], 2).await.unwrap();
+    assert_eq!(
+        store.take_pending(&uid("p1")).await.unwrap(),
+        vec![n(6), n(7)]
+    );
+    assert_eq!(store.take_pending(&uid("p3")).await.unwrap(), vec![n(8)]);
 }

@@ -74,6 +74,12 @@ pub struct RoomPatch {
 
 /// One atomic batch of changes to a room, written by its single writer (the room's sequencer)
 /// in sequence order.
+///
+/// Contract every backend keeps (the conformance suite checks it): the sequence numbers of the
+/// batch (its new messages and log entries) continue directly from the room's stored `last_seq`
+/// (a backend may refuse anything else with `Conflict`, ScyllaDB does: it fences a second
+/// writer that way); a member upsert of an existing member changes the role only and keeps
+/// `joined_at`; `last_message_id` only moves with new messages.
 #[derive(Clone, Debug, Default)]
 pub struct RoomWrite {
     /// New messages; a `(sender, client_ref)` already stored fails the whole write.

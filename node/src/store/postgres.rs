@@ -2,25 +2,28 @@
 //!
 //! Every node and gateway process connects to the same database. Tables mirror the embedded
 //! store; migrations are ordered SQL applied at start-up under an advisory lock, so several
-//! processes starting together migrate once. Each `append_messages` call (one room's batch from
-//! its sequencer) is one transaction with one multi-row insert (`UNNEST`), committed with
-//! PostgreSQL's default `synchronous_commit = on`: an `Ok` is on disk. Unique constraints on
-//! `(room, seq)` and `(room, sender, client_ref)` turn a second writer for one room (possible only
-//! for a moment during a ring change) into a `Conflict` instead of a silent fork.
+//! processes starting together migrate once. Each `apply_room` call (one room's batch from its
+//! sequencer: new messages, rewritten messages, log entries, membership and group changes) is one
+//! transaction, new messages in one multi-row insert (`UNNEST`), committed with PostgreSQL's
+//! default `synchronous_commit = on`: an `Ok` is on disk. Unique constraints on `(room, seq)`,
+//! `(room, sender, client_ref)` and the log's `(room, seq)` turn a second writer for one room
+//! (possible only for a moment during a ring change) into a `Conflict` instead of a silent fork.
+//! Message rows keep their content as `MessageContent` JSON in `body`.
 
-use super::{HistoryPage, NewRoom, Store, StoreError, StoreResult};
+use super::{HistoryPage, NewRoom, RoomWrite, Store, StoreError, StoreResult};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use schema::{
-    HistoryQuery, Member, Message, MessageBody, MessageId, Millis, Profile, Room, RoomId,
-    RoomSummary, User, UserId,
+    Event, Friendship, FriendshipStatus, HistoryQuery, Member, Message, MessageContent, MessageId,
+    Millis, Notification, Profile, Room, RoomId, RoomSummary, User, UserId,
 };
 use std::collections::HashMap;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
 /// Ordered migrations; `palaver_migrations` records which ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     id TEXT PRIMARY KEY,
     username TEXT,
@@ -63,7 +66,47 @@ CREATE TABLE messages (
 CREATE UNIQUE INDEX messages_by_seq ON messages(room, seq);
 CREATE UNIQUE INDEX messages_by_client_ref ON messages(room, sender, client_ref)
     WHERE client_ref IS NOT NULL;
-"#];
+"#,
+    r#"
+ALTER TABLE rooms ADD COLUMN avatar TEXT;
+ALTER TABLE rooms ADD COLUMN public BOOLEAN NOT NULL DEFAULT false;
+CREATE TABLE room_log (
+    room BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    event TEXT NOT NULL,
+    PRIMARY KEY (room, seq)
+);
+CREATE TABLE read_markers (
+    room BIGINT NOT NULL,
+    "user" TEXT NOT NULL,
+    message_id BIGINT NOT NULL,
+    PRIMARY KEY (room, "user")
+);
+CREATE TABLE friendships (
+    lo TEXT NOT NULL,
+    hi TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    addressee TEXT NOT NULL,
+    status SMALLINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (lo, hi)
+);
+CREATE INDEX friendships_by_hi ON friendships(hi, lo);
+CREATE TABLE blocks (
+    blocker TEXT NOT NULL,
+    blocked TEXT NOT NULL,
+    PRIMARY KEY (blocker, blocked)
+);
+CREATE INDEX blocks_by_blocked ON blocks(blocked, blocker);
+CREATE TABLE pending (
+    id BIGSERIAL PRIMARY KEY,
+    "user" TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX pending_by_user ON pending("user", id);
+"#,
+];
 
 /// Serializes migrations across processes (an arbitrary constant key).
 const MIGRATION_LOCK: i64 = 0x0070_616c_6176_6572; // "palaver"
@@ -164,7 +207,8 @@ impl PostgresStore {
 }
 
 const USER_COLS: &str = "id, username, name, avatar, created_at, updated_at, last_seen";
-const ROOM_COLS: &str = "id, kind, name, created_by, created_at, last_seq, last_message_id";
+const ROOM_COLS: &str =
+    "id, kind, name, created_by, created_at, last_seq, last_message_id, avatar, public";
 const MSG_COLS: &str = "id, room, seq, sender, client_ref, body, created_at";
 
 fn uid(s: String) -> StoreResult<UserId> {
@@ -200,6 +244,8 @@ fn room_row(r: &Row) -> StoreResult<Room> {
         last_message_id: r
             .get::<_, Option<i64>>(6)
             .map(|v| MessageId(super::u64_of(v))),
+        avatar: r.get(7),
+        public: r.get(8),
     })
 }
 
@@ -212,21 +258,55 @@ fn member_row(r: &Row) -> StoreResult<Member> {
             None => return Err(corrupt(format!("unknown role {:?}", role))),
         },
         joined_at: r.get(2),
+        online: None,
     })
 }
 
 fn message_row(r: &Row) -> StoreResult<Message> {
     let body: String = r.get(5);
-    let body: MessageBody = serde_json::from_str(&body).map_err(corrupt)?;
-    Ok(Message {
-        id: MessageId(super::u64_of(r.get(0))),
-        room: RoomId(super::u64_of(r.get(1))),
-        seq: super::u64_of(r.get(2)),
-        sender: uid(r.get(3))?,
-        client_ref: r.get(4),
-        body,
-        created_at: r.get(6),
+    let content: MessageContent = serde_json::from_str(&body).map_err(corrupt)?;
+    let mut m = Message::new(
+        MessageId(super::u64_of(r.get(0))),
+        RoomId(super::u64_of(r.get(1))),
+        super::u64_of(r.get(2)),
+        uid(r.get(3))?,
+        content.body.clone(),
+        r.get(6),
+    );
+    m.client_ref = r.get(4);
+    content.apply(&mut m);
+    Ok(m)
+}
+
+const FRIEND_COLS: &str = "requester, addressee, status, created_at, updated_at";
+
+fn friendship_row(r: &Row) -> StoreResult<Friendship> {
+    let code: i16 = r.get(2);
+    let status = u8::try_from(code)
+        .ok()
+        .and_then(FriendshipStatus::from_code)
+        .ok_or_else(|| corrupt(format!("unknown friendship status {code}")))?;
+    Ok(Friendship {
+        requester: uid(r.get(0))?,
+        addressee: uid(r.get(1))?,
+        status,
+        created_at: r.get(3),
+        updated_at: r.get(4),
     })
+}
+
+/// A pair of users in canonical order (the key of its one friendship row).
+fn pair<'a>(a: &'a UserId, b: &'a UserId) -> (&'a str, &'a str) {
+    if a <= b {
+        (a.as_str(), b.as_str())
+    } else {
+        (b.as_str(), a.as_str())
+    }
+}
+
+/// What a message row keeps in its `body` column.
+fn content_json(m: &Message) -> StoreResult<String> {
+    serde_json::to_string(&MessageContent::of(m)).map_err(corrupt)
 }
 
 async fn insert_room(
@@ -237,8 +317,9 @@ async fn insert_room(
     let r = &new.room;
     let inserted = tx
         .execute(
-            "INSERT INTO rooms (id, kind, name, created_by, created_at, direct_key, last_activity)
-             VALUES ($1, $2, $3, $4, $5, $6, $5) ON CONFLICT (direct_key) DO NOTHING",
+            "INSERT INTO rooms (id, kind, name, created_by, created_at, direct_key, last_activity,
+               avatar, public)
+             VALUES ($1, $2, $3, $4, $5, $6, $5, $7, $8) ON CONFLICT (direct_key) DO NOTHING",
             &[
                 &super::i64_of(r.id.0),
                 &super::kind_str(r.kind),
@@ -246,6 +327,8 @@ async fn insert_room(
                 &r.created_by.as_str(),
                 &r.created_at,
                 &direct_key,
+                &r.avatar,
+                &r.public,
             ],
         )
         .await
@@ -393,7 +476,7 @@ impl Store for PostgresStore {
         let rows = c
             .query(
                 r#"SELECT r.id, r.kind, r.name, r.created_by, r.created_at, r.last_seq,
-                          r.last_message_id
+                          r.last_message_id, r.avatar, r.public
                    FROM members m JOIN rooms r ON r.id = m.room
                    WHERE m."user" = $1 ORDER BY r.last_activity DESC, r.id DESC"#,
                 &[&user.as_str()],
@@ -451,49 +534,6 @@ impl Store for PostgresStore {
             .collect())
     }
 
-    async fn append_messages(&self, room: RoomId, batch: Vec<Message>) -> StoreResult<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut ids = Vec::with_capacity(batch.len());
-        let mut seqs = Vec::with_capacity(batch.len());
-        let mut senders = Vec::with_capacity(batch.len());
-        let mut refs: Vec<Option<&str>> = Vec::with_capacity(batch.len());
-        let mut bodies = Vec::with_capacity(batch.len());
-        let mut ats = Vec::with_capacity(batch.len());
-        for m in &batch {
-            ids.push(super::i64_of(m.id.0));
-            seqs.push(super::i64_of(m.seq));
-            senders.push(m.sender.as_str());
-            refs.push(m.client_ref.as_deref());
-            bodies.push(serde_json::to_string(&m.body).map_err(corrupt)?);
-            ats.push(m.created_at);
-        }
-        let rooms = vec![super::i64_of(room.0); batch.len()];
-        let max_seq = seqs.iter().copied().max().unwrap_or(0);
-        let max_id = ids.iter().copied().max().unwrap_or(0);
-        let max_at = ats.iter().copied().max().unwrap_or(0);
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(pg_err)?;
-        tx.execute(
-            "INSERT INTO messages (room, id, seq, sender, client_ref, body, created_at)
-             SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[],
-                                  $5::TEXT[], $6::TEXT[], $7::BIGINT[])",
-            &[&rooms, &ids, &seqs, &senders, &refs, &bodies, &ats],
-        )
-        .await
-        .map_err(pg_err)?;
-        tx.execute(
-            "UPDATE rooms SET last_seq = greatest(last_seq, $2),
-               last_message_id = greatest(coalesce(last_message_id, 0), $3),
-               last_activity = greatest(last_activity, $4) WHERE id = $1",
-            &[&super::i64_of(room.0), &max_seq, &max_id, &max_at],
-        )
-        .await
-        .map_err(pg_err)?;
-        tx.commit().await.map_err(pg_err)
-    }
-
     async fn messages_by_client_ref(
         &self,
         room: RoomId,
@@ -549,6 +589,449 @@ impl Store for PostgresStore {
             messages.reverse();
         }
         Ok(HistoryPage { messages, has_more })
+    }
+
+    async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {USER_COLS} FROM users WHERE username = $1
+                 ORDER BY updated_at DESC, id LIMIT 1"
+            ))
+            .await
+            .map_err(pg_err)?;
+        c.query_opt(&st, &[&username])
+            .await
+            .map_err(pg_err)?
+            .map(|r| user_row(&r))
+            .transpose()
+    }
+
+    async fn direct_room(&self, a: &UserId, b: &UserId) -> StoreResult<Option<RoomId>> {
+        let key = super::direct_key(a, b);
+        let c = self.client().await?;
+        Ok(
+            c.query_opt("SELECT id FROM rooms WHERE direct_key = $1", &[&key])
+                .await
+                .map_err(pg_err)?
+                .map(|r| RoomId(super::u64_of(r.get(0)))),
+        )
+    }
+
+    async fn apply_room(&self, room: RoomId, w: RoomWrite) -> StoreResult<()> {
+        let r = super::i64_of(room.0);
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        if !w.new_messages.is_empty() {
+            let n = w.new_messages.len();
+            let mut ids = Vec::with_capacity(n);
+            let mut seqs = Vec::with_capacity(n);
+            let mut senders = Vec::with_capacity(n);
+            let mut refs: Vec<Option<&str>> = Vec::with_capacity(n);
+            let mut bodies = Vec::with_capacity(n);
+            let mut ats = Vec::with_capacity(n);
+            for m in &w.new_messages {
+                ids.push(super::i64_of(m.id.0));
+                seqs.push(super::i64_of(m.seq));
+                senders.push(m.sender.as_str());
+                refs.push(m.client_ref.as_deref());
+                bodies.push(content_json(m)?);
+                ats.push(m.created_at);
+            }
+            let rooms = vec![r; n];
+            tx.execute(
+                "INSERT INTO messages (room, id, seq, sender, client_ref, body, created_at)
+                 SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[],
+                                      $5::TEXT[], $6::TEXT[], $7::BIGINT[])",
+                &[&rooms, &ids, &seqs, &senders, &refs, &bodies, &ats],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+        if !w.changed_messages.is_empty() {
+            // Rewritten in order, so that a message changed twice in one batch ends as the last.
+            let st = tx
+                .prepare_cached("UPDATE messages SET body = $3 WHERE room = $1 AND id = $2")
+                .await
+                .map_err(pg_err)?;
+            for m in &w.changed_messages {
+                tx.execute(&st, &[&r, &super::i64_of(m.id.0), &content_json(m)?])
+                    .await
+                    .map_err(pg_err)?;
+            }
+        }
+        if !w.log.is_empty() {
+            let seqs: Vec<i64> = w.log.iter().map(|(s, _)| super::i64_of(*s)).collect();
+            let events = w
+                .log
+                .iter()
+                .map(|(_, e)| serde_json::to_string(e).map_err(corrupt))
+                .collect::<StoreResult<Vec<String>>>()?;
+            let rooms = vec![r; seqs.len()];
+            tx.execute(
+                "INSERT INTO room_log (room, seq, event)
+                 SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::TEXT[])",
+                &[&rooms, &seqs, &events],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+        if !w.upsert_members.is_empty() {
+            let st = tx
+                .prepare_cached(
+                    r#"INSERT INTO members (room, "user", role, joined_at) VALUES ($1, $2, $3, $4)
+                       ON CONFLICT (room, "user") DO UPDATE SET role = excluded.role"#,
+                )
+                .await
+                .map_err(pg_err)?;
+            for m in &w.upsert_members {
+                tx.execute(
+                    &st,
+                    &[&r, &m.user.as_str(), &super::role_str(m.role), &m.joined_at],
+                )
+                .await
+                .map_err(pg_err)?;
+            }
+        }
+        if !w.remove_members.is_empty() {
+            let users: Vec<&str> = w.remove_members.iter().map(UserId::as_str).collect();
+            tx.execute(
+                r#"DELETE FROM members WHERE room = $1 AND "user" = ANY($2)"#,
+                &[&r, &users],
+            )
+            .await
+            .map_err(pg_err)?;
+            tx.execute(
+                r#"DELETE FROM read_markers WHERE room = $1 AND "user" = ANY($2)"#,
+                &[&r, &users],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+        if let Some(p) = &w.patch {
+            tx.execute(
+                "UPDATE rooms SET name = $2, avatar = $3, public = $4 WHERE id = $1",
+                &[&r, &p.name, &p.avatar, &p.public],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+        // Only new messages move the room in chat lists; greatest() ignores NULLs, so a batch
+        // without a newest message leaves last_message_id as it was.
+        let activity = if w.new_messages.is_empty() { 0 } else { w.at };
+        let last_id = w.last_message_id.map(|m| super::i64_of(m.0));
+        tx.execute(
+            "UPDATE rooms SET last_seq = greatest(last_seq, $2),
+               last_message_id = greatest(last_message_id, $3),
+               last_activity = greatest(last_activity, $4) WHERE id = $1",
+            &[&r, &super::i64_of(w.last_seq), &last_id, &activity],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn message(&self, room: RoomId, id: MessageId) -> StoreResult<Option<Message>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {MSG_COLS} FROM messages WHERE room = $1 AND id = $2"
+            ))
+            .await
+            .map_err(pg_err)?;
+        c.query_opt(&st, &[&super::i64_of(room.0), &super::i64_of(id.0)])
+            .await
+            .map_err(pg_err)?
+            .map(|r| message_row(&r))
+            .transpose()
+    }
+
+    async fn messages_after_seq(
+        &self,
+        room: RoomId,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {MSG_COLS} FROM messages WHERE room = $1 AND seq > $2
+                 ORDER BY seq ASC LIMIT $3"
+            ))
+            .await
+            .map_err(pg_err)?;
+        let rows = c
+            .query(
+                &st,
+                &[
+                    &super::i64_of(room.0),
+                    &super::i64_of(after_seq),
+                    &i64::from(limit),
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(message_row).collect()
+    }
+
+    async fn room_log(
+        &self,
+        room: RoomId,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<(u64, Event)>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT seq, event FROM room_log WHERE room = $1 AND seq > $2
+                 ORDER BY seq ASC LIMIT $3",
+            )
+            .await
+            .map_err(pg_err)?;
+        let rows = c
+            .query(
+                &st,
+                &[
+                    &super::i64_of(room.0),
+                    &super::i64_of(after_seq),
+                    &i64::from(limit),
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|row| {
+                let json: String = row.get(1);
+                let event =
+                    serde_json::from_str(&json).map_err(|e| corrupt(format!("room log: {e}")))?;
+                Ok((super::u64_of(row.get(0)), event))
+            })
+            .collect()
+    }
+
+    async fn set_read_marker(
+        &self,
+        room: RoomId,
+        user: &UserId,
+        up_to: MessageId,
+    ) -> StoreResult<()> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                r#"INSERT INTO read_markers (room, "user", message_id) VALUES ($1, $2, $3)
+                   ON CONFLICT (room, "user") DO UPDATE SET message_id = excluded.message_id
+                   WHERE excluded.message_id > read_markers.message_id"#,
+            )
+            .await
+            .map_err(pg_err)?;
+        c.execute(
+            &st,
+            &[
+                &super::i64_of(room.0),
+                &user.as_str(),
+                &super::i64_of(up_to.0),
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn read_marker(&self, room: RoomId, user: &UserId) -> StoreResult<Option<MessageId>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                r#"SELECT message_id FROM read_markers WHERE room = $1 AND "user" = $2"#,
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(c.query_opt(&st, &[&super::i64_of(room.0), &user.as_str()])
+            .await
+            .map_err(pg_err)?
+            .map(|r| MessageId(super::u64_of(r.get(0)))))
+    }
+
+    async fn unread_count(
+        &self,
+        room: RoomId,
+        user: &UserId,
+        after: Option<MessageId>,
+        cap: u32,
+    ) -> StoreResult<u32> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT count(*) FROM (SELECT 1 FROM messages
+                   WHERE room = $1 AND id > $2 AND sender <> $3
+                     AND (body::jsonb ->> 'type') <> 'deleted' LIMIT $4) AS unread",
+            )
+            .await
+            .map_err(pg_err)?;
+        let n: i64 = c
+            .query_one(
+                &st,
+                &[
+                    &super::i64_of(room.0),
+                    &after.map_or(0, |m| super::i64_of(m.0)),
+                    &user.as_str(),
+                    &i64::from(cap),
+                ],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(u32::try_from(n).unwrap_or(cap))
+    }
+
+    async fn friendship(&self, a: &UserId, b: &UserId) -> StoreResult<Option<Friendship>> {
+        let (lo, hi) = pair(a, b);
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {FRIEND_COLS} FROM friendships WHERE lo = $1 AND hi = $2"
+            ))
+            .await
+            .map_err(pg_err)?;
+        c.query_opt(&st, &[&lo, &hi])
+            .await
+            .map_err(pg_err)?
+            .map(|r| friendship_row(&r))
+            .transpose()
+    }
+
+    async fn put_friendship(&self, f: &Friendship) -> StoreResult<()> {
+        let (lo, hi) = pair(&f.requester, &f.addressee);
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO friendships (lo, hi, requester, addressee, status, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (lo, hi) DO UPDATE SET requester = excluded.requester,
+               addressee = excluded.addressee, status = excluded.status,
+               created_at = excluded.created_at, updated_at = excluded.updated_at",
+            &[
+                &lo,
+                &hi,
+                &f.requester.as_str(),
+                &f.addressee.as_str(),
+                &i16::from(f.status.code()),
+                &f.created_at,
+                &f.updated_at,
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn delete_friendship(&self, a: &UserId, b: &UserId) -> StoreResult<()> {
+        let (lo, hi) = pair(a, b);
+        let c = self.client().await?;
+        c.execute(
+            "DELETE FROM friendships WHERE lo = $1 AND hi = $2",
+            &[&lo, &hi],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn friendships_of(&self, user: &UserId) -> StoreResult<Vec<Friendship>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT {FRIEND_COLS} FROM friendships WHERE lo = $1 OR hi = $1
+                     ORDER BY lo, hi"
+                ),
+                &[&user.as_str()],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(friendship_row).collect()
+    }
+
+    async fn set_block(&self, blocker: &UserId, blocked: &UserId, on: bool) -> StoreResult<()> {
+        let sql = if on {
+            "INSERT INTO blocks (blocker, blocked) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        } else {
+            "DELETE FROM blocks WHERE blocker = $1 AND blocked = $2"
+        };
+        let c = self.client().await?;
+        c.execute(sql, &[&blocker.as_str(), &blocked.as_str()])
+            .await
+            .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn blocks_of(&self, user: &UserId) -> StoreResult<Vec<(UserId, UserId)>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT blocker, blocked FROM blocks WHERE blocker = $1 OR blocked = $1
+                 ORDER BY blocker, blocked",
+                &[&user.as_str()],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|r| Ok((uid(r.get(0))?, uid(r.get(1))?)))
+            .collect()
+    }
+
+    async fn add_pending(&self, items: Vec<(UserId, Notification)>, cap: u32) -> StoreResult<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let users: Vec<&str> = items.iter().map(|(u, _)| u.as_str()).collect();
+        let bodies = items
+            .iter()
+            .map(|(_, n)| serde_json::to_string(n).map_err(corrupt))
+            .collect::<StoreResult<Vec<String>>>()?;
+        let mut distinct = users.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        // Ids follow the order of `items`, so within one call the later item is the newer.
+        tx.execute(
+            r#"INSERT INTO pending ("user", body)
+               SELECT u, b FROM UNNEST($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS t(u, b, n)
+               ORDER BY n"#,
+            &[&users, &bodies],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.execute(
+            r#"DELETE FROM pending WHERE id IN (
+                 SELECT id FROM (
+                   SELECT id, row_number() OVER (PARTITION BY "user" ORDER BY id DESC) AS rank
+                   FROM pending WHERE "user" = ANY($1)
+                 ) AS ranked WHERE rank > $2)"#,
+            &[&distinct, &i64::from(cap)],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn take_pending(&self, user: &UserId) -> StoreResult<Vec<Notification>> {
+        let c = self.client().await?;
+        // One statement reads and removes: a notification added meanwhile is either taken here or
+        // left for the next call, never lost.
+        let mut rows: Vec<(i64, String)> = c
+            .query(
+                r#"DELETE FROM pending WHERE "user" = $1 RETURNING id, body"#,
+                &[&user.as_str()],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        rows.sort_unstable_by_key(|r| r.0);
+        rows.iter()
+            .map(|(_, b)| serde_json::from_str(b).map_err(corrupt))
+            .collect()
     }
 
     async fn close(&self) -> StoreResult<()> {

@@ -12,22 +12,32 @@
 //! so the driver routes it token-aware to a replica of its partition; large partitions (a group's
 //! members, a user's rooms) are read in pages of 1000 rows.
 //!
-//! A batch is written as: claim the sequence range (the compare-and-set above), then write the
-//! messages and their idempotency rows in one logged batch, retried. If that write still fails,
-//! the claimed numbers stay unused: a gap in `seq` is possible after a storage failure, never a
-//! duplicate or a reordering.
+//! A room write (`apply_room`) is: check the new messages' idempotency keys (a repeat fails the
+//! write with `Conflict` before anything is written), claim the sequence range (the
+//! compare-and-set above, from the write's first `seq` minus one to its `last_seq`), then write
+//! messages, `seq -> id` index rows, idempotency rows, rewritten messages, log rows, membership
+//! and group changes in one logged batch, retried. If that write still fails, the claimed numbers
+//! stay unused: a gap in `seq` is possible after a storage failure, never a duplicate or a
+//! reordering. A write with nothing sequenced (no new message, no log entry) claims nothing.
 //!
+//! Domain tables (`0002_domain.cql`): the room log by `(room, seq chunk)`; read markers one
+//! partition per `(room, user)`, the greatest clustering row being the marker (so it only moves
+//! forward without a lightweight transaction); friendships and blocks written under both users;
+//! pending notifications by user, clustered by a time-ordered id and trimmed to the cap with a
+//! range delete; usernames in a lookup table kept with the profile.
+
 //! Not verified on this project's machines: ScyllaDB and Cassandra cannot be installed there.
 //! The conformance suite runs against a real cluster when `PALAVER_TEST_SCYLLA_NODES` is set.
 
-use super::{HistoryPage, NewRoom, Store, StoreError, StoreResult};
+use super::{HistoryPage, NewRoom, RoomWrite, Store, StoreError, StoreResult};
 use async_trait::async_trait;
 use schema::{
-    HistoryQuery, Member, Message, MessageBody, MessageId, Millis, Profile, Room, RoomId, RoomKind,
-    RoomSummary, User, UserId,
+    Event, Friendship, FriendshipStatus, HistoryQuery, Member, Message, MessageContent, MessageId,
+    Millis, Notification, Profile, Room, RoomId, RoomSummary, User, UserId,
 };
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
@@ -94,7 +104,15 @@ pub async fn migrate(config: &ScyllaConfig) -> StoreResult<u32> {
             continue;
         }
         for stmt in statements(cql) {
-            session.query_unpaged(stmt, ()).await.map_err(unavailable)?;
+            if let Err(e) = session.query_unpaged(stmt.as_str(), ()).await {
+                // `ALTER TABLE ... ADD` has no `IF NOT EXISTS`: a migration interrupted after it
+                // ran finds the column there on its next attempt, which is what it wanted.
+                if is_add_column(&stmt) && column_exists(&e.to_string()) {
+                    tracing::info!(statement = %stmt, "migrate: column exists already");
+                    continue;
+                }
+                return Err(unavailable(format!("{stmt}: {e}")));
+            }
         }
         session
             .query_unpaged(
@@ -122,6 +140,18 @@ pub fn statements(cql: &str) -> Vec<String> {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .collect()
+}
+
+fn is_add_column(stmt: &str) -> bool {
+    let s = stmt.to_ascii_uppercase();
+    s.starts_with("ALTER TABLE") && s.contains(" ADD ")
+}
+
+/// Whether an error says the column to add exists (ScyllaDB: "conflicts with an existing
+/// column"; Cassandra: "already exists").
+fn column_exists(err: &str) -> bool {
+    let e = err.to_ascii_lowercase();
+    e.contains("existing column") || e.contains("already exist")
 }
 
 fn check_ident(ks: &str) -> StoreResult<()> {
@@ -157,19 +187,40 @@ async fn applied_version(session: &Session) -> StoreResult<u32> {
     Ok(max)
 }
 
+/// Sequence numbers per `message_seqs` partition.
+const SEQ_CHUNK_BITS: u32 = 16;
+/// Sequence numbers per `room_log` partition (log rows carry whole messages, so fewer).
+const LOG_CHUNK_BITS: u32 = 14;
+
+fn seq_chunk(seq: u64) -> i64 {
+    super::i64_of(seq >> SEQ_CHUNK_BITS)
+}
+
+fn log_chunk(seq: u64) -> i64 {
+    super::i64_of(seq >> LOG_CHUNK_BITS)
+}
+
 struct Prepared {
     user_get: PreparedStatement,
     user_insert: PreparedStatement,
     user_update: PreparedStatement,
     user_seen: PreparedStatement,
+    username_put: PreparedStatement,
+    username_delete: PreparedStatement,
+    username_get: PreparedStatement,
     room_get: PreparedStatement,
     room_insert: PreparedStatement,
     room_cas: PreparedStatement,
+    room_cas_seq: PreparedStatement,
+    room_patch: PreparedStatement,
     direct_claim: PreparedStatement,
     direct_get: PreparedStatement,
     member_insert: PreparedStatement,
+    member_get: PreparedStatement,
+    member_delete: PreparedStatement,
     members_get: PreparedStatement,
     user_room_insert: PreparedStatement,
+    user_room_delete: PreparedStatement,
     user_rooms_get: PreparedStatement,
     msg_insert: PreparedStatement,
     ref_insert: PreparedStatement,
@@ -177,18 +228,69 @@ struct Prepared {
     msg_get: PreparedStatement,
     page_desc: PreparedStatement,
     page_asc: PreparedStatement,
+    unread_scan: PreparedStatement,
+    seq_insert: PreparedStatement,
+    seq_after: PreparedStatement,
+    log_insert: PreparedStatement,
+    log_after: PreparedStatement,
+    marker_insert: PreparedStatement,
+    marker_trim: PreparedStatement,
+    marker_get: PreparedStatement,
+    marker_clear: PreparedStatement,
+    friend_put: PreparedStatement,
+    friend_get: PreparedStatement,
+    friends_of: PreparedStatement,
+    friend_delete: PreparedStatement,
+    block_put: PreparedStatement,
+    block_delete: PreparedStatement,
+    blocks_of: PreparedStatement,
+    pending_put: PreparedStatement,
+    pending_newest: PreparedStatement,
+    pending_get: PreparedStatement,
+    pending_trim: PreparedStatement,
 }
 
 /// The ScyllaDB store.
 pub struct ScyllaStore {
     session: Session,
     st: Prepared,
+    pending_ids: PendingIds,
+}
+
+/// Ids of pending notifications: microseconds since the Unix epoch (never repeating, never going
+/// backwards within this process) above a random 10-bit tag of this process, so that two nodes
+/// adding for one user in the same microsecond do not overwrite each other.
+struct PendingIds {
+    last_micros: parking_lot::Mutex<i64>,
+    tag: i64,
+}
+
+impl PendingIds {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, RandomState};
+        let tag = RandomState::new().hash_one(std::process::id()) & 0x3ff;
+        Self {
+            last_micros: parking_lot::Mutex::new(0),
+            tag: i64::try_from(tag).unwrap_or(0),
+        }
+    }
+
+    fn next(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX >> 10))
+            .unwrap_or(0);
+        let mut last = self.last_micros.lock();
+        *last = now.max(*last + 1);
+        (*last << 10) | self.tag
+    }
 }
 
 const USER_COLS: &str = "id, username, name, avatar, created_at, updated_at, last_seen";
-const ROOM_COLS: &str =
-    "id, kind, name, created_by, created_at, last_seq, last_message_id, last_activity";
+const ROOM_COLS: &str = "id, kind, name, created_by, created_at, last_seq, last_message_id, \
+                         last_activity, avatar, public";
 const MSG_COLS: &str = "id, room, seq, sender, client_ref, body, created_at";
+const FRIEND_COLS: &str = "requester, addressee, status, created_at, updated_at";
 
 type UserRow = (
     String,
@@ -205,11 +307,14 @@ type RoomRow = (
     Option<String>,
     String,
     i64,
-    i64,
     Option<i64>,
-    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<bool>,
 );
 type MsgRow = (i64, i64, i64, String, Option<String>, String, i64);
+type FriendRow = (String, String, i32, i64, i64);
 
 fn user_of(r: UserRow) -> StoreResult<User> {
     Ok(User {
@@ -229,32 +334,67 @@ fn room_of(r: RoomRow) -> StoreResult<(Room, i64)> {
     Ok((
         Room {
             id: RoomId(super::u64_of(r.0)),
-            kind: match r.1.as_str() {
-                "direct" => RoomKind::Direct,
-                "group" => RoomKind::Group,
-                o => return Err(corrupt(format!("unknown room kind {o:?}"))),
+            kind: match super::parse_kind(&r.1) {
+                Some(k) => k,
+                None => return Err(corrupt(format!("unknown room kind {:?}", r.1))),
             },
             name: r.2,
             created_by: UserId::parse(&r.3).map_err(corrupt)?,
             created_at: r.4,
-            last_seq: super::u64_of(r.5),
+            last_seq: super::u64_of(r.5.unwrap_or(0)),
             last_message_id: r.6.map(|v| MessageId(super::u64_of(v))),
+            avatar: r.8,
+            public: r.9.unwrap_or(false),
         },
-        r.7,
+        r.7.unwrap_or(r.4),
     ))
 }
 
 fn msg_of(r: MsgRow) -> StoreResult<Message> {
-    let body: MessageBody = serde_json::from_str(&r.5).map_err(corrupt)?;
-    Ok(Message {
-        id: MessageId(super::u64_of(r.0)),
-        room: RoomId(super::u64_of(r.1)),
-        seq: super::u64_of(r.2),
-        sender: UserId::parse(&r.3).map_err(corrupt)?,
-        client_ref: r.4,
-        body,
-        created_at: r.6,
+    let content: MessageContent = serde_json::from_str(&r.5).map_err(corrupt)?;
+    let mut m = Message::new(
+        MessageId(super::u64_of(r.0)),
+        RoomId(super::u64_of(r.1)),
+        super::u64_of(r.2),
+        UserId::parse(&r.3).map_err(corrupt)?,
+        content.body.clone(),
+        r.6,
+    );
+    m.client_ref = r.4;
+    content.apply(&mut m);
+    Ok(m)
+}
+
+fn friendship_of(r: FriendRow) -> StoreResult<Friendship> {
+    let status = u8::try_from(r.2)
+        .ok()
+        .and_then(FriendshipStatus::from_code)
+        .ok_or_else(|| corrupt(format!("unknown friendship status {}", r.2)))?;
+    Ok(Friendship {
+        requester: UserId::parse(&r.0).map_err(corrupt)?,
+        addressee: UserId::parse(&r.1).map_err(corrupt)?,
+        status,
+        created_at: r.3,
+        updated_at: r.4,
     })
+}
+
+/// What a message row keeps in its `body` column.
+fn content_json(m: &Message) -> StoreResult<String> {
+    serde_json::to_string(&MessageContent::of(m)).map_err(corrupt)
+}
+
+/// The one field of a stored body that unread counts look at.
+#[derive(serde::Deserialize)]
+struct BodyKind {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+fn is_deleted(body: &str) -> StoreResult<bool> {
+    serde_json::from_str::<BodyKind>(body)
+        .map(|b| b.kind == "deleted")
+        .map_err(corrupt)
 }
 
 /// Whether a lightweight transaction applied (its first column, `[applied]`).
@@ -263,6 +403,35 @@ fn applied(row: Option<Row>) -> bool {
         row.and_then(|r| r.columns.into_iter().next().flatten()),
         Some(CqlValue::Boolean(true))
     )
+}
+
+/// The values of one statement of a batch whose statements differ.
+type BatchRow = Box<dyn SerializeRow + Send + Sync>;
+
+/// A batch under construction: statements and their values, side by side.
+struct BatchBuilder {
+    batch: Batch,
+    values: Vec<BatchRow>,
+}
+
+impl BatchBuilder {
+    fn new(kind: BatchType) -> Self {
+        let mut batch = Batch::new(kind);
+        batch.set_consistency(Consistency::LocalQuorum);
+        Self {
+            batch,
+            values: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, st: &PreparedStatement, values: impl SerializeRow + Send + Sync + 'static) {
+        self.batch.append_statement(st.clone());
+        self.values.push(Box::new(values));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
 }
 
 impl ScyllaStore {
@@ -302,14 +471,22 @@ impl ScyllaStore {
             user_insert: p("INSERT INTO users (id, username, name, avatar, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)".into()).await?,
             user_update: p("UPDATE users SET username = ?, name = ?, avatar = ?, updated_at = ? WHERE id = ?".into()).await?,
             user_seen: p("UPDATE users SET last_seen = ? WHERE id = ?".into()).await?,
+            username_put: p("INSERT INTO users_by_username (username, id) VALUES (?, ?)".into()).await?,
+            username_delete: p("DELETE FROM users_by_username WHERE username = ? AND id = ?".into()).await?,
+            username_get: p("SELECT id FROM users_by_username WHERE username = ?".into()).await?,
             room_get: p(format!("SELECT {ROOM_COLS} FROM rooms WHERE id = ?")).await?,
-            room_insert: p("INSERT INTO rooms (id, kind, name, created_by, created_at, last_seq, last_activity) VALUES (?, ?, ?, ?, ?, 0, ?)".into()).await?,
+            room_insert: p("INSERT INTO rooms (id, kind, name, created_by, created_at, last_seq, last_activity, avatar, public) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)".into()).await?,
             room_cas: p("UPDATE rooms SET last_seq = ?, last_message_id = ?, last_activity = ? WHERE id = ? IF last_seq = ?".into()).await?,
+            room_cas_seq: p("UPDATE rooms SET last_seq = ? WHERE id = ? IF last_seq = ?".into()).await?,
+            room_patch: p("UPDATE rooms SET name = ?, avatar = ?, public = ? WHERE id = ?".into()).await?,
             direct_claim: p("INSERT INTO direct_rooms (direct_key, room) VALUES (?, ?) IF NOT EXISTS".into()).await?,
             direct_get: p("SELECT room FROM direct_rooms WHERE direct_key = ?".into()).await?,
             member_insert: p("INSERT INTO members (room, user, role, joined_at) VALUES (?, ?, ?, ?)".into()).await?,
+            member_get: p("SELECT joined_at FROM members WHERE room = ? AND user = ?".into()).await?,
+            member_delete: p("DELETE FROM members WHERE room = ? AND user = ?".into()).await?,
             members_get: p("SELECT user, role, joined_at FROM members WHERE room = ?".into()).await?,
             user_room_insert: p("INSERT INTO user_rooms (user, room) VALUES (?, ?)".into()).await?,
+            user_room_delete: p("DELETE FROM user_rooms WHERE user = ? AND room = ?".into()).await?,
             user_rooms_get: p("SELECT room FROM user_rooms WHERE user = ?".into()).await?,
             msg_insert: p("INSERT INTO messages (room, bucket, id, seq, sender, client_ref, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)".into()).await?,
             ref_insert: p("INSERT INTO messages_by_ref (room, sender, client_ref, id) VALUES (?, ?, ?, ?)".into()).await?,
@@ -317,14 +494,38 @@ impl ScyllaStore {
             msg_get: p(format!("SELECT {MSG_COLS} FROM messages WHERE room = ? AND bucket = ? AND id = ?")).await?,
             page_desc: p(format!("SELECT {MSG_COLS} FROM messages WHERE room = ? AND bucket = ? AND id > ? AND id < ? ORDER BY id DESC LIMIT ?")).await?,
             page_asc: p(format!("SELECT {MSG_COLS} FROM messages WHERE room = ? AND bucket = ? AND id > ? AND id < ? ORDER BY id ASC LIMIT ?")).await?,
+            unread_scan: p("SELECT id, sender, body FROM messages WHERE room = ? AND bucket = ? AND id > ? ORDER BY id DESC".into()).await?,
+            seq_insert: p("INSERT INTO message_seqs (room, chunk, seq, id) VALUES (?, ?, ?, ?)".into()).await?,
+            seq_after: p("SELECT seq, id FROM message_seqs WHERE room = ? AND chunk = ? AND seq > ? ORDER BY seq ASC LIMIT ?".into()).await?,
+            log_insert: p("INSERT INTO room_log (room, chunk, seq, event) VALUES (?, ?, ?, ?)".into()).await?,
+            log_after: p("SELECT seq, event FROM room_log WHERE room = ? AND chunk = ? AND seq > ? ORDER BY seq ASC LIMIT ?".into()).await?,
+            marker_insert: p("INSERT INTO read_markers (room, user, message_id) VALUES (?, ?, ?)".into()).await?,
+            marker_trim: p("DELETE FROM read_markers WHERE room = ? AND user = ? AND message_id < ?".into()).await?,
+            marker_get: p("SELECT message_id FROM read_markers WHERE room = ? AND user = ? LIMIT 1".into()).await?,
+            marker_clear: p("DELETE FROM read_markers WHERE room = ? AND user = ?".into()).await?,
+            friend_put: p("INSERT INTO friendships (user, other, requester, addressee, status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)".into()).await?,
+            friend_get: p(format!("SELECT {FRIEND_COLS} FROM friendships WHERE user = ? AND other = ?")).await?,
+            friends_of: p(format!("SELECT {FRIEND_COLS} FROM friendships WHERE user = ?")).await?,
+            friend_delete: p("DELETE FROM friendships WHERE user = ? AND other = ?".into()).await?,
+            block_put: p("INSERT INTO blocks (user, blocker, blocked) VALUES (?, ?, ?)".into()).await?,
+            block_delete: p("DELETE FROM blocks WHERE user = ? AND blocker = ? AND blocked = ?".into()).await?,
+            blocks_of: p("SELECT blocker, blocked FROM blocks WHERE user = ?".into()).await?,
+            pending_put: p("INSERT INTO pending (user, id, body) VALUES (?, ?, ?)".into()).await?,
+            pending_newest: p("SELECT id FROM pending WHERE user = ? ORDER BY id DESC LIMIT ?".into()).await?,
+            pending_get: p("SELECT id, body FROM pending WHERE user = ?".into()).await?,
+            pending_trim: p("DELETE FROM pending WHERE user = ? AND id <= ?".into()).await?,
         };
-        Ok(Self { session, st })
+        Ok(Self {
+            session,
+            st,
+            pending_ids: PendingIds::new(),
+        })
     }
 
     async fn rows<R>(
         &self,
         st: &PreparedStatement,
-        values: impl scylla::serialize::row::SerializeRow,
+        values: impl SerializeRow,
     ) -> StoreResult<Vec<R>>
     where
         R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
@@ -347,7 +548,7 @@ impl ScyllaStore {
     async fn rows_paged<R>(
         &self,
         st: &PreparedStatement,
-        values: impl scylla::serialize::row::SerializeRow,
+        values: impl SerializeRow,
     ) -> StoreResult<Vec<R>>
     where
         R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + Send + 'static,
@@ -364,11 +565,7 @@ impl ScyllaStore {
             .await
     }
 
-    async fn exec(
-        &self,
-        st: &PreparedStatement,
-        values: impl scylla::serialize::row::SerializeRow,
-    ) -> StoreResult<()> {
+    async fn exec(&self, st: &PreparedStatement, values: impl SerializeRow) -> StoreResult<()> {
         self.session
             .execute_unpaged(st, values)
             .await
@@ -376,11 +573,7 @@ impl ScyllaStore {
             .map(|_| ())
     }
 
-    async fn lwt(
-        &self,
-        st: &PreparedStatement,
-        values: impl scylla::serialize::row::SerializeRow,
-    ) -> StoreResult<bool> {
+    async fn lwt(&self, st: &PreparedStatement, values: impl SerializeRow) -> StoreResult<bool> {
         let res = self
             .session
             .execute_unpaged(st, values)
@@ -392,6 +585,21 @@ impl ScyllaStore {
         Ok(applied(row))
     }
 
+    /// Runs a batch, retried: every statement Palaver batches is idempotent.
+    async fn run_batch(&self, b: &BatchBuilder, what: &str) -> StoreResult<()> {
+        if b.is_empty() {
+            return Ok(());
+        }
+        let mut last_err = None;
+        for _ in 0..3 {
+            match self.session.batch(&b.batch, &b.values).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(unavailable(format!("{what} not written: {last_err:?}")))
+    }
+
     async fn room_with_activity(&self, id: RoomId) -> StoreResult<Option<(Room, i64)>> {
         self.rows::<RoomRow>(&self.st.room_get, (super::i64_of(id.0),))
             .await?
@@ -401,7 +609,7 @@ impl ScyllaStore {
             .transpose()
     }
 
-    async fn message(&self, room: RoomId, id: u64) -> StoreResult<Option<Message>> {
+    async fn message_at(&self, room: RoomId, id: u64) -> StoreResult<Option<Message>> {
         self.rows::<MsgRow>(
             &self.st.msg_get,
             (super::i64_of(room.0), bucket_of(id), super::i64_of(id)),
@@ -411,6 +619,15 @@ impl ScyllaStore {
         .next()
         .map(msg_of)
         .transpose()
+    }
+
+    /// The first history bucket of a room (its messages' ids are never older than the room).
+    fn first_bucket(room: &Room) -> i32 {
+        bucket_of(
+            room.id
+                .0
+                .min(room.last_message_id.map_or(room.id.0, |m| m.0)),
+        )
     }
 
     async fn write_room(&self, new: &NewRoom) -> StoreResult<()> {
@@ -424,6 +641,8 @@ impl ScyllaStore {
                 r.created_by.as_str(),
                 r.created_at,
                 r.created_at,
+                &r.avatar,
+                r.public,
             ),
         )
         .await?;
@@ -446,37 +665,88 @@ impl ScyllaStore {
         }
         Ok(())
     }
+
+    /// Fails with `Conflict` when a new message repeats a `(sender, client_ref)` of the batch or
+    /// of the room. Checked before anything is written; the room's single writer (fenced by the
+    /// sequence claim) makes check-then-write safe.
+    async fn check_client_refs(&self, room: RoomId, new: &[Message]) -> StoreResult<()> {
+        let mut keys: Vec<(&str, &str)> = new
+            .iter()
+            .filter_map(|m| m.client_ref.as_deref().map(|r| (m.sender.as_str(), r)))
+            .collect();
+        keys.sort_unstable();
+        if keys.windows(2).any(|w| w[0] == w[1]) {
+            return Err(StoreError::Conflict(format!(
+                "room {room}: a client_ref repeats within one batch"
+            )));
+        }
+        let r = super::i64_of(room.0);
+        let found = futures::future::try_join_all(
+            keys.iter()
+                .map(|(sender, cref)| self.rows::<(i64,)>(&self.st.ref_get, (r, *sender, *cref))),
+        )
+        .await?;
+        if let Some(((sender, cref), _)) = keys.iter().zip(&found).find(|(_, f)| !f.is_empty()) {
+            return Err(StoreError::Conflict(format!(
+                "room {room}: client_ref {cref:?} of {sender} is stored already"
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Store for ScyllaStore {
     async fn upsert_user(&self, p: &Profile, now: Millis) -> StoreResult<User> {
-        match self.user(&p.id).await? {
+        let id = p.id.as_str().to_owned();
+        let mut b = BatchBuilder::new(BatchType::Logged);
+        let user = match self.user(&p.id).await? {
             None => {
-                self.exec(
+                b.push(
                     &self.st.user_insert,
-                    (p.id.as_str(), &p.username, &p.name, &p.avatar, now, now),
-                )
-                .await?;
-                Ok(User {
+                    (
+                        id.clone(),
+                        p.username.clone(),
+                        p.name.clone(),
+                        p.avatar.clone(),
+                        now,
+                        now,
+                    ),
+                );
+                User {
                     profile: p.clone(),
                     created_at: now,
                     updated_at: now,
                     last_seen: None,
-                })
+                }
             }
-            Some(u) if &u.profile == p => Ok(u),
+            Some(u) if &u.profile == p => return Ok(u),
             Some(mut u) => {
-                self.exec(
+                b.push(
                     &self.st.user_update,
-                    (&p.username, &p.name, &p.avatar, now, p.id.as_str()),
-                )
-                .await?;
+                    (
+                        p.username.clone(),
+                        p.name.clone(),
+                        p.avatar.clone(),
+                        now,
+                        id.clone(),
+                    ),
+                );
+                if let Some(old) = &u.profile.username
+                    && Some(old) != p.username.as_ref()
+                {
+                    b.push(&self.st.username_delete, (old.clone(), id.clone()));
+                }
                 u.profile = p.clone();
                 u.updated_at = now;
-                Ok(u)
+                u
             }
+        };
+        if let Some(name) = &p.username {
+            b.push(&self.st.username_put, (name.clone(), id));
         }
+        self.run_batch(&b, "user").await?;
+        Ok(user)
     }
 
     async fn user(&self, id: &UserId) -> StoreResult<Option<User>> {
@@ -490,6 +760,30 @@ impl Store for ScyllaStore {
 
     async fn set_last_seen(&self, id: &UserId, at: Millis) -> StoreResult<()> {
         self.exec(&self.st.user_seen, (at, id.as_str())).await
+    }
+
+    async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>> {
+        let ids = self
+            .rows_paged::<(String,)>(&self.st.username_get, (username,))
+            .await?;
+        let users = futures::future::try_join_all(ids.iter().map(|(id,)| async move {
+            match UserId::parse(id) {
+                Ok(id) => self.user(&id).await,
+                Err(e) => Err(corrupt(e)),
+            }
+        }))
+        .await?;
+        // The profile is the truth (an index row may outlive a rename that failed half-way);
+        // several users may carry one username: the most recently updated wins.
+        Ok(users
+            .into_iter()
+            .flatten()
+            .filter(|u| u.profile.username.as_deref() == Some(username))
+            .max_by(|a, b| {
+                a.updated_at
+                    .cmp(&b.updated_at)
+                    .then_with(|| b.profile.id.cmp(&a.profile.id))
+            }))
     }
 
     async fn create_room(&self, new: NewRoom) -> StoreResult<()> {
@@ -553,6 +847,7 @@ impl Store for ScyllaStore {
                     None => return Err(corrupt(format!("unknown role {:?}", role))),
                 },
                 joined_at,
+                online: None,
             });
         }
         out.sort_by(|x, y| {
@@ -580,7 +875,7 @@ impl Store for ScyllaStore {
             };
             let members = self.members(id).await?;
             let last_message = match room.last_message_id {
-                Some(m) => self.message(id, m.0).await?,
+                Some(m) => self.message_at(id, m.0).await?,
                 None => None,
             };
             Ok(Some((
@@ -601,66 +896,231 @@ impl Store for ScyllaStore {
         Ok(rooms.into_iter().map(|r| r.1).collect())
     }
 
-    async fn append_messages(&self, room: RoomId, batch: Vec<Message>) -> StoreResult<()> {
-        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
-            return Ok(());
-        };
-        let max_at = batch.iter().map(|m| m.created_at).max().unwrap_or(0);
-        // Claim the sequence range: fails if another writer moved the room meanwhile.
-        let claimed = self
-            .lwt(
-                &self.st.room_cas,
-                (
-                    super::i64_of(last.seq),
-                    super::i64_of(last.id.0),
-                    max_at,
-                    super::i64_of(room.0),
-                    super::i64_of(first.seq.saturating_sub(1)),
-                ),
-            )
-            .await?;
-        if !claimed {
-            return Err(StoreError::Conflict(format!(
-                "room {room} moved past seq {} (another writer)",
-                first.seq.saturating_sub(1)
-            )));
-        }
-        let mut b = Batch::new(BatchType::Logged);
-        b.set_consistency(Consistency::LocalQuorum);
-        let mut values = Vec::new();
-        for m in &batch {
-            let body = serde_json::to_string(&m.body).map_err(corrupt)?;
-            b.append_statement(self.st.msg_insert.clone());
-            values.push(MsgValues::Msg((
-                super::i64_of(room.0),
-                bucket_of(m.id.0),
-                super::i64_of(m.id.0),
-                super::i64_of(m.seq),
-                m.sender.as_str().to_owned(),
-                m.client_ref.clone(),
-                body,
-                m.created_at,
-            )));
-            if let Some(r) = &m.client_ref {
-                b.append_statement(self.st.ref_insert.clone());
-                values.push(MsgValues::Ref((
-                    super::i64_of(room.0),
-                    m.sender.as_str().to_owned(),
-                    r.clone(),
-                    super::i64_of(m.id.0),
+    async fn direct_room(&self, a: &UserId, b: &UserId) -> StoreResult<Option<RoomId>> {
+        let key = super::direct_key(a, b);
+        Ok(self
+            .rows::<(i64,)>(&self.st.direct_get, (&key,))
+            .await?
+            .into_iter()
+            .next()
+            .map(|r| RoomId(super::u64_of(r.0))))
+    }
+
+    async fn apply_room(&self, room: RoomId, w: RoomWrite) -> StoreResult<()> {
+        let r = super::i64_of(room.0);
+        self.check_client_refs(room, &w.new_messages).await?;
+        // A role change keeps the member's original joined_at, as the SQL stores' upsert does.
+        let joined = futures::future::try_join_all(
+            w.upsert_members
+                .iter()
+                .map(|m| self.rows::<(Option<i64>,)>(&self.st.member_get, (r, m.user.as_str()))),
+        )
+        .await?;
+        // Claim the sequence range: the write's events follow the room's current last_seq, so
+        // the compare-and-set fails if another writer moved the room meanwhile. A write without
+        // sequenced content (no new message, no log entry) claims nothing and moves no position.
+        let first_seq = w
+            .new_messages
+            .iter()
+            .map(|m| m.seq)
+            .chain(w.log.iter().map(|(s, _)| *s))
+            .min();
+        if let Some(first) = first_seq {
+            let prev = super::i64_of(first.saturating_sub(1));
+            let last_seq = super::i64_of(w.last_seq.max(first));
+            let claimed = if w.new_messages.is_empty() {
+                // Only new messages move the newest message and the activity time.
+                self.lwt(&self.st.room_cas_seq, (last_seq, r, prev)).await?
+            } else {
+                let newest = w
+                    .new_messages
+                    .iter()
+                    .map(|m| m.id)
+                    .chain(w.last_message_id)
+                    .max()
+                    .map_or(0, |m| super::i64_of(m.0));
+                self.lwt(&self.st.room_cas, (last_seq, newest, w.at, r, prev))
+                    .await?
+            };
+            if !claimed {
+                return Err(StoreError::Conflict(format!(
+                    "room {room} moved past seq {prev} (another writer)"
                 )));
             }
         }
-        let mut last_err = None;
-        for _ in 0..3 {
-            match self.session.batch(&b, &values).await {
-                Ok(_) => return Ok(()),
-                Err(e) => last_err = Some(e),
+        let mut b = BatchBuilder::new(BatchType::Logged);
+        for m in w.new_messages.iter().chain(&w.changed_messages) {
+            // A changed message is rewritten whole (same key, same identity columns).
+            b.push(
+                &self.st.msg_insert,
+                (
+                    r,
+                    bucket_of(m.id.0),
+                    super::i64_of(m.id.0),
+                    super::i64_of(m.seq),
+                    m.sender.as_str().to_owned(),
+                    m.client_ref.clone(),
+                    content_json(m)?,
+                    m.created_at,
+                ),
+            );
+        }
+        for m in &w.new_messages {
+            b.push(
+                &self.st.seq_insert,
+                (
+                    r,
+                    seq_chunk(m.seq),
+                    super::i64_of(m.seq),
+                    super::i64_of(m.id.0),
+                ),
+            );
+            if let Some(cref) = &m.client_ref {
+                b.push(
+                    &self.st.ref_insert,
+                    (
+                        r,
+                        m.sender.as_str().to_owned(),
+                        cref.clone(),
+                        super::i64_of(m.id.0),
+                    ),
+                );
             }
         }
-        Err(unavailable(format!(
-            "messages of room {room} not written: {last_err:?}"
-        )))
+        for (seq, event) in &w.log {
+            let json = serde_json::to_string(event).map_err(corrupt)?;
+            b.push(
+                &self.st.log_insert,
+                (r, log_chunk(*seq), super::i64_of(*seq), json),
+            );
+        }
+        for (m, stored) in w.upsert_members.iter().zip(joined) {
+            let joined_at = stored.first().and_then(|j| j.0).unwrap_or(m.joined_at);
+            b.push(
+                &self.st.member_insert,
+                (
+                    r,
+                    m.user.as_str().to_owned(),
+                    super::role_str(m.role),
+                    joined_at,
+                ),
+            );
+            b.push(&self.st.user_room_insert, (m.user.as_str().to_owned(), r));
+        }
+        // Same batch, same timestamp: a removal of a member upserted above wins, as in SQL where
+        // removals run after upserts.
+        for u in &w.remove_members {
+            b.push(&self.st.member_delete, (r, u.as_str().to_owned()));
+            b.push(&self.st.user_room_delete, (u.as_str().to_owned(), r));
+            b.push(&self.st.marker_clear, (r, u.as_str().to_owned()));
+        }
+        if let Some(p) = &w.patch {
+            b.push(
+                &self.st.room_patch,
+                (p.name.clone(), p.avatar.clone(), p.public, r),
+            );
+        }
+        self.run_batch(&b, &format!("changes of room {room}")).await
+    }
+
+    async fn message(&self, room: RoomId, id: MessageId) -> StoreResult<Option<Message>> {
+        self.message_at(room, id.0).await
+    }
+
+    async fn messages_after_seq(
+        &self,
+        room: RoomId,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        let want = usize::try_from(limit).unwrap_or(usize::MAX);
+        let Some((r, _)) = self.room_with_activity(room).await? else {
+            return Ok(Vec::new());
+        };
+        if want == 0 || after_seq >= r.last_seq {
+            return Ok(Vec::new());
+        }
+        let rid = super::i64_of(room.0);
+        // seq -> id from the index, then the messages by id range (seq and id share one order).
+        let mut ids: Vec<i64> = Vec::new();
+        for chunk in seq_chunk(after_seq.saturating_add(1))..=seq_chunk(r.last_seq) {
+            let left = i32::try_from(want - ids.len()).unwrap_or(i32::MAX);
+            for (_, id) in self
+                .rows::<(i64, i64)>(
+                    &self.st.seq_after,
+                    (rid, chunk, super::i64_of(after_seq), left),
+                )
+                .await?
+            {
+                ids.push(id);
+            }
+            if ids.len() >= want {
+                break;
+            }
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        let mut rest = ids.as_slice();
+        while let Some(&first) = rest.first() {
+            let bucket = bucket_of(super::u64_of(first));
+            let n = rest
+                .iter()
+                .take_while(|id| bucket_of(super::u64_of(**id)) == bucket)
+                .count();
+            let last = rest[n - 1];
+            for row in self
+                .rows::<MsgRow>(
+                    &self.st.page_asc,
+                    (
+                        rid,
+                        bucket,
+                        first - 1,
+                        last.saturating_add(1),
+                        i32::try_from(n).unwrap_or(i32::MAX),
+                    ),
+                )
+                .await?
+            {
+                out.push(msg_of(row)?);
+            }
+            rest = &rest[n..];
+        }
+        Ok(out)
+    }
+
+    async fn room_log(
+        &self,
+        room: RoomId,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<(u64, Event)>> {
+        let want = usize::try_from(limit).unwrap_or(usize::MAX);
+        let Some((r, _)) = self.room_with_activity(room).await? else {
+            return Ok(Vec::new());
+        };
+        // The sequence claim precedes the log rows, so last_seq bounds every logged seq.
+        if want == 0 || after_seq >= r.last_seq {
+            return Ok(Vec::new());
+        }
+        let rid = super::i64_of(room.0);
+        let mut out = Vec::new();
+        for chunk in log_chunk(after_seq.saturating_add(1))..=log_chunk(r.last_seq) {
+            let left = i32::try_from(want - out.len()).unwrap_or(i32::MAX);
+            for (seq, json) in self
+                .rows::<(i64, String)>(
+                    &self.st.log_after,
+                    (rid, chunk, super::i64_of(after_seq), left),
+                )
+                .await?
+            {
+                let event =
+                    serde_json::from_str(&json).map_err(|e| corrupt(format!("room log: {e}")))?;
+                out.push((super::u64_of(seq), event));
+            }
+            if out.len() >= want {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     async fn messages_by_client_ref(
@@ -677,7 +1137,7 @@ impl Store for ScyllaStore {
                 )
                 .await?;
             if let Some((id,)) = ids.into_iter().next()
-                && let Some(m) = self.message(room, super::u64_of(id)).await?
+                && let Some(m) = self.message_at(room, super::u64_of(id)).await?
             {
                 out.push(m);
             }
@@ -696,7 +1156,7 @@ impl Store for ScyllaStore {
         };
         let lo = q.after.map_or(0, |m| m.0);
         let hi = q.before.map_or(u64::MAX >> 11, |m| m.0);
-        let first_bucket = bucket_of(r.id.0.min(r.last_message_id.map_or(r.id.0, |m| m.0)));
+        let first_bucket = Self::first_bucket(&r);
         let last_bucket = r.last_message_id.map_or(first_bucket, |m| bucket_of(m.0));
         let want = usize::try_from(limit)
             .unwrap_or(usize::MAX)
@@ -744,34 +1204,220 @@ impl Store for ScyllaStore {
         Ok(HistoryPage { messages, has_more })
     }
 
-    async fn close(&self) -> StoreResult<()> {
+    async fn set_read_marker(
+        &self,
+        room: RoomId,
+        user: &UserId,
+        up_to: MessageId,
+    ) -> StoreResult<()> {
+        // One partition, so the unlogged batch is atomic: add the new row, drop the rows below.
+        // The marker is the greatest row, so a smaller concurrent mark can never win.
+        let (r, u, id) = (
+            super::i64_of(room.0),
+            user.as_str().to_owned(),
+            super::i64_of(up_to.0),
+        );
+        let mut b = BatchBuilder::new(BatchType::Unlogged);
+        b.push(&self.st.marker_insert, (r, u.clone(), id));
+        b.push(&self.st.marker_trim, (r, u, id));
+        self.run_batch(&b, &format!("read marker in room {room}"))
+            .await
+    }
+
+    async fn read_marker(&self, room: RoomId, user: &UserId) -> StoreResult<Option<MessageId>> {
+        Ok(self
+            .rows::<(i64,)>(&self.st.marker_get, (super::i64_of(room.0), user.as_str()))
+            .await?
+            .into_iter()
+            .next()
+            .map(|r| MessageId(super::u64_of(r.0))))
+    }
+
+    async fn unread_count(
+        &self,
+        room: RoomId,
+        user: &UserId,
+        after: Option<MessageId>,
+        cap: u32,
+    ) -> StoreResult<u32> {
+        use futures::TryStreamExt;
+        if cap == 0 {
+            return Ok(0);
+        }
+        let Some((r, _)) = self.room_with_activity(room).await? else {
+            return Ok(0);
+        };
+        let Some(newest) = r.last_message_id else {
+            return Ok(0);
+        };
+        let lo = after.map_or(0, |m| m.0);
+        if lo >= newest.0 {
+            return Ok(0);
+        }
+        // Newest first, bucket by bucket, page by page, until `cap` counted messages.
+        let mut count = 0u32;
+        for bucket in (bucket_of(lo).max(Self::first_bucket(&r))..=bucket_of(newest.0)).rev() {
+            let mut rows = self
+                .session
+                .execute_iter(
+                    self.st.unread_scan.clone(),
+                    (super::i64_of(room.0), bucket, super::i64_of(lo)),
+                )
+                .await
+                .map_err(unavailable)?
+                .rows_stream::<(i64, String, String)>()
+                .map_err(corrupt)?;
+            while let Some((_, sender, body)) = rows.try_next().await.map_err(unavailable)? {
+                if sender != user.as_str() && !is_deleted(&body)? {
+                    count += 1;
+                    if count >= cap {
+                        return Ok(count);
+                    }
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    async fn friendship(&self, a: &UserId, b: &UserId) -> StoreResult<Option<Friendship>> {
+        self.rows::<FriendRow>(&self.st.friend_get, (a.as_str(), b.as_str()))
+            .await?
+            .into_iter()
+            .next()
+            .map(friendship_of)
+            .transpose()
+    }
+
+    async fn put_friendship(&self, f: &Friendship) -> StoreResult<()> {
+        let (a, b) = (f.requester.as_str(), f.addressee.as_str());
+        let status = i32::from(f.status.code());
+        let mut batch = BatchBuilder::new(BatchType::Logged);
+        for (user, other) in [(a, b), (b, a)] {
+            batch.push(
+                &self.st.friend_put,
+                (
+                    user.to_owned(),
+                    other.to_owned(),
+                    a.to_owned(),
+                    b.to_owned(),
+                    status,
+                    f.created_at,
+                    f.updated_at,
+                ),
+            );
+        }
+        self.run_batch(&batch, "friendship").await
+    }
+
+    async fn delete_friendship(&self, a: &UserId, b: &UserId) -> StoreResult<()> {
+        let mut batch = BatchBuilder::new(BatchType::Logged);
+        for (user, other) in [(a, b), (b, a)] {
+            batch.push(
+                &self.st.friend_delete,
+                (user.as_str().to_owned(), other.as_str().to_owned()),
+            );
+        }
+        self.run_batch(&batch, "friendship removal").await
+    }
+
+    async fn friendships_of(&self, user: &UserId) -> StoreResult<Vec<Friendship>> {
+        self.rows_paged::<FriendRow>(&self.st.friends_of, (user.as_str(),))
+            .await?
+            .into_iter()
+            .map(friendship_of)
+            .collect()
+    }
+
+    async fn set_block(&self, blocker: &UserId, blocked: &UserId, on: bool) -> StoreResult<()> {
+        let st = if on {
+            &self.st.block_put
+        } else {
+            &self.st.block_delete
+        };
+        let mut batch = BatchBuilder::new(BatchType::Logged);
+        let mut users = vec![blocker];
+        if blocked != blocker {
+            users.push(blocked);
+        }
+        for user in users {
+            batch.push(
+                st,
+                (
+                    user.as_str().to_owned(),
+                    blocker.as_str().to_owned(),
+                    blocked.as_str().to_owned(),
+                ),
+            );
+        }
+        self.run_batch(&batch, "block").await
+    }
+
+    async fn blocks_of(&self, user: &UserId) -> StoreResult<Vec<(UserId, UserId)>> {
+        self.rows_paged::<(String, String)>(&self.st.blocks_of, (user.as_str(),))
+            .await?
+            .into_iter()
+            .map(|(a, b)| {
+                Ok((
+                    UserId::parse(&a).map_err(corrupt)?,
+                    UserId::parse(&b).map_err(corrupt)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn add_pending(&self, items: Vec<(UserId, Notification)>, cap: u32) -> StoreResult<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        // One single-partition batch per user (atomic), ids increasing in the order of `items`.
+        let mut per_user: Vec<(UserId, BatchBuilder)> = Vec::new();
+        for (user, n) in items {
+            let body = serde_json::to_string(&n).map_err(corrupt)?;
+            let row = (user.as_str().to_owned(), self.pending_ids.next(), body);
+            match per_user.iter_mut().find(|(u, _)| *u == user) {
+                Some((_, b)) => b.push(&self.st.pending_put, row),
+                None => {
+                    let mut b = BatchBuilder::new(BatchType::Unlogged);
+                    b.push(&self.st.pending_put, row);
+                    per_user.push((user, b));
+                }
+            }
+        }
+        let keep = i32::try_from(cap.saturating_add(1)).unwrap_or(i32::MAX);
+        futures::future::try_join_all(per_user.iter().map(|(user, b)| async move {
+            self.run_batch(b, "pending notifications").await?;
+            // Keep the newest `cap`: delete everything up to the (cap+1)-th newest.
+            let newest = self
+                .rows::<(i64,)>(&self.st.pending_newest, (user.as_str(), keep))
+                .await?;
+            if let Some((cut,)) = newest.get(usize::try_from(cap).unwrap_or(usize::MAX)) {
+                self.exec(&self.st.pending_trim, (user.as_str(), *cut))
+                    .await?;
+            }
+            Ok::<_, StoreError>(())
+        }))
+        .await?;
         Ok(())
     }
-}
 
-type MsgTuple = (i64, i32, i64, i64, String, Option<String>, String, i64);
-type RefTuple = (i64, String, String, i64);
-
-/// A batch's per-statement values: a message row or an idempotency row.
-enum MsgValues {
-    Msg(MsgTuple),
-    Ref(RefTuple),
-}
-
-impl scylla::serialize::row::SerializeRow for MsgValues {
-    fn serialize(
-        &self,
-        ctx: &scylla::serialize::row::RowSerializationContext<'_>,
-        writer: &mut scylla::serialize::writers::RowWriter,
-    ) -> Result<(), scylla::serialize::SerializationError> {
-        match self {
-            MsgValues::Msg(t) => t.serialize(ctx, writer),
-            MsgValues::Ref(t) => t.serialize(ctx, writer),
-        }
+    async fn take_pending(&self, user: &UserId) -> StoreResult<Vec<Notification>> {
+        let rows = self
+            .rows_paged::<(i64, String)>(&self.st.pending_get, (user.as_str(),))
+            .await?;
+        let Some((last, _)) = rows.last() else {
+            return Ok(Vec::new());
+        };
+        // Remove what was read, by id: a notification added meanwhile (a newer id) stays for the
+        // next call.
+        self.exec(&self.st.pending_trim, (user.as_str(), *last))
+            .await?;
+        rows.iter()
+            .map(|(_, body)| serde_json::from_str(body).map_err(corrupt))
+            .collect()
     }
 
-    fn is_empty(&self) -> bool {
-        false
+    async fn close(&self) -> StoreResult<()> {
+        Ok(())
     }
 }
 
@@ -793,6 +1439,52 @@ mod tests {
             st.iter()
                 .any(|s| s.contains("CLUSTERING ORDER BY (id DESC)"))
         );
+    }
+
+    #[test]
+    fn domain_migration_splits_into_statements() {
+        assert_eq!(
+            schema::CQL_MIGRATIONS
+                .iter()
+                .map(|m| m.0)
+                .collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        let (_, cql) = schema::CQL_MIGRATIONS[1];
+        let st = statements(cql);
+        assert_eq!(st.len(), 9, "{st:?}");
+        assert!(st.iter().all(|s| !s.contains(';')));
+        assert_eq!(st.iter().filter(|s| is_add_column(s)).count(), 2);
+        for table in [
+            "users_by_username",
+            "message_seqs",
+            "room_log",
+            "read_markers",
+            "friendships",
+            "blocks",
+            "pending",
+        ] {
+            assert!(
+                st.iter()
+                    .any(|s| s.starts_with(&format!("CREATE TABLE IF NOT EXISTS {table} ("))),
+                "{table}"
+            );
+        }
+        assert!(column_exists(
+            "Invalid column name avatar because it conflicts with an existing column"
+        ));
+        assert!(!column_exists("Keyspace palaver does not exist"));
+    }
+
+    #[test]
+    fn pending_ids_increase() {
+        let ids = PendingIds::new();
+        let mut last = ids.next();
+        for _ in 0..1000 {
+            let id = ids.next();
+            assert!(id > last);
+            last = id;
+        }
     }
 
     #[test]
