@@ -20,6 +20,8 @@ fn spawn(dir: &std::path::Path) -> Proc {
         .env("PALAVER_HTTP_ADDR", "127.0.0.1:0")
         .env("PALAVER_DATA_DIR", dir)
         .env("PALAVER_JWT_SECRET", SECRET)
+        // The durability test sends as fast as it can; the rate limit is not under test.
+        .env("PALAVER_MESSAGES_PER_SECOND", "100000")
         .env("PALAVER_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -1,23 +1,54 @@
-//! `palaver-load`: drives a running Palaver over the native protocol and reports throughput,
-//! latency percentiles, loss and duplication, and the server's RSS and CPU.
+//! `palaver-load`: drives a running Palaver (native protocol) or the Node.js Socket.IO peer and
+//! reports throughput, latency percentiles, loss and duplication, and the server's RSS and CPU;
+//! `palaver-load bench` runs the standard suite against a fresh server and writes
+//! `load/RESULTS.md`.
 
-use clap::Parser;
-use palaver_load::{RunConfig, Workload, run, table};
+use clap::{Args, Parser, Subcommand};
+use palaver_load::bench::{BenchConfig, Sizes, bench};
+use palaver_load::{Protocol, RoomKind, RunConfig, Workload, raise_fd_limit, run, table};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Load generator for Palaver (loopback only, bounded in count and time).
+///
+/// Without a subcommand it runs one workload (the same as `palaver-load run`).
 #[derive(Parser)]
-#[command(name = "palaver-load", version, about)]
+#[command(
+    name = "palaver-load",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
-    /// Native protocol URL.
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one workload against a running server.
+    Run(RunArgs),
+    /// Start a fresh `palaver serve` (and the Node.js peer), run the standard suite, write the
+    /// results table.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Server URL: `ws://host:port/ws` (native) or `ws://host:port/socket.io/` (socketio).
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     url: String,
     /// HS256 secret the server verifies tokens with (`PALAVER_JWT_SECRET`).
-    #[arg(long, env = "PALAVER_JWT_SECRET")]
-    secret: String,
-    /// Room arrangement.
+    #[arg(long, env = "PALAVER_JWT_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// What the clients do.
     #[arg(long, value_enum, default_value = "dm")]
     workload: Workload,
+    /// Wire protocol (socketio: dm and group, against load/peer-socketio).
+    #[arg(long, value_enum, default_value = "native")]
+    protocol: Protocol,
     /// Clients (at most 100,000).
     #[arg(long, default_value_t = 100)]
     clients: usize,
@@ -30,6 +61,18 @@ struct Cli {
     /// Seconds of sending (at most 600).
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Message text length in bytes.
+    #[arg(long, default_value_t = 100)]
+    message_bytes: usize,
+    /// reconnect-storm: sessions dropped and reconnected.
+    #[arg(long, default_value_t = 0)]
+    drop: usize,
+    /// reconnect-storm: milliseconds between the drop and the reconnect.
+    #[arg(long, default_value_t = 1000)]
+    outage_ms: u64,
+    /// reconnect-storm: room arrangement.
+    #[arg(long, value_enum, default_value = "dm")]
+    storm_rooms: RoomKind,
     /// Loopback source addresses to spread connections over.
     #[arg(long, default_value_t = 8)]
     sources: u8,
@@ -41,28 +84,161 @@ struct Cli {
     json: bool,
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    /// The release server binary (built beforehand: `cargo build --release -p palaver-gateway`).
+    #[arg(long, default_value = "target/release/palaver")]
+    palaver: PathBuf,
+    /// The Node.js Socket.IO peer's directory (`npm ci` done there).
+    #[arg(long, default_value = "load/peer-socketio")]
+    peer_dir: PathBuf,
+    /// Where to write the results.
+    #[arg(long, default_value = "load/RESULTS.md")]
+    out: PathBuf,
+    /// About a minute instead of a few: smaller sizes, no 20,000 msg/s run.
+    #[arg(long)]
+    quick: bool,
+    /// Do not run the peer.
+    #[arg(long)]
+    skip_peer: bool,
+    /// Loopback source addresses to spread connections over.
+    #[arg(long, default_value_t = 8)]
+    sources: u8,
+    /// dm: clients [200; quick 100].
+    #[arg(long)]
+    dm_clients: Option<usize>,
+    /// dm: messages per second per client [20].
+    #[arg(long)]
+    dm_rate: Option<f64>,
+    /// group: clients [200; quick 100].
+    #[arg(long)]
+    group_clients: Option<usize>,
+    /// group: members per room [10].
+    #[arg(long)]
+    group_size: Option<usize>,
+    /// group: messages per second per client [10].
+    #[arg(long)]
+    group_rate: Option<f64>,
+    /// dm and group: seconds [10; quick 4].
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// idle: sessions [10,000; quick 2,000].
+    #[arg(long)]
+    idle_sessions: Option<usize>,
+    /// idle: seconds held [10; quick 3].
+    #[arg(long)]
+    idle_seconds: Option<u64>,
+    /// connect-storm: sessions [10,000; quick 2,000].
+    #[arg(long)]
+    connect_storm: Option<usize>,
+    /// reconnect-storm: sessions held [5,000; quick 1,000].
+    #[arg(long)]
+    storm_clients: Option<usize>,
+    /// reconnect-storm: sessions dropped [2,000; quick 400].
+    #[arg(long)]
+    storm_drop: Option<usize>,
+    /// reconnect-storm: messages per second per client [0.5; quick 1].
+    #[arg(long)]
+    storm_rate: Option<f64>,
+    /// reconnect-storm: seconds [12; quick 6].
+    #[arg(long)]
+    storm_seconds: Option<u64>,
+    /// Durable-send run: clients at 20 msg/s each [1,000, i.e. 20,000 msg/s; quick 0 = skip].
+    #[arg(long)]
+    ack_clients: Option<usize>,
+}
+
+fn sizes(a: &BenchArgs) -> Sizes {
+    let d = if a.quick {
+        Sizes::quick()
+    } else {
+        Sizes::full()
+    };
+    Sizes {
+        dm_clients: a.dm_clients.unwrap_or(d.dm_clients),
+        dm_rate: a.dm_rate.unwrap_or(d.dm_rate),
+        group_clients: a.group_clients.unwrap_or(d.group_clients),
+        group_size: a.group_size.unwrap_or(d.group_size),
+        group_rate: a.group_rate.unwrap_or(d.group_rate),
+        seconds: a.seconds.unwrap_or(d.seconds),
+        idle_sessions: a.idle_sessions.unwrap_or(d.idle_sessions),
+        idle_seconds: a.idle_seconds.unwrap_or(d.idle_seconds),
+        connect_storm: a.connect_storm.unwrap_or(d.connect_storm),
+        storm_clients: a.storm_clients.unwrap_or(d.storm_clients),
+        storm_drop: a.storm_drop.unwrap_or(d.storm_drop),
+        storm_rate: a.storm_rate.unwrap_or(d.storm_rate),
+        storm_seconds: a.storm_seconds.unwrap_or(d.storm_seconds),
+        ack_clients: a.ack_clients.unwrap_or(d.ack_clients),
+    }
+}
+
+fn check_bounds(clients: usize, seconds: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(clients <= 100_000, "at most 100,000 clients");
+    anyhow::ensure!(seconds <= 600, "at most 600 s");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    anyhow::ensure!(cli.clients <= 100_000, "at most 100,000 clients");
-    anyhow::ensure!(cli.duration <= 600, "at most 600 s");
-    let prefix = format!("load{}-", std::process::id());
-    let cfg = RunConfig {
-        url: cli.url,
-        secret: cli.secret,
-        workload: cli.workload,
-        clients: cli.clients,
-        group_size: cli.group_size,
-        rate: cli.rate,
-        duration: Duration::from_secs(cli.duration),
-        sources: cli.sources,
-        server_pid: cli.pid,
-        prefix,
-    };
+    raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = rt.block_on(run(cfg, !cli.json))?;
-    if cli.json {
+    match cli.command {
+        Some(Command::Bench(a)) => {
+            let s = sizes(&a);
+            for (c, secs) in [
+                (s.dm_clients, s.seconds),
+                (s.group_clients, s.seconds),
+                (s.idle_sessions, s.idle_seconds),
+                (s.connect_storm, 0),
+                (s.storm_clients, s.storm_seconds),
+                (s.ack_clients, s.seconds),
+            ] {
+                check_bounds(c, secs)?;
+            }
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let cfg = BenchConfig {
+                palaver: a.palaver,
+                peer_dir: a.peer_dir,
+                out: a.out,
+                sizes: s,
+                sources: a.sources,
+                skip_peer: a.skip_peer,
+                command,
+            };
+            rt.block_on(bench(cfg))?;
+            Ok(())
+        }
+        Some(Command::Run(a)) => run_one(&rt, a),
+        None => run_one(&rt, cli.run),
+    }
+}
+
+fn run_one(rt: &tokio::runtime::Runtime, a: RunArgs) -> anyhow::Result<()> {
+    check_bounds(a.clients, a.duration)?;
+    let secret = a.secret.ok_or_else(|| {
+        anyhow::anyhow!("the server's secret is needed: --secret or PALAVER_JWT_SECRET")
+    })?;
+    let cfg = RunConfig {
+        url: a.url,
+        secret,
+        workload: a.workload,
+        protocol: a.protocol,
+        clients: a.clients,
+        group_size: a.group_size,
+        rate: a.rate,
+        duration: Duration::from_secs(a.duration),
+        sources: a.sources,
+        server_pid: a.pid,
+        prefix: format!("load{}-", std::process::id()),
+        message_bytes: a.message_bytes,
+        drop: a.drop,
+        outage: Duration::from_millis(a.outage_ms),
+        storm_rooms: a.storm_rooms,
+    };
+    let report = rt.block_on(run(cfg, !a.json))?;
+    if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", table(&report));
