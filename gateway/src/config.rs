@@ -93,6 +93,11 @@ pub struct ConfigBuilder {
     pub presence_group_max: Option<usize>,
     /// Pending notifications kept per user. Default 100.
     pub pending_per_user: Option<usize>,
+    /// Milliseconds a typing state lasts without a refresh. Default 5000.
+    pub typing_ttl_ms: Option<u64>,
+    /// Most events one replay (or `resume` of one room) returns; further behind, the client is
+    /// told to resync. Default 1000.
+    pub replay_max: Option<u32>,
     /// Bearer token of the admin REST endpoints (`/v1/admin/...`), at least 16 bytes; unset,
     /// they answer 403.
     pub admin_token: Option<String>,
@@ -254,6 +259,8 @@ impl ConfigBuilder {
         over!(typing_per_second, "PALAVER_TYPING_PER_SECOND");
         over!(presence_group_max, "PALAVER_PRESENCE_GROUP_MAX");
         over!(pending_per_user, "PALAVER_PENDING_PER_USER");
+        over!(typing_ttl_ms, "PALAVER_TYPING_TTL_MS");
+        over!(replay_max, "PALAVER_REPLAY_MAX");
         over!(admin_token, "PALAVER_ADMIN_TOKEN");
         over!(gateway_id, "PALAVER_GATEWAY_ID");
         over!(node_id, "PALAVER_NODE_ID");
@@ -441,6 +448,18 @@ impl ConfigBuilder {
             100,
             "PALAVER_PENDING_PER_USER",
         )?);
+        if let Some(ms) = self.typing_ttl_ms {
+            if ms == 0 {
+                return Err(invalid("PALAVER_TYPING_TTL_MS", "must be greater than 0"));
+            }
+            node.typing_ttl = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.replay_max {
+            if n == 0 {
+                return Err(invalid("PALAVER_REPLAY_MAX", "must be greater than 0"));
+            }
+            node.replay_max = n;
+        }
         let admin_token = self.admin_token.filter(|t| !t.is_empty());
         if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("PALAVER_ADMIN_TOKEN", "must be at least 16 bytes"));

@@ -408,7 +408,8 @@ async fn user_by_id(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Response {
-    let p = [("id", Ok(json!(id)))];
+    // The native op names the user `user`: `id` is the request id.
+    let p = [("user", Ok(json!(id)))];
     with(&app, &caller, "user", &p, Ok(Map::new())).await
 }
 

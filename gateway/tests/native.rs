@@ -328,6 +328,29 @@ async fn history_pages_and_room_list() {
         )
         .await;
     assert_eq!(seqs(&d), vec![5, 4]);
+    // skip (Syarah skipCount) pages past messages from the anchor, across store pages.
+    let d = a
+        .ok("history", json!({"room": r1, "skip": 7, "limit": 3}))
+        .await;
+    assert_eq!(
+        (seqs(&d), d["has_more"].clone()),
+        (vec![5, 4, 3], json!(true))
+    );
+    let d = a
+        .ok(
+            "history",
+            json!({"room": r1, "after": ids[0], "skip": 6, "limit": 2}),
+        )
+        .await;
+    assert_eq!(seqs(&d), vec![9, 8], "forward skip from the anchor");
+    let d = a.ok("history", json!({"room": r1, "skip": 12})).await;
+    assert_eq!((seqs(&d), d["has_more"].clone()), (vec![], json!(false)));
+    assert_eq!(
+        a.err("history", json!({"room": r1, "skip": 10_001}))
+            .await
+            .0,
+        "invalid_field"
+    );
     assert_eq!(
         a.err("history", json!({"room": r1, "limit": 0})).await.0,
         "invalid_field"

@@ -104,6 +104,19 @@ async fn rest_and_websocket_see_the_same_rooms() {
     let (st, body) = http(&s, "POST", "/v1/rooms/direct", Some(&ta), Some("{nope")).await;
     assert_eq!(
         (st, body["error"]["code"].as_str()),
+        (400, Some("malformed_json")),
+        "{body}"
+    );
+    let (st, body) = http(
+        &s,
+        "POST",
+        "/v1/rooms/direct",
+        Some(&ta),
+        Some(r#"{"usr":"2"}"#),
+    )
+    .await;
+    assert_eq!(
+        (st, body["error"]["code"].as_str()),
         (400, Some("invalid_field")),
         "{body}"
     );

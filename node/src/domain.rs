@@ -82,11 +82,21 @@ impl Node {
             .collect()
     }
 
-    pub(crate) async fn fill_online(&self, members: &mut [Member]) {
+    /// Fills the online state of `members` as `caller` may see it: hidden (`false`) for anyone
+    /// with a block between them and the caller.
+    pub(crate) async fn fill_online(&self, caller: &UserId, members: &mut [Member]) {
         let users: Vec<UserId> = members.iter().map(|m| m.user.clone()).collect();
         let online = self.online_of(&users).await;
+        let hidden = match self.blocked_with(caller).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(%caller, error = %e, "cannot read blocks; hiding online state");
+                users.iter().filter(|u| *u != caller).cloned().collect()
+            }
+        };
         for m in members {
-            m.online = Some(online.get(&m.user).copied().unwrap_or(false));
+            let seen = !hidden.contains(&m.user) && online.get(&m.user).copied().unwrap_or(false);
+            m.online = Some(seen);
         }
     }
 

@@ -439,7 +439,7 @@ impl Node {
                 let reply = self.room_local(caller, room, cmd).await?;
                 match reply {
                     Reply::Members { mut members } => {
-                        self.fill_online(&mut members).await;
+                        self.fill_online(caller, &mut members).await;
                         Ok(Reply::Members { members })
                     }
                     other => Ok(other),

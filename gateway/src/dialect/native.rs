@@ -13,11 +13,11 @@
 //! role}`, `join {room}`, `leave {room}`, `members {room}`, `send {room, text | type+media+caption?
 //! +duration?, client_ref?, reply_to?}`, `edit {room, message, text}`, `delete {room,
 //! messages}`, `react {room, message, emoji, add?}`, `read {room, message?}`, `typing {room,
-//! typing}`, `view {room, viewing}`, `history {room, before?, after?, limit?}`, `direct_history
-//! {user, before?, after?, limit?}`, `replay {room, after_seq}`, `resume {rooms: {"<room>":
+//! typing}`, `view {room, viewing}`, `history {room, before?, after?, limit?, skip?}`,
+//! `direct_history {user, before?, after?, limit?, skip?}`, `replay {room, after_seq}`, `resume {rooms: {"<room>":
 //! <last seq>}}`, `rooms {}`, `chats {direct_only?, skip?, limit?}`, `friend {user, action}`,
-//! `friendships {all?}`, `user {id? | username?}`. Unknown arguments are refused, so a typo is
-//! an error rather than a silent default.
+//! `friendships {all?}`, `user {user? | username?}` (the user's id is `user`: `id` is the
+//! request's). Unknown arguments are refused, so a typo is an error rather than a silent default.
 
 use schema::{
     Command, Error, ErrorCode, Event, FriendAction, HistoryQuery, Media, MessageBody, MessageId,
@@ -238,6 +238,7 @@ struct History {
     before: Option<MessageId>,
     after: Option<MessageId>,
     limit: Option<u32>,
+    skip: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -247,6 +248,7 @@ struct DirectHistory {
     before: Option<MessageId>,
     after: Option<MessageId>,
     limit: Option<u32>,
+    skip: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -289,7 +291,8 @@ struct Friendships {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UserLookup {
-    id: Option<UserId>,
+    /// The user's id (not `id`, which is the request id).
+    user: Option<UserId>,
     username: Option<String>,
 }
 
@@ -443,6 +446,7 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
                     before: a.before,
                     after: a.after,
                     limit: a.limit,
+                    skip: a.skip,
                 },
             })
         }),
@@ -453,6 +457,7 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
                     before: a.before,
                     after: a.after,
                     limit: a.limit,
+                    skip: a.skip,
                 },
             })
         }),
@@ -497,7 +502,7 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
         }
         "user" => args::<UserLookup>(&op, m).map(|a| {
             cmd(Command::User {
-                id: a.id,
+                id: a.user,
                 username: a.username,
             })
         }),
