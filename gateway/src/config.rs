@@ -83,6 +83,12 @@ pub struct ConfigBuilder {
     pub max_text_chars: Option<usize>,
     /// Longest media caption, in characters. Default 1024.
     pub max_caption_chars: Option<usize>,
+    /// Largest uploaded audio or file, in bytes. Default 50 MiB.
+    pub upload_max_file_bytes: Option<usize>,
+    /// Largest uploaded video, in bytes. Default 500 MiB.
+    pub upload_max_video_bytes: Option<usize>,
+    /// Largest uploaded image (before conversion to WebP), in bytes. Default 50 MiB.
+    pub upload_max_image_bytes: Option<usize>,
     /// Most rooms one user may belong to. Default 10000.
     pub max_rooms_per_user: Option<usize>,
     /// Messages per second per user (a burst of twice that is allowed). Default 20.
@@ -204,6 +210,8 @@ pub struct Config {
     pub node: NodeConfig,
     /// Bearer token of the admin endpoints, if enabled.
     pub admin_token: Option<String>,
+    /// Upload size limits.
+    pub uploads: crate::uploads::UploadLimits,
 }
 
 fn env_parse<T: FromStr>(
@@ -254,6 +262,9 @@ impl ConfigBuilder {
         over!(jwt_public_key, "PALAVER_JWT_PUBLIC_KEY");
         over!(jwt_algorithm, "PALAVER_JWT_ALGORITHM");
         over!(max_caption_chars, "PALAVER_MAX_CAPTION_CHARS");
+        over!(upload_max_file_bytes, "PALAVER_UPLOAD_MAX_FILE_BYTES");
+        over!(upload_max_video_bytes, "PALAVER_UPLOAD_MAX_VIDEO_BYTES");
+        over!(upload_max_image_bytes, "PALAVER_UPLOAD_MAX_IMAGE_BYTES");
         over!(max_rooms_per_user, "PALAVER_MAX_ROOMS_PER_USER");
         over!(messages_per_second, "PALAVER_MESSAGES_PER_SECOND");
         over!(typing_per_second, "PALAVER_TYPING_PER_SECOND");
@@ -460,6 +471,27 @@ impl ConfigBuilder {
             }
             node.replay_max = n;
         }
+        let upload_defaults = crate::uploads::UploadLimits::default();
+        let upload_bytes = |v: Option<usize>, d: u64, key| {
+            positive(v, usize::try_from(d).unwrap_or(usize::MAX), key).map(|n| n as u64)
+        };
+        let uploads = crate::uploads::UploadLimits {
+            max_file_bytes: upload_bytes(
+                self.upload_max_file_bytes,
+                upload_defaults.max_file_bytes,
+                "PALAVER_UPLOAD_MAX_FILE_BYTES",
+            )?,
+            max_video_bytes: upload_bytes(
+                self.upload_max_video_bytes,
+                upload_defaults.max_video_bytes,
+                "PALAVER_UPLOAD_MAX_VIDEO_BYTES",
+            )?,
+            max_image_bytes: upload_bytes(
+                self.upload_max_image_bytes,
+                upload_defaults.max_image_bytes,
+                "PALAVER_UPLOAD_MAX_IMAGE_BYTES",
+            )?,
+        };
         let admin_token = self.admin_token.filter(|t| !t.is_empty());
         if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("PALAVER_ADMIN_TOKEN", "must be at least 16 bytes"));
@@ -494,6 +526,7 @@ impl ConfigBuilder {
             cluster_addr,
             node,
             admin_token,
+            uploads,
         })
     }
 }

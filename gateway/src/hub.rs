@@ -43,6 +43,19 @@ pub struct SharedEvent {
     /// The event.
     pub event: Event,
     native: std::sync::OnceLock<tokio_tungstenite::tungstenite::Utf8Bytes>,
+    dialects: [std::sync::OnceLock<Option<Arc<crate::dialect::socketio::Emit>>>; DIALECT_SLOTS],
+}
+
+/// Number of [`DialectSlot`]s.
+const DIALECT_SLOTS: usize = 2;
+
+/// Which cached encoding of a [`SharedEvent`] a dialect uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DialectSlot {
+    /// NotifyHub (Socket.IO `/chats`).
+    NotifyHub = 0,
+    /// Syarah (Socket.IO `/`).
+    Syarah = 1,
 }
 
 impl SharedEvent {
@@ -51,7 +64,20 @@ impl SharedEvent {
         Arc::new(Self {
             event,
             native: std::sync::OnceLock::new(),
+            dialects: Default::default(),
         })
+    }
+
+    /// The event in a dialect's encoding, made by `encode` on first use and shared by every
+    /// session of that dialect (`None`: the dialect does not show this event).
+    pub fn dialect(
+        &self,
+        slot: DialectSlot,
+        encode: impl FnOnce(&Event) -> Option<crate::dialect::socketio::Emit>,
+    ) -> Option<Arc<crate::dialect::socketio::Emit>> {
+        self.dialects[slot as usize]
+            .get_or_init(|| encode(&self.event).map(Arc::new))
+            .clone()
     }
 
     /// The native protocol frame text, encoded on first use.

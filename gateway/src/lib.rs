@@ -26,6 +26,7 @@ pub mod rest;
 pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod uploads;
 pub mod ws;
 
 pub use server::Palaver;

@@ -118,6 +118,8 @@ pub struct App {
     pub sessions: TaskTracker,
     /// True once draining started.
     pub draining: AtomicBool,
+    /// What the Socket.IO dialects share.
+    pub socketio: crate::dialect::socketio::Shared,
 }
 
 /// A running Palaver gateway: `serve` (with a local node) or `gateway` (cluster client).
@@ -203,6 +205,7 @@ impl Palaver {
             hub,
             sessions: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            socketio: Default::default(),
         });
         if let Some(cluster) = cluster {
             cluster.spawn_health(HEALTH_EVERY, hub_stop.clone());
@@ -299,10 +302,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/ws", get(native_ws))
         .nest("/v1", rest::routes())
+        .merge(crate::dialect::socketio::syarah::routes())
+        .merge(crate::uploads::routes())
         .layer(axum::extract::DefaultBodyLimit::max(
             app.config.max_frame_bytes,
         ))
-        .with_state(app)
+        .with_state(app.clone())
+        .layer(crate::dialect::socketio::layer(&app))
 }
 
 async fn healthz() -> &'static str {

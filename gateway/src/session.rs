@@ -48,6 +48,11 @@ pub struct Abandon {
 }
 
 impl Opened {
+    /// The user and the hub registration.
+    pub fn into_parts(self) -> (UserId, Registered) {
+        (self.user, self.reg)
+    }
+
     /// A handle that can undo the registration if the upgrade fails.
     pub fn clone_for_failure(&self, app: &Arc<App>) -> Abandon {
         Abandon {

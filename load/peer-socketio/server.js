@@ -4,12 +4,17 @@
 // one process (no cluster), no artificial delays. It keeps nothing on disk: a message is relayed
 // and acknowledged from memory (Palaver commits it to its store first).
 //
-// Protocol (Socket.IO v4 over Engine.IO v4):
+// Protocol (Socket.IO v4 over Engine.IO v4): the subset of the Syarah dialect (seed 001) that
+// the load workloads use, so palaver-load drives Palaver (namespace `/`) and this peer with the
+// same frames:
 //   connect with auth {token}: an HS256 JWT whose `sub` is the user;
-//   emit `join` {room} with an ack -> {room};
-//   emit `send` {room, text, client_ref} with an ack -> {id, seq} (or {error});
+//   emit `joinRoom` {chatHeaderId} or {otherUserId} with an ack -> {chatHeaderId, joined};
+//     an unknown chatHeaderId is a new room (there is no store);
+//   emit `createMessage` {chatHeaderId, message, messageType: 0, clientRef} with an ack ->
+//     the chat message {id, chatHeaderId, userId, message, messageType, seq, creationTime}
+//     (or {error});
 //   every socket in the room, the sender's included, gets `message`
-//   {room, id, seq, sender, text, created_at}.
+//     {chatHeaderId, chatMessage}.
 // Environment: PORT (default 3000), HOST (default 127.0.0.1), JWT_SECRET (required).
 
 const http = require('http');
@@ -42,7 +47,9 @@ io.use((socket, next) => {
 });
 
 let nextId = 1;
+let nextRoom = 1;
 const seqs = new Map();
+const pairs = new Map();
 
 function answer(ack, value) {
   if (typeof ack === 'function') {
@@ -50,37 +57,50 @@ function answer(ack, value) {
   }
 }
 
+function roomOfPair(a, b) {
+  const key = a < b ? `${a}\u0000${b}` : `${b}\u0000${a}`;
+  if (!pairs.has(key)) {
+    pairs.set(key, nextRoom++);
+  }
+  return pairs.get(key);
+}
+
 io.on('connection', (socket) => {
-  socket.on('join', (arg, ack) => {
-    const room = arg && arg.room;
-    if (typeof room !== 'string' || room === '') {
-      return answer(ack, { error: 'invalid_field' });
+  socket.on('joinRoom', (arg, ack) => {
+    let room = arg && arg.chatHeaderId;
+    const other = arg && arg.otherUserId;
+    if (room === undefined && typeof other === 'string' && other !== '') {
+      room = roomOfPair(socket.data.user, other);
     }
-    socket.join(room);
-    answer(ack, { room });
+    if (typeof room !== 'number' && typeof room !== 'string') {
+      return answer(ack, { error: 'chatHeaderId or otherUserId is required' });
+    }
+    socket.join(String(room));
+    answer(ack, { chatHeaderId: room, joined: true });
   });
 
-  socket.on('send', (arg, ack) => {
-    const room = arg && arg.room;
-    const text = arg && arg.text;
-    if (typeof room !== 'string' || typeof text !== 'string') {
-      return answer(ack, { error: 'invalid_field' });
+  socket.on('createMessage', (arg, ack) => {
+    const room = arg && arg.chatHeaderId;
+    const text = arg && arg.message;
+    if ((typeof room !== 'number' && typeof room !== 'string') || typeof text !== 'string') {
+      return answer(ack, { error: 'chatHeaderId and message are required' });
     }
-    if (!socket.rooms.has(room)) {
-      return answer(ack, { error: 'not_member' });
+    if (!socket.rooms.has(String(room))) {
+      return answer(ack, { error: 'not a member of this chat' });
     }
     const seq = (seqs.get(room) || 0) + 1;
     seqs.set(room, seq);
-    const message = {
-      room,
+    const chatMessage = {
       id: nextId++,
+      chatHeaderId: room,
+      userId: socket.data.user,
+      message: text,
+      messageType: 0,
       seq,
-      sender: socket.data.user,
-      text,
-      created_at: Date.now(),
+      creationTime: new Date().toISOString(),
     };
-    answer(ack, { id: message.id, seq });
-    io.to(room).emit('message', message);
+    answer(ack, chatMessage);
+    io.to(String(room)).emit('message', { chatHeaderId: room, chatMessage });
   });
 });
 

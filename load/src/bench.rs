@@ -415,7 +415,17 @@ pub async fn bench(cfg: BenchConfig) -> anyhow::Result<Vec<Row>> {
             },
         ));
     }
-    let result = run_plan(plan, "palaver", &mut rows).await;
+    let mut result = run_plan(plan, "palaver", &mut rows).await;
+    if result.is_ok() {
+        // The same Socket.IO workload the peer gets, on Palaver's Syarah dialect.
+        let sio = chat(
+            Protocol::Socketio,
+            format!("ws://127.0.0.1:{}/socket.io/", server.port),
+            base.server_pid,
+            "sio",
+        );
+        result = run_plan(sio, "palaver socket.io", &mut rows).await;
+    }
     let cpu_total = proc_stats(server.pid)
         .map(|p| p.1)
         .zip(cpu_start)
@@ -700,10 +710,7 @@ fn render(
     );
 
     // Native vs the peer.
-    let _ = writeln!(
-        o,
-        "\n## Native vs Node peer (different protocols until Palaver's Socket.IO dialect lands)\n"
-    );
+    let _ = writeln!(o, "\n## Palaver vs the Node.js Socket.IO peer\n");
     let mut peer_ratio: Option<(f64, bool)> = None;
     if peer_skip.is_some() {
         let _ = writeln!(o, "Not run: {}.", peer_skip.unwrap_or_default());
@@ -714,11 +721,20 @@ fn render(
         );
         let _ = writeln!(
             o,
-            "| workload | delivered/s Palaver / peer | throughput ratio (delivered/s) | deliveries per server CPU-s Palaver / peer | efficiency ratio | send->deliver p99 Palaver / peer | p99 ratio | send->ack p99 Palaver / peer |"
+            "| workload | Palaver protocol | delivered/s Palaver / peer | throughput ratio (delivered/s) | deliveries per server CPU-s Palaver / peer | efficiency ratio | send->deliver p99 Palaver / peer | p99 ratio | send->ack p99 Palaver / peer |"
         );
-        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
-        for w in [Workload::Dm, Workload::Group] {
-            let (Some(a), Some(b)) = (find(rows, "palaver", w), find(rows, "node peer", w)) else {
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
+        for (w, proto, name) in [
+            (Workload::Dm, "Socket.IO (same frames)", "palaver socket.io"),
+            (
+                Workload::Group,
+                "Socket.IO (same frames)",
+                "palaver socket.io",
+            ),
+            (Workload::Dm, "native", "palaver"),
+            (Workload::Group, "native", "palaver"),
+        ] {
+            let (Some(a), Some(b)) = (find(rows, name, w), find(rows, "node peer", w)) else {
                 continue;
             };
             let tput = |r: &Report| r.delivered as f64 / r.seconds.max(1e-9);
@@ -726,12 +742,12 @@ fn render(
             let eff_b = b.delivered_per_cpu_second().unwrap_or(0.0);
             let eff_ratio = eff_a / eff_b.max(1e-9);
             let p99_ratio = a.deliver_us.p99 as f64 / (b.deliver_us.p99.max(1)) as f64;
-            if w == Workload::Group {
+            if w == Workload::Group && name == "palaver socket.io" {
                 peer_ratio = Some((eff_ratio, a.deliver_us.p99 <= b.deliver_us.p99));
             }
             let _ = writeln!(
                 o,
-                "| {w:?} | {} / {} | {:.2}x | {} / {} | {:.1}x | {} / {} ms | {:.2} | {} / {} ms |",
+                "| {w:?} | {proto} | {} / {} | {:.2}x | {} / {} | {:.1}x | {} / {} ms | {:.2} | {} / {} ms |",
                 thousands(tput(a)),
                 thousands(tput(b)),
                 tput(a) / tput(b).max(1e-9),

@@ -300,6 +300,21 @@ async fn connect(cfg: &RunConfig, i: usize, user: &str) -> anyhow::Result<Ws> {
     Ok(ws)
 }
 
+/// Creates group `r` of `users` (the first owns it) over the native protocol at `/ws` of the
+/// Socket.IO target's host; `None` when the server has no native protocol.
+async fn create_group_natively(cfg: &RunConfig, r: usize, users: &[String]) -> Option<Value> {
+    let base = cfg.url.split("/socket.io").next()?;
+    let token = token(&cfg.secret, users.first()?).ok()?;
+    let url = format!("{base}/ws?token={token}");
+    let host = base.strip_prefix("ws://")?;
+    let stream = tokio::net::TcpStream::connect(host).await.ok()?;
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.ok()?;
+    let req = json!({"op": "create_group", "name": format!("load {r}"), "members": &users[1..]});
+    let data = request(&mut ws, "setup", req).await.ok()?;
+    let _closed = ws.close(None).await;
+    Some(data["room"]["id"].clone()).filter(|v| v.is_u64())
+}
+
 /// Sends a native request and waits for its reply.
 async fn request(ws: &mut Ws, id: &str, mut req: Value) -> anyhow::Result<Value> {
     req["id"] = json!(id);
@@ -511,9 +526,22 @@ async fn set_up_room(
             Ok(json!(room))
         }
         Protocol::Socketio => {
-            let room = json!(format!("{}room{r}", cfg.prefix));
-            for ws in chunk.iter_mut() {
-                socketio::join(ws, &room).await?;
+            let (first, rest) = chunk
+                .split_first_mut()
+                .ok_or_else(|| anyhow::anyhow!("empty room"))?;
+            let room = if direct {
+                socketio::join(first, json!({"otherUserId": users[1]})).await?
+            } else {
+                // Syarah cannot create groups: on Palaver the first member creates it over the
+                // native protocol; a server without one (the peer) makes rooms on first join.
+                let id = match create_group_natively(cfg, r, users).await {
+                    Some(id) => id,
+                    None => json!(1_000_000 + r),
+                };
+                socketio::join(first, json!({"chatHeaderId": id})).await?
+            };
+            for ws in rest.iter_mut() {
+                socketio::join(ws, json!({"chatHeaderId": room})).await?;
             }
             Ok(room)
         }

@@ -1,6 +1,9 @@
-//! The few frames of Socket.IO v4 (Engine.IO v4, websocket transport, text only) that the load
-//! peer's vocabulary needs: open, namespace connect with auth, ping/pong, an event with an ack,
-//! the ack, and an event from the server.
+//! The few frames of Socket.IO v4 (Engine.IO v4, websocket transport, text only) that the
+//! Socket.IO workload needs: open, namespace connect with auth, ping/pong, an event with an ack,
+//! the ack, and an event from the server. The vocabulary is the Syarah dialect's (seed 001),
+//! which both Palaver (namespace `/`) and the Node.js peer in `load/peer-socketio/` speak:
+//! `joinRoom` (`otherUserId` or `chatHeaderId`) and `createMessage` with acks, and the
+//! `message` event `{chatHeaderId, chatMessage: {id, message, ...}}`.
 //!
 //! Engine.IO packet types are one digit (`0` open, `2` ping, `3` pong, `4` message); a Socket.IO
 //! packet rides in an Engine.IO message as `4` + its type (`0` connect, `2` event, `3` ack,
@@ -61,23 +64,25 @@ pub(crate) fn parse(text: &str) -> Frame {
         let Ok(v) = serde_json::from_str::<Value>(json) else {
             return Frame::Other;
         };
+        let m = &v[1]["chatMessage"];
         if v[0] == "message"
-            && let Some(t) = v[1]["text"].as_str()
+            && let Some(t) = m["message"].as_str()
         {
             return Frame::Message {
                 text: t.to_owned(),
-                id: v[1]["id"].as_u64().unwrap_or(0),
+                id: m["id"].as_u64().unwrap_or(0),
             };
         }
     }
     Frame::Other
 }
 
-/// `send` with ack id `seq`.
+/// `createMessage` with ack id `seq`.
 pub(crate) fn send_frame(seq: u64, room: &Value, text: &str, client_ref: &str) -> String {
     format!(
         "42{seq}{}",
-        json!(["send", {"room": room, "text": text, "client_ref": client_ref}])
+        json!(["createMessage", {"chatHeaderId": room, "message": text, "messageType": 0,
+                                 "clientRef": client_ref}])
     )
 }
 
@@ -114,18 +119,23 @@ pub(crate) async fn handshake(ws: &mut Ws, token: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `join` {room} and wait for its ack.
-pub(crate) async fn join(ws: &mut Ws, room: &Value) -> anyhow::Result<()> {
-    ws.send(Message::text(format!(
-        "420{}",
-        json!(["join", {"room": room}])
-    )))
-    .await?;
+/// `joinRoom` with `args` (`{chatHeaderId}` or `{otherUserId}`); answers the room's
+/// `chatHeaderId` from the ack.
+pub(crate) async fn join(ws: &mut Ws, args: Value) -> anyhow::Result<Value> {
+    ws.send(Message::text(format!("420{}", json!(["joinRoom", args]))))
+        .await?;
     loop {
         let t = next_text(ws).await?;
-        if let Frame::Ack { id: 0, error } = parse(&t) {
-            anyhow::ensure!(error.is_none(), "join refused: {error:?}");
-            return Ok(());
+        if let Some(rest) = t.strip_prefix("430") {
+            let v: Value = serde_json::from_str(rest)?;
+            anyhow::ensure!(
+                v[0]["error"].is_null(),
+                "joinRoom refused: {}",
+                v[0]["error"]
+            );
+            let room = v[0]["chatHeaderId"].clone();
+            anyhow::ensure!(!room.is_null(), "joinRoom answered no chatHeaderId: {v}");
+            return Ok(room);
         }
     }
 }
@@ -153,7 +163,7 @@ mod tests {
         );
         assert_eq!(
             parse(
-                r#"42["message",{"room":"r","id":9,"seq":1,"sender":"u","text":"1:2:3:x","created_at":1}]"#
+                r#"42["message",{"chatHeaderId":4,"chatMessage":{"id":9,"seq":1,"message":"1:2:3:x"}}]"#
             ),
             Frame::Message {
                 text: "1:2:3:x".into(),
@@ -163,7 +173,7 @@ mod tests {
         assert_eq!(parse(r#"40{"sid":"x"}"#), Frame::Other);
         assert_eq!(
             send_frame(7, &json!("r"), "t", "c"),
-            r#"427["send",{"client_ref":"c","room":"r","text":"t"}]"#
+            r#"427["createMessage",{"chatHeaderId":"r","clientRef":"c","message":"t","messageType":0}]"#
         );
     }
 }

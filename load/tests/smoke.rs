@@ -55,6 +55,29 @@ async fn dm_and_group_runs_see_every_message_once() {
     p.shutdown().await.unwrap();
 }
 
+/// The same Socket.IO workload the Node.js peer gets, against Palaver's Syarah dialect: direct
+/// rooms by `joinRoom {otherUserId}`, groups created natively then joined by `chatHeaderId`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socketio_runs_against_palaver_see_every_message_once() {
+    let (p, _dir) = server().await;
+    for (workload, per_room) in [(Workload::Dm, 2u64), (Workload::Group, 5u64)] {
+        let c = RunConfig {
+            url: format!("ws://{}/socket.io/", p.addr()),
+            protocol: Protocol::Socketio,
+            prefix: format!("sio-{workload:?}-"),
+            ..cfg(&p, workload, 10)
+        };
+        let r = run(c, false).await.unwrap();
+        println!("{}", table(&r));
+        assert!(r.sent > 20, "{r:?}");
+        assert_eq!(r.acked, r.sent, "{r:?}");
+        assert_eq!((r.lost, r.duplicated), (0, 0), "{r:?}");
+        assert_eq!(r.delivered, r.acked * per_room, "{r:?}");
+        assert!(r.errors.is_empty(), "{r:?}");
+    }
+    p.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn only_loopback_is_a_target() {
     let mut c = RunConfig {

@@ -435,12 +435,16 @@ impl Node {
             Command::View { room, .. } | Command::MarkRead { room, .. } => {
                 self.room_local(caller, room, cmd).await
             }
-            Command::Members { room } => {
+            Command::Members { room } | Command::Room { room } => {
                 let reply = self.room_local(caller, room, cmd).await?;
                 match reply {
                     Reply::Members { mut members } => {
                         self.fill_online(caller, &mut members).await;
                         Ok(Reply::Members { members })
+                    }
+                    Reply::Room { mut room, created } => {
+                        self.fill_online(caller, &mut room.members).await;
+                        Ok(Reply::Room { room, created })
                     }
                     other => Ok(other),
                 }

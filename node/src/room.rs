@@ -456,6 +456,30 @@ impl RoomActor {
                 publish_room(&self.ctx, room.id, ev).await;
                 Ok(Reply::Done)
             }
+            Command::Room { .. } => {
+                let mut members: Vec<Member> = st.shared.read().members.values().cloned().collect();
+                members.sort_by(|a, b| {
+                    (a.joined_at, a.user.as_str()).cmp(&(b.joined_at, b.user.as_str()))
+                });
+                let room = self.ctx.store.room(room.id).await?.unwrap_or(room);
+                let last_message = match room.last_message_id {
+                    Some(id) => self
+                        .ctx
+                        .store
+                        .message(room.id, id)
+                        .await?
+                        .map(crate::public),
+                    None => None,
+                };
+                Ok(Reply::Room {
+                    room: schema::RoomSummary {
+                        room,
+                        members,
+                        last_message,
+                    },
+                    created: false,
+                })
+            }
             Command::Members { .. } => {
                 let mut members: Vec<Member> = st.shared.read().members.values().cloned().collect();
                 members.sort_by(|a, b| {

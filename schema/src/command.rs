@@ -111,6 +111,12 @@ pub enum Command {
         /// The group.
         room: RoomId,
     },
+    /// A room (kind, name, members with their online state, newest message): `Reply::Room`
+    /// with `created: false`. Members only.
+    Room {
+        /// The room.
+        room: RoomId,
+    },
     /// A room's members with their online state.
     Members {
         /// The room.
@@ -252,6 +258,7 @@ impl Command {
             Command::SetRole { .. } => "set_role",
             Command::Join { .. } => "join",
             Command::Leave { .. } => "leave",
+            Command::Room { .. } => "room",
             Command::Members { .. } => "members",
             Command::Send { .. } => "send",
             Command::Edit { .. } => "edit",
@@ -281,6 +288,7 @@ impl Command {
             | Command::Join { room }
             | Command::Leave { room }
             | Command::Members { room }
+            | Command::Room { room }
             | Command::Send { room, .. }
             | Command::Edit { room, .. }
             | Command::Delete { room, .. }

@@ -5,3 +5,4 @@
 //! I/O; the session loop ([`crate::session`]) drives it.
 
 pub mod native;
+pub mod socketio;

@@ -302,7 +302,7 @@ struct Empty {}
 
 /// Every op name, for the unknown-op error.
 const OPS: &str = "ping, open_direct, create_group, update_group, add_members, remove_member, \
-                   set_role, join, leave, members, send, edit, delete, react, read, typing, view, \
+                   set_role, join, leave, members, room, send, edit, delete, react, read, typing, view, \
                    history, direct_history, replay, resume, rooms, chats, friend, friendships, user";
 
 fn args<T: DeserializeOwned>(op: &str, m: Map<String, Value>) -> Result<T, Error> {
@@ -390,6 +390,7 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
         "join" => args::<RoomOnly>(&op, m).map(|a| cmd(Command::Join { room: a.room })),
         "leave" => args::<RoomOnly>(&op, m).map(|a| cmd(Command::Leave { room: a.room })),
         "members" => args::<RoomOnly>(&op, m).map(|a| cmd(Command::Members { room: a.room })),
+        "room" => args::<RoomOnly>(&op, m).map(|a| cmd(Command::Room { room: a.room })),
         "send" => args::<Send>(&op, m).and_then(|a| {
             let (room, body, client_ref, reply_to) = a.body()?;
             Ok(cmd(Command::Send {
