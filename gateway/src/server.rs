@@ -87,6 +87,7 @@ async fn follow_ring(app: Arc<App>, cluster: Arc<Cluster>, stop: CancellationTok
             let info = SessionInfo {
                 gateway: app.hub.gateway().clone(),
                 session: id,
+                takes_pending: dialect == "native",
                 dialect,
                 device: None,
             };

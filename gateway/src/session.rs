@@ -96,6 +96,7 @@ pub async fn open(
         session: id,
         dialect: dialect.into(),
         device: None,
+        takes_pending: dialect == "native",
     };
     match app.node.connect(profile, info).await {
         Ok(c) => {

@@ -536,7 +536,16 @@ impl Node {
                 .get(&user.profile.id)
                 .copied()
                 .unwrap_or(false);
-        Ok(Reply::User { user, online })
+        let friendship = if &user.profile.id == caller {
+            None
+        } else {
+            self.pair_status(caller, &user.profile.id).await?.1
+        };
+        Ok(Reply::User {
+            user,
+            online,
+            friendship,
+        })
     }
 
     /// Who hears about `user`'s presence: accepted friends, direct peers and co-members of

@@ -27,6 +27,15 @@ pub struct SessionInfo {
     pub dialect: String,
     /// The client's device id, if it named one.
     pub device: Option<String>,
+    /// Whether the session shows pending notifications: connecting takes (and so clears) them
+    /// only then. A dialect with no event for them (the Socket.IO ones) leaves them for a
+    /// device that can show them.
+    #[serde(default = "yes")]
+    pub takes_pending: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// User -> connected sessions, for the users this node owns.
@@ -255,7 +264,11 @@ impl UserActor {
             st.user = Some(self.ctx.store.upsert_user(&profile, unix_ms()).await?);
         }
         let rooms = self.ctx.store.room_ids_of(&st.id).await?;
-        let pending = self.ctx.store.take_pending(&st.id).await?;
+        let pending = if session.takes_pending {
+            self.ctx.store.take_pending(&st.id).await?
+        } else {
+            Vec::new()
+        };
         let first = !self.ctx.sessions.is_online(&st.id);
         self.ctx.sessions.add(&st.id, session);
         Ok(Connected {

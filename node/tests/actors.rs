@@ -42,6 +42,7 @@ async fn connect(node: &Node, user: &str, session: u64) {
         session: SessionId(session),
         dialect: "native".into(),
         device: None,
+        takes_pending: true,
     };
     node.connect(profile, info).await.unwrap();
 }
@@ -222,6 +223,7 @@ async fn the_profile_is_refreshed_from_the_claims_of_each_connect() {
         session: SessionId(session),
         dialect: "native".into(),
         device: None,
+        takes_pending: true,
     };
     let mut profile = Profile {
         id: uid("42"),

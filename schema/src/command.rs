@@ -396,6 +396,10 @@ pub enum Reply {
         user: User,
         /// Whether they are online (false across a block).
         online: bool,
+        /// The friendship status between the caller and them (`blocked` when either blocks the
+        /// other), if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        friendship: Option<crate::domain::FriendshipStatus>,
     },
     /// Done; nothing to return.
     Done,

@@ -489,11 +489,12 @@ async fn join_room(conn: &mut Conn, a: &Map<String, Value>) -> Result<Value, Err
 }
 
 async fn friendship_with(conn: &Conn, peer: &UserId) -> Result<Option<FriendshipStatus>, Error> {
-    match conn.execute(Command::Friendships { all: true }).await? {
-        Reply::Friendships { friends } => Ok(friends
-            .iter()
-            .find(|f| &f.user.profile.id == peer)
-            .map(|f| f.friendship.status)),
+    let cmd = Command::User {
+        id: Some(peer.clone()),
+        username: None,
+    };
+    match conn.execute(cmd).await? {
+        Reply::User { friendship, .. } => Ok(friendship),
         other => Err(unexpected(&other)),
     }
 }
