@@ -99,6 +99,9 @@ pub struct ConfigBuilder {
     pub presence_group_max: Option<usize>,
     /// Pending notifications kept per user. Default 100.
     pub pending_per_user: Option<usize>,
+    /// Pending notifications are recorded in rooms up to this many members (0: never).
+    /// Default 1000.
+    pub pending_room_max: Option<usize>,
     /// Milliseconds a typing state lasts without a refresh. Default 5000.
     pub typing_ttl_ms: Option<u64>,
     /// Most events one replay (or `resume` of one room) returns; further behind, the client is
@@ -270,6 +273,7 @@ impl ConfigBuilder {
         over!(typing_per_second, "PALAVER_TYPING_PER_SECOND");
         over!(presence_group_max, "PALAVER_PRESENCE_GROUP_MAX");
         over!(pending_per_user, "PALAVER_PENDING_PER_USER");
+        over!(pending_room_max, "PALAVER_PENDING_ROOM_MAX");
         over!(typing_ttl_ms, "PALAVER_TYPING_TTL_MS");
         over!(replay_max, "PALAVER_REPLAY_MAX");
         over!(admin_token, "PALAVER_ADMIN_TOKEN");
@@ -459,6 +463,9 @@ impl ConfigBuilder {
             100,
             "PALAVER_PENDING_PER_USER",
         )?);
+        if let Some(n) = self.pending_room_max {
+            node.pending_room_max = n;
+        }
         if let Some(ms) = self.typing_ttl_ms {
             if ms == 0 {
                 return Err(invalid("PALAVER_TYPING_TTL_MS", "must be greater than 0"));
