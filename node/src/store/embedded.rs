@@ -451,10 +451,12 @@ fn apply(tx: &mut rusqlite::Savepoint<'_>, op: &WriteOp) -> StoreResult<WriteOut
                     }
                 }
             }
+            // Everything at or below the user's (cap+1)-th newest row goes: one walk down the
+            // (user, id) index, which stops after `cap` entries (NULL, so nothing, when fewer).
             let mut trim = tx
                 .prepare_cached(
-                    "DELETE FROM pending WHERE user = ?1 AND id NOT IN
-                       (SELECT id FROM pending WHERE user = ?1 ORDER BY id DESC LIMIT ?2)",
+                    "DELETE FROM pending WHERE user = ?1 AND id <=
+                       (SELECT id FROM pending WHERE user = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
                 )
                 .map_err(db_err)?;
             for user in users {
