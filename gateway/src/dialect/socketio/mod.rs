@@ -43,6 +43,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Longest wait for the engine to send CONNECT after the middleware accepted a socket.
+const CONNECT_WAIT: Duration = Duration::from_secs(30);
+
 /// Client events queued per socket before further ones are refused.
 const INBOX: usize = 256;
 
@@ -407,22 +410,26 @@ async fn run<D: Dialect>(
     go: tokio::sync::oneshot::Receiver<()>,
 ) {
     let closed = conn.closed.clone();
+    // The engine sends CONNECT right after the middleware; if it never does (the transport died
+    // in between, which reports no disconnect), give up rather than hold the session forever.
     let connected = tokio::select! {
-        r = go => r.is_ok(),
+        r = tokio::time::timeout(CONNECT_WAIT, go) => matches!(r, Ok(Ok(()))),
         () = closed.cancelled() => false,
     };
-    match pending {
-        Some((user, reg)) if connected => conn.start(user, reg),
-        Some((user, reg)) => {
-            // Refused or gone before CONNECT: undo the registration.
+    if !connected {
+        // Refused or gone before CONNECT: undo the registration.
+        conn.socket.extensions.clear();
+        if let Some((user, reg)) = pending {
             conn.app.hub.unregister(reg.id).await;
             conn.app
                 .node
                 .disconnect(&user, conn.app.hub.gateway(), reg.id)
                 .await;
-            return;
         }
-        None => {}
+        return;
+    }
+    if let Some((user, reg)) = pending {
+        conn.start(user, reg);
     }
     loop {
         let inbound = tokio::select! {
