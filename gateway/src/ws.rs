@@ -35,6 +35,10 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 /// Bytes read from a socket at a time, by the guard and by the WebSocket codec.
 const READ_CHUNK: usize = 4096;
 
+/// How much tungstenite asks for per read; it reads from the guard's chunk (a copy, no system
+/// call), so a small value costs nothing and keeps its per-connection buffer small.
+const TUNGSTENITE_READ: usize = 512;
+
 /// Frames declaring more than this many times the limit are not skipped but end the connection.
 pub const SKIP_FACTOR: u64 = 16;
 
@@ -157,7 +161,7 @@ impl Upgrade {
             // Small read chunks: tungstenite's default 128 KiB read buffer per connection would be
             // most of an idle session's memory. Larger frames still arrive, in more reads.
             let config = WebSocketConfig::default()
-                .read_buffer_size(READ_CHUNK)
+                .read_buffer_size(TUNGSTENITE_READ)
                 .max_frame_size(Some(limit))
                 .max_message_size(Some(limit));
             let socket = WebSocketStream::from_raw_socket(guard, Role::Server, Some(config)).await;
@@ -198,7 +202,8 @@ pub struct FrameGuard<T> {
     pending: Vec<u8>,
     dropping: bool,
     dropped_len: u64,
-    buf: Box<[u8; READ_CHUNK]>,
+    /// The read chunk; held only while it has bytes (an idle connection holds none).
+    buf: Option<Box<[u8; READ_CHUNK]>>,
     pos: usize,
     len: usize,
 }
@@ -216,7 +221,7 @@ impl<T> FrameGuard<T> {
             pending: Vec::with_capacity(14),
             dropping: false,
             dropped_len: 0,
-            buf: Box::new([0; READ_CHUNK]),
+            buf: None,
             pos: 0,
             len: 0,
         }
@@ -300,6 +305,27 @@ impl<T> FrameGuard<T> {
     /// Moves bytes from the internal buffer to `out`; true if anything was written to `out`.
     fn drain(&mut self, out: &mut ReadBuf<'_>) -> bool {
         let start = out.filled().len();
+        let Some(buf) = self.buf.take() else {
+            return self.drain_pending(out, start);
+        };
+        self.drain_from(&buf, out);
+        if self.pos < self.len {
+            self.buf = Some(buf);
+        }
+        out.filled().len() > start
+    }
+
+    /// Only the synthesised header bytes (no chunk held).
+    fn drain_pending(&mut self, out: &mut ReadBuf<'_>, start: usize) -> bool {
+        if !self.pending.is_empty() {
+            let k = self.pending.len().min(out.remaining());
+            out.put_slice(&self.pending[..k]);
+            self.pending.drain(..k);
+        }
+        out.filled().len() > start
+    }
+
+    fn drain_from(&mut self, buf: &[u8; READ_CHUNK], out: &mut ReadBuf<'_>) {
         loop {
             if !self.pending.is_empty() {
                 let k = self.pending.len().min(out.remaining());
@@ -317,7 +343,7 @@ impl<T> FrameGuard<T> {
                     let want = self.header_len().unwrap_or(2);
                     let k = (want - self.hdr_len).min(self.len - self.pos);
                     self.hdr[self.hdr_len..self.hdr_len + k]
-                        .copy_from_slice(&self.buf[self.pos..self.pos + k]);
+                        .copy_from_slice(&buf[self.pos..self.pos + k]);
                     self.hdr_len += k;
                     self.pos += k;
                     if self.header_len() == Some(self.hdr_len) {
@@ -329,7 +355,7 @@ impl<T> FrameGuard<T> {
                         .unwrap_or(usize::MAX)
                         .min(self.len - self.pos)
                         .min(out.remaining());
-                    out.put_slice(&self.buf[self.pos..self.pos + k]);
+                    out.put_slice(&buf[self.pos..self.pos + k]);
                     self.pos += k;
                     let left = n - k as u64;
                     self.state = if left == 0 {
@@ -352,7 +378,6 @@ impl<T> FrameGuard<T> {
                 }
             }
         }
-        out.filled().len() > start
     }
 }
 
@@ -373,15 +398,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameGuard<T> {
             // Internal buffer used up: read more from the socket.
             this.pos = 0;
             this.len = 0;
-            let mut rb = ReadBuf::new(&mut this.buf[..]);
+            let mut buf = this.buf.take().unwrap_or_else(|| Box::new([0; READ_CHUNK]));
+            let mut rb = ReadBuf::new(&mut buf[..]);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
                     this.len = rb.filled().len();
                     if this.len == 0 {
                         return Poll::Ready(Ok(())); // end of stream
                     }
+                    this.buf = Some(buf);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // Nothing arrived: the chunk goes back to the allocator while the peer is quiet.
                 Poll::Pending => return Poll::Pending,
             }
         }
