@@ -855,8 +855,10 @@ impl Client {
         let Some((cursor, _, page)) = self.catchup else {
             return Ok(());
         };
+        // A client that saw nothing yet reads from the room's start: ids begin above 1, and 0 is
+        // not a message id.
         let req = json!({"id": format!("h{page}"), "op": "history", "room": self.room,
-                         "after": cursor, "limit": 200});
+                         "after": cursor.max(1), "limit": 200});
         ws.send(Message::text(req.to_string())).await?;
         Ok(())
     }
