@@ -135,6 +135,58 @@ pub struct ConfigBuilder {
     pub nodes: Option<String>,
     /// Where a node's cluster service listens (required by `node`).
     pub cluster_addr: Option<String>,
+    /// Dedicated listeners serving one dialect at `/`, as some seeds' clients expect:
+    /// `name=addr,...` with names `rt-chat`, `rt-presence` and `events`, e.g.
+    /// `rt-chat=0.0.0.0:4000,rt-presence=0.0.0.0:5000`.
+    pub compat_listen: Option<String>,
+}
+
+/// A dialect that can be served at `/` on a listener of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CompatDialect {
+    /// The type-tagged chat socket (`/rt/chat`).
+    RtChat,
+    /// The type-tagged presence feed (`/rt/presence`).
+    RtPresence,
+    /// The event/data socket (`/events`).
+    Events,
+}
+
+impl CompatDialect {
+    /// The name used in `PALAVER_COMPAT_LISTEN`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CompatDialect::RtChat => "rt-chat",
+            CompatDialect::RtPresence => "rt-presence",
+            CompatDialect::Events => "events",
+        }
+    }
+}
+
+/// Parses `PALAVER_COMPAT_LISTEN`: `name=addr,...`, each name once.
+pub fn parse_compat_listen(v: &str) -> Result<Vec<(CompatDialect, SocketAddr)>, String> {
+    let mut out: Vec<(CompatDialect, SocketAddr)> = Vec::new();
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected name=host:port"))?;
+        let dialect = match name.trim() {
+            "rt-chat" => CompatDialect::RtChat,
+            "rt-presence" => CompatDialect::RtPresence,
+            "events" => CompatDialect::Events,
+            other => {
+                return Err(format!(
+                    "{other:?}: unknown dialect; use rt-chat, rt-presence or events"
+                ));
+            }
+        };
+        let addr: SocketAddr = addr.trim().parse().map_err(|e| format!("{addr:?}: {e}"))?;
+        if out.iter().any(|(d, _)| *d == dialect) {
+            return Err(format!("{name:?} is given twice"));
+        }
+        out.push((dialect, addr));
+    }
+    Ok(out)
 }
 
 /// Where tokens are verified from.
@@ -215,6 +267,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Upload size limits.
     pub uploads: crate::uploads::UploadLimits,
+    /// Dedicated dialect listeners.
+    pub compat_listen: Vec<(CompatDialect, SocketAddr)>,
 }
 
 fn env_parse<T: FromStr>(
@@ -298,6 +352,7 @@ impl ConfigBuilder {
         over!(kafka_partitions, "PALAVER_KAFKA_PARTITIONS");
         over!(nodes, "PALAVER_NODES");
         over!(cluster_addr, "PALAVER_CLUSTER_ADDR");
+        over!(compat_listen, "PALAVER_COMPAT_LISTEN");
         Ok(())
     }
 
@@ -306,6 +361,10 @@ impl ConfigBuilder {
         let invalid = |key, reason: &str| ConfigError::Invalid {
             key,
             reason: reason.to_owned(),
+        };
+        let compat_listen = match self.compat_listen.as_deref() {
+            None => Vec::new(),
+            Some(v) => parse_compat_listen(v).map_err(|e| invalid("PALAVER_COMPAT_LISTEN", &e))?,
         };
         let http_addr = self.http_addr.as_deref().unwrap_or("127.0.0.1:8080");
         let http_addr = http_addr
@@ -534,6 +593,7 @@ impl ConfigBuilder {
             node,
             admin_token,
             uploads,
+            compat_listen,
         })
     }
 }

@@ -44,6 +44,29 @@ pub struct SharedEvent {
     pub event: Event,
     native: std::sync::OnceLock<tokio_tungstenite::tungstenite::Utf8Bytes>,
     dialects: [std::sync::OnceLock<Option<Arc<crate::dialect::socketio::Emit>>>; DIALECT_SLOTS],
+    texts: [std::sync::OnceLock<Option<tokio_tungstenite::tungstenite::Utf8Bytes>>; TEXT_SLOTS],
+}
+
+/// Number of [`TextSlot`]s.
+const TEXT_SLOTS: usize = 6;
+
+/// Which cached text encoding of a [`SharedEvent`] a plain-WebSocket dialect uses. A dialect
+/// whose frame differs per session (Phoenix puts the session's join reference in it) caches the
+/// part that does not, its payload, and frames it per session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextSlot {
+    /// Phoenix: a payload shown on a `chat:` channel.
+    PhoenixChat = 0,
+    /// Phoenix: a payload shown on the `notifications:` channel.
+    PhoenixNotification = 1,
+    /// Type-tagged JSON, `/rt/chat`.
+    RtChat = 2,
+    /// Type-tagged JSON, `/rt/presence`.
+    RtPresence = 3,
+    /// Event/data JSON, `/events`.
+    Events = 4,
+    /// Spare, for a dialect that needs a second encoding.
+    Spare = 5,
 }
 
 /// Number of [`DialectSlot`]s.
@@ -65,7 +88,30 @@ impl SharedEvent {
             event,
             native: std::sync::OnceLock::new(),
             dialects: Default::default(),
+            texts: Default::default(),
         })
+    }
+
+    /// The event's text encoding for `slot`, if one was made (`Some(None)`: the dialect does not
+    /// show this event).
+    pub fn cached_text(
+        &self,
+        slot: TextSlot,
+    ) -> Option<Option<tokio_tungstenite::tungstenite::Utf8Bytes>> {
+        self.texts[slot as usize].get().cloned()
+    }
+
+    /// The event's text encoding for `slot`, made by `encode` on first use and shared by every
+    /// session that uses the slot. For an encoding that needs lookups first, look them up, then
+    /// call this (a race makes the encoding twice and keeps one; both are the same).
+    pub fn text(
+        &self,
+        slot: TextSlot,
+        encode: impl FnOnce(&Event) -> Option<String>,
+    ) -> Option<tokio_tungstenite::tungstenite::Utf8Bytes> {
+        self.texts[slot as usize]
+            .get_or_init(|| encode(&self.event).map(Into::into))
+            .clone()
     }
 
     /// The event in a dialect's encoding, made by `encode` on first use and shared by every

@@ -22,6 +22,7 @@ pub mod config;
 pub mod dialect;
 pub mod hub;
 pub mod node_process;
+pub mod people;
 pub mod rest;
 pub mod server;
 pub mod session;

@@ -121,6 +121,8 @@ pub struct App {
     pub draining: AtomicBool,
     /// What the Socket.IO dialects share.
     pub socketio: crate::dialect::socketio::Shared,
+    /// Profiles and usernames the dialects that name people look up.
+    pub people: crate::people::People,
 }
 
 /// A running Palaver gateway: `serve` (with a local node) or `gateway` (cluster client).
@@ -129,6 +131,7 @@ pub struct Palaver {
     app: Arc<App>,
     stop: CancellationToken,
     serve: JoinHandle<std::io::Result<()>>,
+    compat: Vec<(SocketAddr, JoinHandle<std::io::Result<()>>)>,
     hub_stop: CancellationToken,
     hub_task: JoinHandle<()>,
     local: Option<Arc<Node>>,
@@ -207,6 +210,7 @@ impl Palaver {
             sessions: TaskTracker::new(),
             draining: AtomicBool::new(false),
             socketio: Default::default(),
+            people: Default::default(),
         });
         if let Some(cluster) = cluster {
             cluster.spawn_health(HEALTH_EVERY, hub_stop.clone());
@@ -222,6 +226,32 @@ impl Palaver {
                 app.hub.kick_all(&session::going_away());
             }
         };
+        let mut compat = Vec::new();
+        for (dialect, at) in app.config.compat_listen.clone() {
+            let listener = tokio::net::TcpListener::bind(at).await.map_err(|e| {
+                anyhow::anyhow!("PALAVER_COMPAT_LISTEN {}={at}: {e}", dialect.name())
+            })?;
+            let bound = listener.local_addr()?;
+            tracing::info!(dialect = dialect.name(), addr = %bound, "compat listener");
+            let router = compat_router(app.clone(), dialect);
+            let signal = {
+                let stop = stop.clone();
+                async move { stop.cancelled().await }
+            };
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+            });
+            compat.push((
+                bound,
+                tokio::spawn(async move {
+                    axum::serve(listener, router.into_make_service())
+                        .with_graceful_shutdown(signal)
+                        .await
+                }),
+            ));
+        }
         let service = router(app.clone()).into_make_service();
         // Chat frames are small and latency-bound: never let Nagle hold them back.
         let listener = listener.tap_io(|tcp| {
@@ -239,6 +269,7 @@ impl Palaver {
             app,
             stop,
             serve,
+            compat,
             hub_stop,
             hub_task,
             local,
@@ -250,6 +281,11 @@ impl Palaver {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound addresses of the dedicated dialect listeners, in configuration order.
+    pub fn compat_addrs(&self) -> Vec<SocketAddr> {
+        self.compat.iter().map(|(a, _)| *a).collect()
     }
 
     /// Shared state (for tests and embedding).
@@ -280,6 +316,14 @@ impl Palaver {
             Ok(Err(e)) => tracing::warn!(error = %e, "http server task failed"),
             Err(_) => tracing::warn!("http connections still open after the grace period"),
         }
+        for (_, listener) in self.compat {
+            if !matches!(
+                tokio::time::timeout_at(deadline, listener).await,
+                Ok(Ok(Ok(())))
+            ) {
+                tracing::warn!("a compat listener did not stop cleanly");
+            }
+        }
         if let Some(local) = &self.local {
             local.shutdown().await;
         }
@@ -304,12 +348,33 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ws", get(native_ws))
         .nest("/v1", rest::routes())
         .merge(crate::dialect::socketio::syarah::routes())
+        .merge(crate::dialect::phoenix::routes())
+        .merge(crate::dialect::rt::routes())
+        .merge(crate::dialect::events::routes())
         .merge(crate::uploads::routes())
         .layer(axum::extract::DefaultBodyLimit::max(
             app.config.max_frame_bytes,
         ))
         .with_state(app.clone())
         .layer(crate::dialect::socketio::layer(&app))
+}
+
+/// The router of a dedicated listener: one dialect at `/` (plus health checks).
+pub fn compat_router(app: Arc<App>, dialect: crate::config::CompatDialect) -> Router {
+    use crate::config::CompatDialect;
+    let root = match dialect {
+        CompatDialect::RtChat => crate::dialect::rt::chat_at_root(),
+        CompatDialect::RtPresence => crate::dialect::rt::presence_at_root(),
+        CompatDialect::Events => crate::dialect::events::at_root(),
+    };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(root)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            app.config.max_frame_bytes,
+        ))
+        .with_state(app)
 }
 
 async fn healthz() -> &'static str {

@@ -85,6 +85,42 @@ pub async fn open(
     profile: Profile,
     dialect: &'static str,
 ) -> Result<Opened, Error> {
+    open_with(
+        app,
+        profile,
+        OpenOptions {
+            dialect,
+            device: None,
+            takes_pending: dialect == "native",
+        },
+    )
+    .await
+}
+
+/// How a session is opened.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// The wire dialect (logs, metrics, the node's session record).
+    pub dialect: &'static str,
+    /// The client device, when the dialect names it (Phoenix `device_unique_id`).
+    pub device: Option<String>,
+    /// Whether connecting takes (and so clears) the user's pending notifications; a dialect
+    /// that shows them later (Phoenix, after the notifications channel is joined) says no and
+    /// takes them itself.
+    pub takes_pending: bool,
+}
+
+/// [`open`] with every option.
+pub async fn open_with(
+    app: &Arc<App>,
+    profile: Profile,
+    opts: OpenOptions,
+) -> Result<Opened, Error> {
+    let OpenOptions {
+        dialect,
+        device,
+        takes_pending,
+    } = opts;
     let id = app.hub.next_session_id();
     let user = profile.id.clone();
     let reg = app
@@ -95,8 +131,8 @@ pub async fn open(
         gateway: app.hub.gateway().clone(),
         session: id,
         dialect: dialect.into(),
-        device: None,
-        takes_pending: dialect == "native",
+        device,
+        takes_pending,
     };
     match app.node.connect(profile, info).await {
         Ok(c) => {
@@ -393,7 +429,8 @@ fn reply(handle: &SessionHandle, text: String) -> bool {
     handle.offer(Outbound::Text(text))
 }
 
-fn close_frame(r: &CloseReason) -> WsMessage {
+/// The close frame for `r` (reason cut to the 123 bytes a close frame holds).
+pub fn close_frame(r: &CloseReason) -> WsMessage {
     let mut reason = r.reason.clone();
     // A close frame's reason holds at most 123 bytes.
     while reason.len() > 123 {
@@ -406,7 +443,7 @@ fn close_frame(r: &CloseReason) -> WsMessage {
 }
 
 /// If `e` is tungstenite refusing an oversized frame or message, the limit.
-fn too_large(e: &tungstenite::Error) -> Option<usize> {
+pub fn too_large(e: &tungstenite::Error) -> Option<usize> {
     match e {
         tungstenite::Error::Capacity(tungstenite::error::CapacityError::MessageTooLong {
             max_size,

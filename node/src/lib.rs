@@ -489,6 +489,9 @@ impl Node {
             Command::Friend { peer, action } => self.friend(caller, peer, action).await,
             Command::Friendships { all } => self.friendships(caller, all).await,
             Command::User { id, username } => self.lookup_user(caller, id, username).await,
+            Command::TakePending => Ok(Reply::Notifications {
+                notifications: self.ctx.store.take_pending(caller).await?,
+            }),
             Command::DirectHistory { peer, query } => {
                 self.direct_history(caller, peer, query).await
             }

@@ -237,6 +237,10 @@ pub enum Command {
         #[serde(default)]
         username: Option<String>,
     },
+    /// Take (and so clear) the caller's pending notifications: what arrived while they had no
+    /// session viewing the room. For a dialect that shows them only once the client asks
+    /// (Phoenix, on joining `notifications:<user>`).
+    TakePending,
     /// The history of the direct room between the caller and `peer`.
     DirectHistory {
         /// The other user.
@@ -275,6 +279,7 @@ impl Command {
             Command::Friendships { .. } => "friendships",
             Command::User { .. } => "user",
             Command::DirectHistory { .. } => "direct_history",
+            Command::TakePending => "take_pending",
         }
     }
 
@@ -400,6 +405,11 @@ pub enum Reply {
         /// other), if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         friendship: Option<crate::domain::FriendshipStatus>,
+    },
+    /// Pending notifications, oldest first.
+    Notifications {
+        /// The notifications.
+        notifications: Vec<crate::domain::Notification>,
     },
     /// Done; nothing to return.
     Done,

@@ -176,6 +176,10 @@ pub struct Media {
     /// Length of audio or video, in seconds, when the client said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration: Option<u32>,
+    /// Size of the stored file in bytes, when known (set when the message is sent along with
+    /// its upload, as seed 004's REST does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// A stored message. `(room, seq)` and `id` both give the room's one order: `seq` is dense
@@ -432,6 +436,7 @@ mod tests {
             media: "/uploads/a.webp".into(),
             caption: Some("look".into()),
             duration: None,
+            size: None,
         });
         img.reactions.insert("+1".into(), vec![m.sender.clone()]);
         let c = serde_json::to_string(&MessageContent::of(&img)).unwrap_or_default();

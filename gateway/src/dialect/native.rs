@@ -168,6 +168,7 @@ impl Send {
                         .ok_or_else(|| Error::invalid("send: missing field `media`"))?,
                     caption: self.caption,
                     duration: self.duration,
+                    size: None,
                 };
                 match k {
                     Kind::Image => MessageBody::Image(media),

@@ -2,6 +2,8 @@
 //! client speaking the native protocol. Every wait has a deadline; nothing sleeps blindly.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod node_suite;
+
 use futures::{SinkExt, StreamExt};
 use palaver_gateway::Palaver;
 use palaver_gateway::auth::{Auth, Claims, now_secs};

@@ -413,6 +413,7 @@ async fn message_changes(store: &dyn Store) {
         media: "/uploads/p.webp".into(),
         caption: Some("look".into()),
         duration: None,
+        size: None,
     });
     let mut reply = msg(r, 3, "b", None);
     reply.reply_to = Some(first.id);

@@ -327,6 +327,7 @@ async fn create_message(conn: &mut Conn, a: &Map<String, Value>) -> Result<Value
         media: message.clone(),
         caption: caption.clone(),
         duration: None,
+        size: None,
     };
     let body = match kind {
         0 => MessageBody::Text {
