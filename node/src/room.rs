@@ -653,7 +653,7 @@ struct Sequencer {
 
 enum Outcome {
     New(usize),
-    Dup(Message),
+    Dup(Box<Message>),
     DupOfNew(usize),
 }
 
@@ -794,7 +794,7 @@ impl Sequencer {
         for item in batch.iter() {
             let k = key(item);
             if let Some(m) = self.recent.get(&k) {
-                outcomes.push(Ok(Outcome::Dup(m.clone())));
+                outcomes.push(Ok(Outcome::Dup(Box::new(m.clone()))));
             } else if let Some(&i) = fresh_keys.get(&k) {
                 outcomes.push(Ok(Outcome::DupOfNew(i)));
             } else if let Some(e) = self.check_reply_to(item.reply_to, &fresh).await {
@@ -835,7 +835,7 @@ impl Sequencer {
         for (item, outcome) in batch.drain(..).zip(outcomes) {
             let res = outcome.map(|o| match o {
                 Outcome::New(i) | Outcome::DupOfNew(i) => fresh[i].clone(),
-                Outcome::Dup(m) => m,
+                Outcome::Dup(m) => *m,
             });
             answer(item.reply, res.map(crate::public));
         }
