@@ -166,6 +166,7 @@ impl Auth {
             username: clean(c.username),
             name: clean(c.name),
             avatar: clean(c.picture),
+            language: None,
         })
     }
 

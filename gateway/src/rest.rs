@@ -474,6 +474,7 @@ async fn import_users(State(app): State<Arc<App>>, headers: HeaderMap, body: Byt
             username: u.username,
             name: u.name,
             avatar: u.avatar,
+            language: None,
         })
         .collect();
     match app.node.import_users(profiles).await {

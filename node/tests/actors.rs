@@ -36,6 +36,7 @@ async fn connect(node: &Node, user: &str, session: u64) {
         username: None,
         name: None,
         avatar: None,
+        language: None,
     };
     let info = SessionInfo {
         gateway: GatewayId::new("gw"),
@@ -230,6 +231,7 @@ async fn the_profile_is_refreshed_from_the_claims_of_each_connect() {
         username: Some("ann".into()),
         name: Some("Ann".into()),
         avatar: None,
+        language: None,
     };
     node.connect(profile.clone(), info(1)).await.unwrap();
     let first = store.user(&uid("42")).await.unwrap().unwrap();

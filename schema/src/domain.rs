@@ -16,6 +16,11 @@ pub struct Profile {
     pub name: Option<String>,
     /// The `picture` claim: an avatar URL.
     pub avatar: Option<String>,
+    /// Preferred language for texts the server writes (push notifications), e.g. `en`, `pt-BR`.
+    /// Not a claim: set by a dialect whose client sends it (Phoenix `preferred_language`); a
+    /// connect that does not say keeps the stored one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
 }
 
 /// A user as stored: the last profile seen plus bookkeeping.

@@ -21,6 +21,7 @@ fn profile(id: &str, name: &str) -> Profile {
         username: Some(format!("{name}-handle")),
         name: Some(name.to_owned()),
         avatar: None,
+        language: None,
     }
 }
 

@@ -222,6 +222,7 @@ fn user_row(r: &Row) -> StoreResult<User> {
             username: r.get(1),
             name: r.get(2),
             avatar: r.get(3),
+            language: None,
         },
         created_at: r.get(4),
         updated_at: r.get(5),

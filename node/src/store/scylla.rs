@@ -323,6 +323,7 @@ fn user_of(r: UserRow) -> StoreResult<User> {
             username: r.1,
             name: r.2,
             avatar: r.3,
+            language: None,
         },
         created_at: r.4,
         updated_at: r.5,
