@@ -40,6 +40,7 @@ pub use ids::{GatewayId, MessageId, NodeId, RoomId, SessionId, UserId};
 pub const CQL_MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("../cql/0001_init.cql")),
     (2, include_str!("../cql/0002_domain.cql")),
+    (3, include_str!("../cql/0003_language.cql")),
 ];
 
 /// Milliseconds since the Unix epoch, the one timestamp unit Palaver stores and sends.

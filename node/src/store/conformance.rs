@@ -122,6 +122,36 @@ async fn users(store: &dyn Store) {
     let read = store.user(&uid("415")).await.unwrap().unwrap();
     assert_eq!(read.last_seen, Some(40));
     assert_eq!(read.profile, renamed.profile);
+    // A preferred language is stored when a connect says it ...
+    let with_lang = Profile {
+        language: Some("pt-BR".into()),
+        ..profile("415", "Anne")
+    };
+    let u = store.upsert_user(&with_lang, 50).await.unwrap();
+    assert_eq!(u.profile.language.as_deref(), Some("pt-BR"));
+    assert_eq!(u.updated_at, 50);
+    // ... and kept by a connect that does not (the other dialects), which changes nothing else.
+    let kept = store
+        .upsert_user(&profile("415", "Anne"), 60)
+        .await
+        .unwrap();
+    assert_eq!(kept.profile.language.as_deref(), Some("pt-BR"));
+    assert_eq!(kept.updated_at, 50);
+    // A new name keeps it too; a new language replaces it.
+    let renamed = store
+        .upsert_user(&profile("415", "Anna"), 70)
+        .await
+        .unwrap();
+    assert_eq!(renamed.profile.language.as_deref(), Some("pt-BR"));
+    // (Back to "Anne", which the next checks expect.)
+    let english = Profile {
+        language: Some("en".into()),
+        ..profile("415", "Anne")
+    };
+    let u = store.upsert_user(&english, 80).await.unwrap();
+    assert_eq!(u.profile.language.as_deref(), Some("en"));
+    let read = store.user(&uid("415")).await.unwrap().unwrap();
+    assert_eq!(read.profile.language.as_deref(), Some("en"));
 }
 
 async fn rooms(store: &dyn Store) {

@@ -254,6 +254,9 @@ CREATE TABLE pending (
 );
 CREATE INDEX pending_by_user ON pending(user, id);
 "#,
+    r#"
+ALTER TABLE users ADD COLUMN language TEXT;
+"#,
 ];
 
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
@@ -333,14 +336,25 @@ fn apply(tx: &mut rusqlite::Savepoint<'_>, op: &WriteOp) -> StoreResult<WriteOut
     match op {
         WriteOp::UpsertUser(p, now) => {
             tx.prepare_cached(
-                "INSERT INTO users (id, username, name, avatar, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                "INSERT INTO users (id, username, name, avatar, created_at, updated_at, language)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
                  ON CONFLICT(id) DO UPDATE SET username=excluded.username, name=excluded.name,
-                   avatar=excluded.avatar, updated_at=excluded.updated_at
+                   avatar=excluded.avatar, updated_at=excluded.updated_at,
+                   language=coalesce(excluded.language, users.language)
                  WHERE users.username IS NOT excluded.username OR users.name IS NOT excluded.name
-                   OR users.avatar IS NOT excluded.avatar",
+                   OR users.avatar IS NOT excluded.avatar
+                   OR (excluded.language IS NOT NULL AND users.language IS NOT excluded.language)",
             )
-            .and_then(|mut s| s.execute(params![p.id.as_str(), p.username, p.name, p.avatar, now]))
+            .and_then(|mut s| {
+                s.execute(params![
+                    p.id.as_str(),
+                    p.username,
+                    p.name,
+                    p.avatar,
+                    now,
+                    p.language
+                ])
+            })
             .map_err(db_err)?;
             let user = tx
                 .query_row(
@@ -624,7 +638,7 @@ fn insert_room(
     Ok(())
 }
 
-const USER_COLS: &str = "id, username, name, avatar, created_at, updated_at, last_seen";
+const USER_COLS: &str = "id, username, name, avatar, created_at, updated_at, last_seen, language";
 const ROOM_COLS: &str =
     "id, kind, name, created_by, created_at, last_seq, last_message_id, avatar, public";
 const MSG_COLS: &str = "id, room, seq, sender, client_ref, body, created_at";
@@ -644,7 +658,7 @@ fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
             username: r.get(1)?,
             name: r.get(2)?,
             avatar: r.get(3)?,
-            language: None,
+            language: r.get(7)?,
         },
         created_at: r.get(4)?,
         updated_at: r.get(5)?,

@@ -106,6 +106,9 @@ CREATE TABLE pending (
 );
 CREATE INDEX pending_by_user ON pending("user", id);
 "#,
+    r#"
+ALTER TABLE users ADD COLUMN language TEXT;
+"#,
 ];
 
 /// Serializes migrations across processes (an arbitrary constant key).
@@ -206,7 +209,7 @@ impl PostgresStore {
     }
 }
 
-const USER_COLS: &str = "id, username, name, avatar, created_at, updated_at, last_seen";
+const USER_COLS: &str = "id, username, name, avatar, created_at, updated_at, last_seen, language";
 const ROOM_COLS: &str =
     "id, kind, name, created_by, created_at, last_seq, last_message_id, avatar, public";
 const MSG_COLS: &str = "id, room, seq, sender, client_ref, body, created_at";
@@ -222,7 +225,7 @@ fn user_row(r: &Row) -> StoreResult<User> {
             username: r.get(1),
             name: r.get(2),
             avatar: r.get(3),
-            language: None,
+            language: r.get(7),
         },
         created_at: r.get(4),
         updated_at: r.get(5),
@@ -360,13 +363,23 @@ impl Store for PostgresStore {
     async fn upsert_user(&self, p: &Profile, now: Millis) -> StoreResult<User> {
         let c = self.client().await?;
         c.execute(
-            "INSERT INTO users (id, username, name, avatar, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $5)
+            "INSERT INTO users (id, username, name, avatar, created_at, updated_at, language)
+             VALUES ($1, $2, $3, $4, $5, $5, $6)
              ON CONFLICT (id) DO UPDATE SET username = excluded.username, name = excluded.name,
-               avatar = excluded.avatar, updated_at = excluded.updated_at
+               avatar = excluded.avatar, updated_at = excluded.updated_at,
+               language = coalesce(excluded.language, users.language)
              WHERE (users.username, users.name, users.avatar)
-               IS DISTINCT FROM (excluded.username, excluded.name, excluded.avatar)",
-            &[&p.id.as_str(), &p.username, &p.name, &p.avatar, &now],
+               IS DISTINCT FROM (excluded.username, excluded.name, excluded.avatar)
+               OR (excluded.language IS NOT NULL
+                   AND users.language IS DISTINCT FROM excluded.language)",
+            &[
+                &p.id.as_str(),
+                &p.username,
+                &p.name,
+                &p.avatar,
+                &now,
+                &p.language,
+            ],
         )
         .await
         .map_err(pg_err)?;

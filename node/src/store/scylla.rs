@@ -286,7 +286,16 @@ impl PendingIds {
     }
 }
 
-const USER_COLS: &str = "id, username, name, avatar, created_at, updated_at, last_seen";
+/// Whether storing `new` over `old` changes nothing (no language in `new` keeps the old one).
+fn same_profile(old: &Profile, new: &Profile) -> bool {
+    old.id == new.id
+        && old.username == new.username
+        && old.name == new.name
+        && old.avatar == new.avatar
+        && (new.language.is_none() || new.language == old.language)
+}
+
+const USER_COLS: &str = "id, username, name, avatar, created_at, updated_at, last_seen, language";
 const ROOM_COLS: &str = "id, kind, name, created_by, created_at, last_seq, last_message_id, \
                          last_activity, avatar, public";
 const MSG_COLS: &str = "id, room, seq, sender, client_ref, body, created_at";
@@ -300,6 +309,7 @@ type UserRow = (
     i64,
     i64,
     Option<i64>,
+    Option<String>,
 );
 type RoomRow = (
     i64,
@@ -323,7 +333,7 @@ fn user_of(r: UserRow) -> StoreResult<User> {
             username: r.1,
             name: r.2,
             avatar: r.3,
-            language: None,
+            language: r.7,
         },
         created_at: r.4,
         updated_at: r.5,
@@ -469,8 +479,8 @@ impl ScyllaStore {
         };
         let st = Prepared {
             user_get: p(format!("SELECT {USER_COLS} FROM users WHERE id = ?")).await?,
-            user_insert: p("INSERT INTO users (id, username, name, avatar, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)".into()).await?,
-            user_update: p("UPDATE users SET username = ?, name = ?, avatar = ?, updated_at = ? WHERE id = ?".into()).await?,
+            user_insert: p("INSERT INTO users (id, username, name, avatar, created_at, updated_at, language) VALUES (?, ?, ?, ?, ?, ?, ?)".into()).await?,
+            user_update: p("UPDATE users SET username = ?, name = ?, avatar = ?, updated_at = ?, language = ? WHERE id = ?".into()).await?,
             user_seen: p("UPDATE users SET last_seen = ? WHERE id = ?".into()).await?,
             username_put: p("INSERT INTO users_by_username (username, id) VALUES (?, ?)".into()).await?,
             username_delete: p("DELETE FROM users_by_username WHERE username = ? AND id = ?".into()).await?,
@@ -712,6 +722,7 @@ impl Store for ScyllaStore {
                         p.avatar.clone(),
                         now,
                         now,
+                        p.language.clone(),
                     ),
                 );
                 User {
@@ -721,8 +732,10 @@ impl Store for ScyllaStore {
                     last_seen: None,
                 }
             }
-            Some(u) if &u.profile == p => return Ok(u),
+            Some(u) if same_profile(&u.profile, p) => return Ok(u),
             Some(mut u) => {
+                // A connect that does not say which language keeps the stored one.
+                let language = p.language.clone().or_else(|| u.profile.language.clone());
                 b.push(
                     &self.st.user_update,
                     (
@@ -730,6 +743,7 @@ impl Store for ScyllaStore {
                         p.name.clone(),
                         p.avatar.clone(),
                         now,
+                        language.clone(),
                         id.clone(),
                     ),
                 );
@@ -738,7 +752,10 @@ impl Store for ScyllaStore {
                 {
                     b.push(&self.st.username_delete, (old.clone(), id.clone()));
                 }
-                u.profile = p.clone();
+                u.profile = Profile {
+                    language,
+                    ..p.clone()
+                };
                 u.updated_at = now;
                 u
             }
