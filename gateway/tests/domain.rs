@@ -2052,7 +2052,7 @@ async fn notifications(c: &mut Client, n: usize) -> Vec<Value> {
 }
 
 #[tokio::test]
-async fn pending_notifications_for_members_not_viewing_delivered_once_and_bounded() {
+async fn pending_notifications_for_offline_members_delivered_once_and_bounded() {
     let s = TestServer::start_with(|b| b.pending_per_user = Some(3)).await;
     let mut a = s.connect("1").await;
     let b = s.connect("2").await;
@@ -2083,28 +2083,28 @@ async fn pending_notifications_for_members_not_viewing_delivered_once_and_bounde
     no_event_named(&mut b, "notification", None, Duration::from_millis(10)).await;
     drop(b2);
 
-    // A session viewing the room: no notification for what arrives meanwhile.
+    // While b is online, viewing the room or not, nothing is recorded: b saw it arrive.
     assert_eq!(
         b.ok("view", json!({"room": room, "viewing": true})).await,
         json!({})
     );
     send_text(&mut a, room, "seen live").await;
     event_in(&mut b, "message", room).await;
+    b.ok("view", json!({"room": room, "viewing": false})).await;
+    send_text(&mut a, room, "online, not viewing").await;
+    event_in(&mut b, "message", room).await;
     let mut b3 = s.connect("2").await;
     no_event_named(&mut b3, "notification", None, QUIET).await;
     drop(b3);
-    // Stops viewing: the next message is recorded even though b is connected.
-    b.ok("view", json!({"room": room, "viewing": false})).await;
-    let m4 = send_text(&mut a, room, "not viewing").await;
-    event_in(&mut b, "message", room).await;
+    // Offline, having viewed it: recorded (viewing ended with the session).
+    b.ok("view", json!({"room": room, "viewing": true})).await;
+    disconnect(b, &mut a, "2").await;
+    let m4 = send_text(&mut a, room, "while away").await;
     let mut b4 = s.connect("2").await;
     let got = notifications(&mut b4, 1).await;
     assert_eq!(got[0]["message_id"], m4["id"]);
     no_event_named(&mut b4, "notification", None, Duration::from_millis(100)).await;
-    drop(b4);
-    // Viewing ends when the session closes.
-    b.ok("view", json!({"room": room, "viewing": true})).await;
-    disconnect(b, &mut a, "2").await;
+    disconnect(b4, &mut a, "2").await;
     // Bounded per user: the oldest go.
     let mut ids = Vec::new();
     for i in 0..5 {

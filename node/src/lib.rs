@@ -177,9 +177,21 @@ pub struct NodeCtx {
     pub limits: limits::Limits,
     room_locks: dashmap::DashMap<RoomId, Arc<tokio::sync::Mutex<()>>>,
     pair_locks: dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// The node these actors run in (set once it exists), for what needs the cluster view,
+    /// such as which users are online anywhere.
+    node: std::sync::OnceLock<std::sync::Weak<Node>>,
 }
 
 impl NodeCtx {
+    /// Which of `users` have a session anywhere in the cluster (asking their owners). While
+    /// the node is not fully started, or shutting down, nobody counts as online.
+    pub async fn online_of(&self, users: &[UserId]) -> std::collections::HashMap<UserId, bool> {
+        match self.node.get().and_then(std::sync::Weak::upgrade) {
+            Some(node) => node.online_of(users).await,
+            None => users.iter().map(|u| (u.clone(), false)).collect(),
+        }
+    }
+
     /// The lock a room's sequencer holds for its lifetime.
     fn room_lock(&self, room: RoomId) -> Arc<tokio::sync::Mutex<()>> {
         self.room_locks.entry(room).or_default().clone()
@@ -219,19 +231,22 @@ impl Node {
             limits: limits::Limits::new(&config),
             room_locks: dashmap::DashMap::new(),
             pair_locks: dashmap::DashMap::new(),
+            node: std::sync::OnceLock::new(),
             config,
         });
         let timeout = ctx.config.call_timeout;
         let mailbox = ctx.config.actor_mailbox;
         let rooms = Directory::start(RoomSpec { ctx: ctx.clone() }, mailbox, timeout).await?;
         let users = Directory::start(UserSpec { ctx: ctx.clone() }, mailbox, timeout).await?;
-        Ok(Arc::new(Self {
+        let node = Arc::new(Self {
             ctx,
             ring: RwLock::new(Arc::new(ring)),
             peers: std::sync::OnceLock::new(),
             rooms,
             users,
-        }))
+        });
+        let _first = node.ctx.node.set(Arc::downgrade(&node));
+        Ok(node)
     }
 
     /// The shared context (store, bus, tables).

@@ -9,7 +9,7 @@
 //! other change is validated against the current state, given its sequence number(s) and written
 //! in its own store call. Only *after* the write does the sequencer answer (the ack), then it
 //! publishes the events to the gateways subscribed to the room, and records pending
-//! notifications for members with no session viewing the room.
+//! notifications for the members who are offline (no session anywhere).
 //!
 //! State shared by the actor and its sequencer (members and their roles, the room, whether a
 //! direct room's pair is blocked, which sessions view the room) sits behind one lock; only the
@@ -849,6 +849,15 @@ impl Sequencer {
             publish_room(&self.ctx, self.room, Event::Message { message: m }).await;
         }
         if !pending.is_empty() {
+            // Only members with no session anywhere keep a pending notification: one who is
+            // online saw the message arrive (in the room, or as a live notification).
+            let mut users: Vec<UserId> = pending.iter().map(|(u, _)| u.clone()).collect();
+            users.sort_unstable();
+            users.dedup();
+            let online = self.ctx.online_of(&users).await;
+            pending.retain(|(u, _)| !online.get(u).copied().unwrap_or(false));
+        }
+        if !pending.is_empty() {
             let cap = self.ctx.config.pending_per_user;
             if let Err(e) = self.ctx.store.add_pending(pending, cap).await {
                 tracing::warn!(room = %self.room, error = %e, "pending notifications not stored");
@@ -877,8 +886,9 @@ impl Sequencer {
         }
     }
 
-    /// Members with no session viewing the room get a pending notification (rooms up to the
-    /// configured size, so one message never costs more than that many writes).
+    /// Members with no session viewing the room are the candidates for a pending notification
+    /// (rooms up to the configured size, so one message never costs more than that many
+    /// writes); the caller keeps those who are offline.
     fn collect_pending(&self, m: &Message, out: &mut Vec<(UserId, Notification)>) {
         let sh = self.shared.read();
         if sh.members.len() > self.ctx.config.pending_room_max {

@@ -1466,8 +1466,11 @@ mod tests {
                 .iter()
                 .map(|m| m.0)
                 .collect::<Vec<_>>(),
-            vec![1, 2]
+            vec![1, 2, 3]
         );
+        let st = statements(schema::CQL_MIGRATIONS[2].1);
+        assert_eq!(st, vec!["ALTER TABLE users ADD language text".to_owned()]);
+        assert!(is_add_column(&st[0]));
         let (_, cql) = schema::CQL_MIGRATIONS[1];
         let st = statements(cql);
         assert_eq!(st.len(), 9, "{st:?}");
