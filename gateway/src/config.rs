@@ -634,6 +634,37 @@ mod tests {
     }
 
     #[test]
+    fn compat_listeners() {
+        let mut b = ConfigBuilder::default();
+        b.apply_env(&env(&[(
+            "PALAVER_COMPAT_LISTEN",
+            " rt-chat=127.0.0.1:4000, rt-presence=0.0.0.0:5000,events=[::1]:8089 ",
+        )]))
+        .unwrap();
+        let c = b.build().unwrap();
+        assert_eq!(
+            c.compat_listen,
+            vec![
+                (CompatDialect::RtChat, "127.0.0.1:4000".parse().unwrap()),
+                (CompatDialect::RtPresence, "0.0.0.0:5000".parse().unwrap()),
+                (CompatDialect::Events, "[::1]:8089".parse().unwrap()),
+            ]
+        );
+        assert!(ConfigBuilder::default().build().unwrap().compat_listen.is_empty());
+        for (bad, why) in [
+            ("rt-chat", "expected name=host:port"),
+            ("phoenix=127.0.0.1:1", "unknown dialect"),
+            ("rt-chat=localhost", "\"localhost\""),
+            ("events=127.0.0.1:1,events=127.0.0.1:2", "given twice"),
+        ] {
+            let mut b = ConfigBuilder::default();
+            b.apply_env(&env(&[("PALAVER_COMPAT_LISTEN", bad)])).unwrap();
+            let e = b.build().unwrap_err().to_string();
+            assert!(e.contains("PALAVER_COMPAT_LISTEN") && e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn env_overrides_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("p.toml");
