@@ -105,10 +105,16 @@ export async function rest(token, method, path, body) {
   return { status: res.status, body: parsed };
 }
 
-/** Makes sure a user exists (a profile is created on an authenticated request). */
+/**
+ * Makes sure a user exists: a profile is created or refreshed by an authenticated *connect*
+ * (REST calls do not create one), so this opens a native socket and closes it.
+ */
 export async function touch(user) {
-  const r = await rest(user.token, "GET", "/v1/chats");
-  if (r.status !== 200) throw new Error(`GET /v1/chats as ${user.id}: ${r.status}`);
+  const s = await JsonSocket.open(`${WS_URL}/ws?token=${encodeURIComponent(user.token)}`);
+  s.send({ id: "touch", op: "ping" });
+  await s.next((m) => m.id === "touch", WAIT, `touch ${user.id}`);
+  s.close();
+  await s.waitClosed();
 }
 
 // ------------------------------------------------------------------------------------------
