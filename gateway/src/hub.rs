@@ -263,6 +263,12 @@ impl Hub {
         self.sessions.is_empty()
     }
 
+    /// Number of distinct users with a session here (the event/data dialect's
+    /// `connected_users`).
+    pub fn user_count(&self) -> usize {
+        self.by_user.len()
+    }
+
     /// Registers a session of `user` following `rooms`.
     pub async fn register(
         &self,
