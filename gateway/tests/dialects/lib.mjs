@@ -130,9 +130,13 @@ export class JsonSocket {
       new Promise((resolve, reject) => {
         s.ws.once("open", resolve);
         s.ws.once("error", reject);
-        s.ws.once("unexpected-response", (_req, res) =>
-          reject(Object.assign(new Error(`HTTP ${res.statusCode}`), { status: res.statusCode })),
-        );
+        s.ws.once("unexpected-response", (req, res) => {
+          // Read and drop the answer, and close its connection: a kept-alive socket would keep
+          // node running after the tests.
+          res.resume();
+          req.destroy();
+          reject(Object.assign(new Error(`HTTP ${res.statusCode}`), { status: res.statusCode }));
+        });
       }),
       WAIT,
       `open ${url}`,
