@@ -650,7 +650,13 @@ mod tests {
                 (CompatDialect::Events, "[::1]:8089".parse().unwrap()),
             ]
         );
-        assert!(ConfigBuilder::default().build().unwrap().compat_listen.is_empty());
+        assert!(
+            ConfigBuilder::default()
+                .build()
+                .unwrap()
+                .compat_listen
+                .is_empty()
+        );
         for (bad, why) in [
             ("rt-chat", "expected name=host:port"),
             ("phoenix=127.0.0.1:1", "unknown dialect"),
@@ -658,9 +664,13 @@ mod tests {
             ("events=127.0.0.1:1,events=127.0.0.1:2", "given twice"),
         ] {
             let mut b = ConfigBuilder::default();
-            b.apply_env(&env(&[("PALAVER_COMPAT_LISTEN", bad)])).unwrap();
+            b.apply_env(&env(&[("PALAVER_COMPAT_LISTEN", bad)]))
+                .unwrap();
             let e = b.build().unwrap_err().to_string();
-            assert!(e.contains("PALAVER_COMPAT_LISTEN") && e.contains(why), "{bad}: {e}");
+            assert!(
+                e.contains("PALAVER_COMPAT_LISTEN") && e.contains(why),
+                "{bad}: {e}"
+            );
         }
     }
 
