@@ -317,22 +317,3 @@ pub async fn run<S, D>(
     app.node.disconnect(ctx.user(), app.hub.gateway(), id).await;
     tracing::debug!(user = %ctx.user(), session = id.0, "dialect session closed");
 }
-
-/// Reads the first text frame of a socket that authenticates in-band (the type-tagged dialect's
-/// `AUTH`), waiting at most `wait`. `None`: the client closed, sent something other than text,
-/// or stayed silent.
-pub async fn first_text<S>(socket: &mut S, wait: Duration) -> Option<Utf8Bytes>
-where
-    S: Stream<Item = Result<WsMessage, tungstenite::Error>> + Unpin,
-{
-    let read = async {
-        loop {
-            match socket.next().await? {
-                Ok(WsMessage::Text(t)) => return Some(t),
-                Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_)) => continue,
-                Ok(_) | Err(_) => return None,
-            }
-        }
-    };
-    tokio::time::timeout(wait, read).await.ok().flatten()
-}

@@ -13,9 +13,9 @@
 //! `authentication timeout` and close 4001. Only then is the session registered with the node
 //! (so the user comes online), answered `SUCCESS` `Authenticated as <username>`, and run by the
 //! shared plain-WebSocket loop ([`crate::dialect::wsloop`]). A later `AUTH` gets `INFO`
-//! `already authenticated`. The first frame is read here rather than with
-//! [`wsloop::first_text`] so that silence, a binary or oversized frame, a closed socket and a
-//! server shutdown (checked every 250 ms) each get their own answer.
+//! `already authenticated`. The first frame is read here, before the shared loop runs, so that
+//! silence, a binary or oversized frame, a closed socket and a server shutdown (checked every
+//! 250 ms) each get their own answer.
 //!
 //! **People.** The dialect names people by username: the token's `username` claim, or the user
 //! id for users who have none. A `from` (or `JOIN_GROUP`/`LEAVE_GROUP` `username`) that is not
