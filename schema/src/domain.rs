@@ -458,3 +458,85 @@ mod tests {
         assert_eq!(d, serde_json::json!({"type": "deleted"}));
     }
 }
+
+/// Where a device receives push notifications.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Platform {
+    /// Firebase Cloud Messaging (HTTP v1 API); the token is the FCM registration token.
+    Fcm,
+    /// The configured generic JSON webhook; the token identifies the device to the receiver.
+    Webhook,
+}
+
+impl Platform {
+    /// The name on the wire and in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Fcm => "fcm",
+            Platform::Webhook => "webhook",
+        }
+    }
+
+    /// Reads a stored or sent name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "fcm" => Some(Platform::Fcm),
+            "webhook" => Some(Platform::Webhook),
+            _ => None,
+        }
+    }
+}
+
+/// A device registered for push notifications. A token belongs to one user at a time:
+/// registering it again (as another user, after a logout and login) moves it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// Whose device.
+    pub user: UserId,
+    /// Where it receives pushes.
+    pub platform: Platform,
+    /// The provider's token for it (FCM registration token), at most 4096 bytes.
+    pub token: String,
+    /// The client's own device id, when it names one (Phoenix `device_unique_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// When it was registered (or last re-registered).
+    pub created_at: Millis,
+}
+
+/// A stored upload: who uploaded which file. `GET /uploads/...` serves it to its uploader and
+/// to members of the rooms it was posted in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    /// The public path, `/uploads/...`.
+    pub path: String,
+    /// Who uploaded it.
+    pub uploader: UserId,
+    /// `image`, `audio`, `video`, `file` or `voice`.
+    pub kind: String,
+    /// The stored size in bytes.
+    pub size: u64,
+    /// The stored content's media type.
+    pub content_type: String,
+    /// When it was stored.
+    pub created_at: Millis,
+}
+
+/// A push that could not be delivered and will not be retried, kept for operators.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The job.
+    pub job: crate::envelope::PushJob,
+    /// The device it was for (`None`: the job failed before a device was chosen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_token: Option<String>,
+    /// The provider (`fcm`, `webhook`).
+    pub provider: String,
+    /// Why it was given up.
+    pub reason: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// When it was given up.
+    pub at: Millis,
+}

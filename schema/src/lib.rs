@@ -27,8 +27,9 @@ pub mod ids;
 
 pub use command::{Command, FriendAction, HistoryQuery, Reply, SessionRef};
 pub use domain::{
-    Chat, FriendView, Friendship, FriendshipStatus, Media, Member, Message, MessageBody,
-    MessageContent, Notification, Profile, Role, Room, RoomKind, RoomSummary, User,
+    Chat, DeadLetter, Device, FriendView, Friendship, FriendshipStatus, Media, Member, Message,
+    MessageBody, MessageContent, Notification, Platform, Profile, Role, Room, RoomKind,
+    RoomSummary, Upload, User,
 };
 pub use envelope::{Delivery, PushJob, Target};
 pub use error::{Error, ErrorCode};

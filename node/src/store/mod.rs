@@ -14,8 +14,8 @@ pub mod scylla;
 
 use async_trait::async_trait;
 use schema::{
-    Event, Friendship, HistoryQuery, Member, Message, MessageId, Millis, Notification, Profile,
-    Role, Room, RoomId, RoomKind, RoomSummary, User, UserId,
+    DeadLetter, Device, Event, Friendship, HistoryQuery, Member, Message, MessageId, Millis,
+    Notification, Profile, Role, Room, RoomId, RoomKind, RoomSummary, Upload, User, UserId,
 };
 
 /// Store failures. All are server-side: a client sees them as `unavailable` or `internal`.
@@ -261,6 +261,47 @@ pub trait Store: Send + Sync + 'static {
 
     /// Takes (reads and removes) `user`'s pending notifications, oldest first.
     async fn take_pending(&self, user: &UserId) -> StoreResult<Vec<Notification>>;
+
+    // ---- uploads ----
+
+    /// Records a stored upload (its path is unique; recording it again changes nothing).
+    async fn add_upload(&self, upload: &Upload) -> StoreResult<()>;
+
+    /// The upload stored at public path `path`, if any.
+    async fn upload(&self, path: &str) -> StoreResult<Option<Upload>>;
+
+    /// Records that the media at `path` was posted in `room` (idempotent).
+    async fn add_media_post(&self, path: &str, room: RoomId) -> StoreResult<()>;
+
+    /// The rooms the media at `path` was posted in.
+    async fn media_rooms(&self, path: &str) -> StoreResult<Vec<RoomId>>;
+
+    // ---- devices, mutes and push ----
+
+    /// Registers `device` (keyed by its token: a token registered again, by the same or another
+    /// user, replaces the earlier registration).
+    async fn add_device(&self, device: &Device) -> StoreResult<()>;
+
+    /// Removes `user`'s device with `token`; false when `user` has no such device.
+    async fn remove_device(&self, user: &UserId, token: &str) -> StoreResult<bool>;
+
+    /// Removes a token whoever it belongs to (the provider said it is no longer valid).
+    async fn remove_device_token(&self, token: &str) -> StoreResult<()>;
+
+    /// `user`'s devices, oldest registration first.
+    async fn devices_of(&self, user: &UserId) -> StoreResult<Vec<Device>>;
+
+    /// Mutes (`true`) or unmutes `room` for `user`: a muted room sends them no push.
+    async fn set_muted(&self, room: RoomId, user: &UserId, muted: bool) -> StoreResult<()>;
+
+    /// The members who muted `room`.
+    async fn muted_in(&self, room: RoomId) -> StoreResult<Vec<UserId>>;
+
+    /// Keeps a push that will not be retried.
+    async fn add_dead_letter(&self, letter: &DeadLetter) -> StoreResult<()>;
+
+    /// The newest `limit` dead letters, newest first.
+    async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>>;
 
     // ---- lifecycle ----
 

@@ -1434,6 +1434,80 @@ impl Store for ScyllaStore {
             .collect()
     }
 
+    // ---- uploads, devices, mutes, push (stubs: being implemented) ----
+
+    async fn add_upload(&self, _upload: &schema::Upload) -> StoreResult<()> {
+        Err(StoreError::Unavailable(
+            "add_upload: not implemented yet".into(),
+        ))
+    }
+
+    async fn upload(&self, _path: &str) -> StoreResult<Option<schema::Upload>> {
+        Err(StoreError::Unavailable(
+            "upload: not implemented yet".into(),
+        ))
+    }
+
+    async fn add_media_post(&self, _path: &str, _room: RoomId) -> StoreResult<()> {
+        Err(StoreError::Unavailable(
+            "add_media_post: not implemented yet".into(),
+        ))
+    }
+
+    async fn media_rooms(&self, _path: &str) -> StoreResult<Vec<RoomId>> {
+        Err(StoreError::Unavailable(
+            "media_rooms: not implemented yet".into(),
+        ))
+    }
+
+    async fn add_device(&self, _device: &schema::Device) -> StoreResult<()> {
+        Err(StoreError::Unavailable(
+            "add_device: not implemented yet".into(),
+        ))
+    }
+
+    async fn remove_device(&self, _user: &UserId, _token: &str) -> StoreResult<bool> {
+        Err(StoreError::Unavailable(
+            "remove_device: not implemented yet".into(),
+        ))
+    }
+
+    async fn remove_device_token(&self, _token: &str) -> StoreResult<()> {
+        Err(StoreError::Unavailable(
+            "remove_device_token: not implemented yet".into(),
+        ))
+    }
+
+    async fn devices_of(&self, _user: &UserId) -> StoreResult<Vec<schema::Device>> {
+        Err(StoreError::Unavailable(
+            "devices_of: not implemented yet".into(),
+        ))
+    }
+
+    async fn set_muted(&self, _room: RoomId, _user: &UserId, _muted: bool) -> StoreResult<()> {
+        Err(StoreError::Unavailable(
+            "set_muted: not implemented yet".into(),
+        ))
+    }
+
+    async fn muted_in(&self, _room: RoomId) -> StoreResult<Vec<UserId>> {
+        Err(StoreError::Unavailable(
+            "muted_in: not implemented yet".into(),
+        ))
+    }
+
+    async fn add_dead_letter(&self, _letter: &schema::DeadLetter) -> StoreResult<()> {
+        Err(StoreError::Unavailable(
+            "add_dead_letter: not implemented yet".into(),
+        ))
+    }
+
+    async fn dead_letters(&self, _limit: u32) -> StoreResult<Vec<schema::DeadLetter>> {
+        Err(StoreError::Unavailable(
+            "dead_letters: not implemented yet".into(),
+        ))
+    }
+
     async fn close(&self) -> StoreResult<()> {
         Ok(())
     }
