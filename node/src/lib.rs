@@ -116,6 +116,8 @@ pub struct NodeConfig {
     pub pending_per_user: u32,
     /// Pending notifications are recorded for rooms up to this many members. Default 1000.
     pub pending_room_max: usize,
+    /// Push jobs are made for rooms up to this many members. Default 10000.
+    pub push_room_max: usize,
     /// Most events one replay returns; further behind, the client must resync. Default 1000.
     pub replay_max: u32,
     /// Unread counts stop at this number. Default 999.
@@ -150,6 +152,7 @@ impl Default for NodeConfig {
             presence_group_max: 50,
             pending_per_user: 100,
             pending_room_max: 1000,
+            push_room_max: 10_000,
             replay_max: 1000,
             unread_cap: 999,
             chats_default_limit: 50,
@@ -180,6 +183,19 @@ pub struct NodeCtx {
     /// The node these actors run in (set once it exists), for what needs the cluster view,
     /// such as which users are online anywhere.
     node: std::sync::OnceLock<std::sync::Weak<Node>>,
+}
+
+/// Checks a push token: 1 to 4096 printable ASCII bytes.
+fn check_device_token(token: &str) -> Result<(), Error> {
+    if token.is_empty() || token.len() > 4096 {
+        return Err(Error::invalid("token must be 1 to 4096 bytes"));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::invalid(
+            "token must be printable ASCII without spaces",
+        ));
+    }
+    Ok(())
 }
 
 impl NodeCtx {
@@ -447,9 +463,9 @@ impl Node {
                 self.ctx.limits.typing(caller)?;
                 self.room_local(caller, room, cmd).await
             }
-            Command::View { room, .. } | Command::MarkRead { room, .. } => {
-                self.room_local(caller, room, cmd).await
-            }
+            Command::View { room, .. }
+            | Command::MarkRead { room, .. }
+            | Command::Mute { room, .. } => self.room_local(caller, room, cmd).await,
             Command::Members { room } | Command::Room { room } => {
                 let reply = self.room_local(caller, room, cmd).await?;
                 match reply {
@@ -507,10 +523,75 @@ impl Node {
             Command::TakePending => Ok(Reply::Notifications {
                 notifications: self.ctx.store.take_pending(caller).await?,
             }),
+            Command::AddUpload { upload } => {
+                if &upload.uploader != caller {
+                    return Err(Error::new(
+                        schema::ErrorCode::Forbidden,
+                        "an upload is recorded for its uploader only",
+                    ));
+                }
+                self.ctx.store.add_upload(&upload).await?;
+                Ok(Reply::Done)
+            }
+            Command::MediaAccess { path } => self.media_access(caller, &path).await,
+            Command::AddDevice {
+                platform,
+                token,
+                device_id,
+            } => {
+                check_device_token(&token)?;
+                if let Some(d) = &device_id
+                    && (d.is_empty() || d.len() > 128 || d.chars().any(char::is_control))
+                {
+                    return Err(Error::invalid(
+                        "device_id must be 1 to 128 printable characters",
+                    ));
+                }
+                let device = schema::Device {
+                    user: caller.clone(),
+                    platform,
+                    token,
+                    device_id,
+                    created_at: crate::ids::unix_ms(),
+                };
+                self.ctx.store.add_device(&device).await?;
+                Ok(Reply::Done)
+            }
+            Command::RemoveDevice { token } => {
+                if self.ctx.store.remove_device(caller, &token).await? {
+                    Ok(Reply::Done)
+                } else {
+                    Err(Error::not_found("no device of yours has this token"))
+                }
+            }
             Command::DirectHistory { peer, query } => {
                 self.direct_history(caller, peer, query).await
             }
         }
+    }
+
+    /// May `caller` read the media at `path`: its uploader, or a member of a room it was
+    /// posted in.
+    async fn media_access(&self, caller: &UserId, path: &str) -> Result<Reply, Error> {
+        let store = &self.ctx.store;
+        let Some(upload) = store.upload(path).await? else {
+            return Err(Error::not_found(format!("no upload at {path}")));
+        };
+        if &upload.uploader == caller {
+            return Ok(Reply::Done);
+        }
+        let posted = store.media_rooms(path).await?;
+        if !posted.is_empty() {
+            let mine: std::collections::HashSet<RoomId> =
+                store.room_ids_of(caller).await?.into_iter().collect();
+            if posted.iter().any(|r| mine.contains(r)) {
+                return Ok(Reply::Done);
+            }
+        }
+        Err(Error::new(
+            schema::ErrorCode::Forbidden,
+            "this file was not shared in any of your rooms",
+        ))
     }
 
     async fn room_local(

@@ -26,7 +26,7 @@ use parking_lot::RwLock;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use schema::{
     Command, Delivery, Error, ErrorCode, Event, Member, Message, MessageBody, MessageId,
-    Notification, Reply, Role, Room, RoomId, RoomKind, SessionRef, Target, UserId,
+    Notification, PushJob, Reply, Role, Room, RoomId, RoomKind, SessionRef, Target, UserId,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -139,6 +139,8 @@ pub struct Shared {
     blocked: bool,
     /// Sessions viewing the room, by user.
     viewers: HashMap<UserId, HashSet<SessionRef>>,
+    /// Members who muted the room (no push).
+    muted: HashSet<UserId>,
 }
 
 impl Shared {
@@ -182,11 +184,13 @@ async fn load_shared(ctx: &NodeCtx, id: RoomId) -> Result<Shared, Error> {
     } else {
         false
     };
+    let muted = store.muted_in(id).await?.into_iter().collect();
     Ok(Shared {
         room,
         members,
         blocked,
         viewers: HashMap::new(),
+        muted,
     })
 }
 
@@ -418,6 +422,16 @@ impl RoomActor {
                     if s.is_empty() {
                         sh.viewers.remove(&caller);
                     }
+                }
+                Ok(Reply::Done)
+            }
+            Command::Mute { muted, .. } => {
+                self.ctx.store.set_muted(room.id, &caller, muted).await?;
+                let mut sh = st.shared.write();
+                if muted {
+                    sh.muted.insert(caller);
+                } else {
+                    sh.muted.remove(&caller);
                 }
                 Ok(Reply::Done)
             }
@@ -839,14 +853,33 @@ impl Sequencer {
             });
             answer(item.reply, res.map(crate::public));
         }
-        // Then the fan-out, in sequence order, and the pending notifications.
+        // Then the fan-out, in sequence order, the push jobs and the pending notifications.
         let mut pending = Vec::new();
+        let mut pushes = Vec::new();
+        let mut media = Vec::new();
         for m in fresh {
             let cref = m.client_ref.clone().unwrap_or_default();
             self.recent.insert((m.sender.clone(), cref), m.clone());
             let m = crate::public(m);
             self.collect_pending(&m, &mut pending);
+            self.collect_pushes(&m, &mut pushes);
+            if let Some(path) = m.body.media().map(|x| x.media.clone())
+                && path.starts_with("/uploads/")
+            {
+                media.push(path);
+            }
             publish_room(&self.ctx, self.room, Event::Message { message: m }).await;
+        }
+        for path in media {
+            // Members of the room may now read the file (GET /uploads/...).
+            if let Err(e) = self.ctx.store.add_media_post(&path, self.room).await {
+                tracing::warn!(room = %self.room, %path, error = %e, "media post not recorded");
+            }
+        }
+        for job in pushes {
+            if let Err(e) = self.ctx.bus.publish_push(job).await {
+                tracing::warn!(room = %self.room, error = %e, "push job not published");
+            }
         }
         if !pending.is_empty() {
             // Only members with no session anywhere keep a pending notification: one who is
@@ -883,6 +916,34 @@ impl Sequencer {
                 self.room
             ))),
             Err(e) => Some(e.into()),
+        }
+    }
+
+    /// A push job for each member who is not the sender, has no session viewing the room and
+    /// did not mute it (rooms up to the configured size). The worker sends it to each of the
+    /// member's devices; the room's id is the collapse key, so a burst shows as one
+    /// notification per device.
+    fn collect_pushes(&self, m: &Message, out: &mut Vec<PushJob>) {
+        let sh = self.shared.read();
+        if sh.members.len() > self.ctx.config.push_room_max {
+            return;
+        }
+        let group = (sh.room.kind == RoomKind::Group).then(|| sh.room.name.clone());
+        for user in sh.members.keys() {
+            if user == &m.sender || sh.viewers.contains_key(user) || sh.muted.contains(user) {
+                continue;
+            }
+            out.push(PushJob {
+                user: user.clone(),
+                room: m.room,
+                message: m.id,
+                sender: m.sender.clone(),
+                preview: m.body.preview(),
+                kind: m.body.kind().to_owned(),
+                room_name: group.clone().flatten(),
+                collapse_key: format!("room-{}", m.room),
+                created_at: m.created_at,
+            });
         }
     }
 

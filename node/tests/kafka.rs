@@ -140,6 +140,8 @@ fn job(user: u64, n: u64) -> schema::PushJob {
         message: MessageId(user * 1000 + n),
         sender: UserId::parse("s").unwrap(),
         preview: format!("m{n}"),
+        kind: "text".into(),
+        room_name: None,
         collapse_key: "room-7".into(),
         created_at: 0,
     }

@@ -241,6 +241,39 @@ pub enum Command {
     /// session viewing the room. For a dialect that shows them only once the client asks
     /// (Phoenix, on joining `notifications:<user>`).
     TakePending,
+    /// Record an upload the gateway stored for the caller (who must be its uploader).
+    AddUpload {
+        /// The upload.
+        upload: crate::domain::Upload,
+    },
+    /// May the caller read the media at `path`? Yes (`Done`) for its uploader and for members
+    /// of a room it was posted in; otherwise `forbidden` (or `not_found` when no such upload).
+    MediaAccess {
+        /// The public path, `/uploads/...`.
+        path: String,
+    },
+    /// Register a device of the caller for push notifications.
+    AddDevice {
+        /// Where it receives pushes.
+        platform: crate::domain::Platform,
+        /// The provider's token.
+        token: String,
+        /// The client's own device id, if it has one.
+        #[serde(default)]
+        device_id: Option<String>,
+    },
+    /// Remove the caller's device with `token` (`not_found` when the caller has none).
+    RemoveDevice {
+        /// The provider's token.
+        token: String,
+    },
+    /// Mute (`true`) or unmute a room for the caller: a muted room sends them no push.
+    Mute {
+        /// The room.
+        room: RoomId,
+        /// Muted or not.
+        muted: bool,
+    },
     /// The history of the direct room between the caller and `peer`.
     DirectHistory {
         /// The other user.
@@ -280,6 +313,11 @@ impl Command {
             Command::User { .. } => "user",
             Command::DirectHistory { .. } => "direct_history",
             Command::TakePending => "take_pending",
+            Command::AddUpload { .. } => "add_upload",
+            Command::MediaAccess { .. } => "media_access",
+            Command::AddDevice { .. } => "add_device",
+            Command::RemoveDevice { .. } => "remove_device",
+            Command::Mute { .. } => "mute",
         }
     }
 
@@ -302,7 +340,8 @@ impl Command {
             | Command::Typing { room, .. }
             | Command::View { room, .. }
             | Command::History { room, .. }
-            | Command::Replay { room, .. } => Some(*room),
+            | Command::Replay { room, .. }
+            | Command::Mute { room, .. } => Some(*room),
             _ => None,
         }
     }

@@ -48,8 +48,19 @@ pub struct PushJob {
     pub sender: UserId,
     /// A short preview of the content.
     pub preview: String,
+    /// The message's kind (`text`, `image`, `audio`, `video`, `file`), which picks the text of
+    /// a media push ("sent a photo") in the recipient's language.
+    #[serde(default = "text_kind")]
+    pub kind: String,
+    /// The group's name (`None` for a direct room).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room_name: Option<String>,
     /// Notifications with the same key replace each other on a device (one per room).
     pub collapse_key: String,
     /// When the message was accepted.
     pub created_at: Millis,
+}
+
+fn text_kind() -> String {
+    "text".into()
 }

@@ -53,7 +53,16 @@ impl Bus for LocalBus {
         match tx {
             // One process has one push worker; without one there is nobody to push.
             None => Ok(()),
-            Some(tx) => tx.send(job).await.map_err(|_| BusError::Closed),
+            // Never wait: a slow push provider must not hold back a room's sequencer. A full
+            // queue (the worker is far behind) drops the job, loudly.
+            Some(tx) => match tx.try_send(job) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(job)) => {
+                    tracing::warn!(user = %job.user, room = %job.room, "push queue full: job dropped");
+                    Ok(())
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(BusError::Closed),
+            },
         }
     }
 
@@ -145,6 +154,8 @@ mod tests {
             message: schema::MessageId(n),
             sender: schema::UserId::parse("s").unwrap_or_else(|_| unreachable!()),
             preview: format!("m{n}"),
+            kind: "text".into(),
+            room_name: None,
             collapse_key: "room-1".into(),
             created_at: 0,
         };
