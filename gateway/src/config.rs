@@ -83,12 +83,24 @@ pub struct ConfigBuilder {
     pub max_text_chars: Option<usize>,
     /// Longest media caption, in characters. Default 1024.
     pub max_caption_chars: Option<usize>,
-    /// Largest uploaded audio or file, in bytes. Default 50 MiB.
+    /// Largest uploaded file (any type), in bytes; also audio when `upload_max_audio_bytes` is
+    /// unset. Default 50 MiB.
     pub upload_max_file_bytes: Option<usize>,
+    /// Largest uploaded audio, in bytes. Default `upload_max_file_bytes`, else 50 MiB.
+    pub upload_max_audio_bytes: Option<usize>,
+    /// Largest uploaded voice message, in bytes. Default 20 MiB.
+    pub upload_max_voice_bytes: Option<usize>,
     /// Largest uploaded video, in bytes. Default 500 MiB.
     pub upload_max_video_bytes: Option<usize>,
-    /// Largest uploaded image (before conversion to WebP), in bytes. Default 50 MiB.
+    /// Largest uploaded image (before conversion to WebP), in bytes. Default 10 MiB.
     pub upload_max_image_bytes: Option<usize>,
+    /// Keep uploads in this S3-compatible bucket instead of `<data_dir>/uploads`; credentials
+    /// from the standard `AWS_*` environment variables.
+    pub upload_s3_bucket: Option<String>,
+    /// Endpoint of an S3-compatible store other than AWS (`http://` or `https://`).
+    pub upload_s3_endpoint: Option<String>,
+    /// Region of the bucket.
+    pub upload_s3_region: Option<String>,
     /// Most rooms one user may belong to. Default 10000.
     pub max_rooms_per_user: Option<usize>,
     /// Messages per second per user (a burst of twice that is allowed). Default 20.
@@ -139,6 +151,28 @@ pub struct ConfigBuilder {
     /// `name=addr,...` with names `rt-chat`, `rt-presence` and `events`, e.g.
     /// `rt-chat=0.0.0.0:4000,rt-presence=0.0.0.0:5000`.
     pub compat_listen: Option<String>,
+    /// Path of an FCM service-account JSON key (`project_id`, `client_email`, `private_key`,
+    /// `token_uri`); when set, devices with platform `fcm` get pushes (FCM HTTP v1).
+    pub push_fcm_credentials: Option<PathBuf>,
+    /// FCM API base URL. Default `https://fcm.googleapis.com`.
+    pub push_fcm_endpoint: Option<String>,
+    /// URL the webhook provider POSTs notifications to (devices with platform `webhook`).
+    pub push_webhook_url: Option<String>,
+    /// HMAC-SHA256 key of the webhook's `X-Palaver-Signature`, at least 16 bytes (required
+    /// with `push_webhook_url`).
+    pub push_webhook_secret: Option<String>,
+    /// Attempts per push before it becomes a dead letter. Default 5.
+    pub push_max_attempts: Option<u32>,
+    /// First retry delay in milliseconds (doubling, with jitter). Default 500.
+    pub push_retry_base_ms: Option<u64>,
+    /// Longest retry delay in milliseconds, also the cap of a `Retry-After`. Default 60000.
+    pub push_retry_max_ms: Option<u64>,
+    /// Push jobs handled at once by one worker. Default 64.
+    pub push_concurrency: Option<usize>,
+    /// Timeout of one request to a push provider, in milliseconds. Default 10000.
+    pub push_timeout_ms: Option<u64>,
+    /// Pushes are decided in rooms up to this many members (0: never). Default 10000.
+    pub push_room_max: Option<usize>,
 }
 
 /// A dialect that can be served at `/` on a listener of its own.
@@ -267,8 +301,12 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Upload size limits.
     pub uploads: crate::uploads::UploadLimits,
+    /// Where uploaded files are kept.
+    pub upload_storage: crate::uploads::UploadStorage,
     /// Dedicated dialect listeners.
     pub compat_listen: Vec<(CompatDialect, SocketAddr)>,
+    /// Push providers, retries and worker bounds.
+    pub push: crate::push::PushConfig,
 }
 
 fn env_parse<T: FromStr>(
@@ -320,6 +358,11 @@ impl ConfigBuilder {
         over!(jwt_algorithm, "PALAVER_JWT_ALGORITHM");
         over!(max_caption_chars, "PALAVER_MAX_CAPTION_CHARS");
         over!(upload_max_file_bytes, "PALAVER_UPLOAD_MAX_FILE_BYTES");
+        over!(upload_max_audio_bytes, "PALAVER_UPLOAD_MAX_AUDIO_BYTES");
+        over!(upload_max_voice_bytes, "PALAVER_UPLOAD_MAX_VOICE_BYTES");
+        over!(upload_s3_bucket, "PALAVER_UPLOAD_S3_BUCKET");
+        over!(upload_s3_endpoint, "PALAVER_UPLOAD_S3_ENDPOINT");
+        over!(upload_s3_region, "PALAVER_UPLOAD_S3_REGION");
         over!(upload_max_video_bytes, "PALAVER_UPLOAD_MAX_VIDEO_BYTES");
         over!(upload_max_image_bytes, "PALAVER_UPLOAD_MAX_IMAGE_BYTES");
         over!(max_rooms_per_user, "PALAVER_MAX_ROOMS_PER_USER");
@@ -353,6 +396,16 @@ impl ConfigBuilder {
         over!(nodes, "PALAVER_NODES");
         over!(cluster_addr, "PALAVER_CLUSTER_ADDR");
         over!(compat_listen, "PALAVER_COMPAT_LISTEN");
+        over!(push_fcm_credentials, "PALAVER_PUSH_FCM_CREDENTIALS");
+        over!(push_fcm_endpoint, "PALAVER_PUSH_FCM_ENDPOINT");
+        over!(push_webhook_url, "PALAVER_PUSH_WEBHOOK_URL");
+        over!(push_webhook_secret, "PALAVER_PUSH_WEBHOOK_SECRET");
+        over!(push_max_attempts, "PALAVER_PUSH_MAX_ATTEMPTS");
+        over!(push_retry_base_ms, "PALAVER_PUSH_RETRY_BASE_MS");
+        over!(push_retry_max_ms, "PALAVER_PUSH_RETRY_MAX_MS");
+        over!(push_concurrency, "PALAVER_PUSH_CONCURRENCY");
+        over!(push_timeout_ms, "PALAVER_PUSH_TIMEOUT_MS");
+        over!(push_room_max, "PALAVER_PUSH_ROOM_MAX");
         Ok(())
     }
 
@@ -541,11 +594,27 @@ impl ConfigBuilder {
         let upload_bytes = |v: Option<usize>, d: u64, key| {
             positive(v, usize::try_from(d).unwrap_or(usize::MAX), key).map(|n| n as u64)
         };
+        let max_file_bytes = upload_bytes(
+            self.upload_max_file_bytes,
+            upload_defaults.max_file_bytes,
+            "PALAVER_UPLOAD_MAX_FILE_BYTES",
+        )?;
         let uploads = crate::uploads::UploadLimits {
-            max_file_bytes: upload_bytes(
-                self.upload_max_file_bytes,
-                upload_defaults.max_file_bytes,
-                "PALAVER_UPLOAD_MAX_FILE_BYTES",
+            max_file_bytes,
+            // Audio used to share the file limit: it still does unless set on its own.
+            max_audio_bytes: upload_bytes(
+                self.upload_max_audio_bytes,
+                if self.upload_max_file_bytes.is_some() {
+                    max_file_bytes
+                } else {
+                    upload_defaults.max_audio_bytes
+                },
+                "PALAVER_UPLOAD_MAX_AUDIO_BYTES",
+            )?,
+            max_voice_bytes: upload_bytes(
+                self.upload_max_voice_bytes,
+                upload_defaults.max_voice_bytes,
+                "PALAVER_UPLOAD_MAX_VOICE_BYTES",
             )?,
             max_video_bytes: upload_bytes(
                 self.upload_max_video_bytes,
@@ -558,6 +627,11 @@ impl ConfigBuilder {
                 "PALAVER_UPLOAD_MAX_IMAGE_BYTES",
             )?,
         };
+        let upload_storage = upload_storage(
+            self.upload_s3_bucket,
+            self.upload_s3_endpoint,
+            self.upload_s3_region,
+        )?;
         let admin_token = self.admin_token.filter(|t| !t.is_empty());
         if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("PALAVER_ADMIN_TOKEN", "must be at least 16 bytes"));
@@ -575,6 +649,21 @@ impl ConfigBuilder {
             node.history_max_limit = n;
             node.history_default_limit = node.history_default_limit.min(n);
         }
+        if let Some(n) = self.push_room_max {
+            node.push_room_max = n;
+        }
+        let push = crate::push::PushConfig::from_settings(crate::push::PushSettings {
+            fcm_credentials: self.push_fcm_credentials,
+            fcm_endpoint: self.push_fcm_endpoint,
+            webhook_url: self.push_webhook_url,
+            webhook_secret: self.push_webhook_secret,
+            max_attempts: self.push_max_attempts,
+            retry_base_ms: self.push_retry_base_ms,
+            retry_max_ms: self.push_retry_max_ms,
+            concurrency: self.push_concurrency,
+            timeout_ms: self.push_timeout_ms,
+        })
+        .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
         Ok(Config {
             http_addr,
             data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
@@ -593,9 +682,56 @@ impl ConfigBuilder {
             node,
             admin_token,
             uploads,
+            upload_storage,
             compat_listen,
+            push,
         })
     }
+}
+
+/// Where uploads are kept: an S3-compatible bucket when `PALAVER_UPLOAD_S3_BUCKET` is set
+/// (endpoint and region then optional), else the local data dir.
+fn upload_storage(
+    bucket: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+) -> Result<crate::uploads::UploadStorage, ConfigError> {
+    let invalid = |key, reason: &str| ConfigError::Invalid {
+        key,
+        reason: reason.to_owned(),
+    };
+    let set = |v: Option<String>| v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+    let (bucket, endpoint, region) = (set(bucket), set(endpoint), set(region));
+    let Some(bucket) = bucket else {
+        if endpoint.is_some() {
+            return Err(invalid(
+                "PALAVER_UPLOAD_S3_ENDPOINT",
+                "needs PALAVER_UPLOAD_S3_BUCKET",
+            ));
+        }
+        if region.is_some() {
+            return Err(invalid(
+                "PALAVER_UPLOAD_S3_REGION",
+                "needs PALAVER_UPLOAD_S3_BUCKET",
+            ));
+        }
+        return Ok(crate::uploads::UploadStorage::Local);
+    };
+    if let Some(e) = &endpoint
+        && !(e.starts_with("http://") || e.starts_with("https://"))
+    {
+        return Err(invalid(
+            "PALAVER_UPLOAD_S3_ENDPOINT",
+            &format!("{e:?}: must start with http:// or https://"),
+        ));
+    }
+    Ok(crate::uploads::UploadStorage::S3(
+        crate::uploads::S3Storage {
+            bucket,
+            endpoint,
+            region,
+        },
+    ))
 }
 
 impl Config {

@@ -23,6 +23,7 @@ pub mod dialect;
 pub mod hub;
 pub mod node_process;
 pub mod people;
+pub mod push;
 pub mod rest;
 pub mod server;
 pub mod session;

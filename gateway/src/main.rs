@@ -1,11 +1,12 @@
-//! The `palaver` binary: `serve` (the default: everything in one process), `node` and `gateway`
-//! (the processes of a cluster), and `token`.
+//! The `palaver` binary: `serve` (the default: everything in one process), `node`, `gateway`
+//! and `push-worker` (the processes of a cluster), `migrate` and `token`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use palaver_gateway::auth::{Auth, Claims, now_secs};
 use palaver_gateway::config::Config;
 use palaver_gateway::node_process::NodeProcess;
+use palaver_gateway::push::PushWorkerProcess;
 use palaver_gateway::{Palaver, telemetry};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,6 +31,10 @@ enum Cmd {
     Node,
     /// Run one gateway of a cluster (needs PALAVER_NODES and PALAVER_KAFKA_BROKERS).
     Gateway,
+    /// Run a push worker of a cluster: sends the push jobs of `palaver.push` (needs
+    /// PALAVER_KAFKA_BROKERS, the shared store and PALAVER_PUSH_FCM_CREDENTIALS or
+    /// PALAVER_PUSH_WEBHOOK_URL).
+    PushWorker,
     /// Apply the store's schema migrations: the CQL of `schema/cql/` on ScyllaDB
     /// (PALAVER_SCYLLA_NODES), the SQL migrations on PostgreSQL (PALAVER_POSTGRES_URL).
     Migrate,
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve => runtime(&config)?.block_on(serve(config, false)),
         Cmd::Gateway => runtime(&config)?.block_on(serve(config, true)),
         Cmd::Node => runtime(&config)?.block_on(node(config)),
+        Cmd::PushWorker => runtime(&config)?.block_on(push_worker(config)),
         Cmd::Migrate => runtime(&config)?.block_on(migrate(config)),
         Cmd::Token {
             sub,
@@ -123,6 +129,17 @@ async fn node(config: Config) -> anyhow::Result<()> {
         process.http_addr(),
         process.cluster_addr()
     );
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    process.shutdown().await
+}
+
+async fn push_worker(config: Config) -> anyhow::Result<()> {
+    let process = PushWorkerProcess::start(config)
+        .await
+        .context("starting the push worker")?;
+    tracing::info!(http = %process.http_addr(), "push worker running");
+    println!("listening on {}", process.http_addr());
     wait_for_signal().await?;
     tracing::info!("shutting down");
     process.shutdown().await

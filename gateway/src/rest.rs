@@ -29,6 +29,9 @@
 //! | `GET /v1/users/{id}`, `GET /v1/users?username=` | `user` |
 //! | `GET /v1/users/{id}/messages?before=&after=&limit=` | `direct_history` |
 //! | `PUT /v1/admin/users` `[{id, username?, name?, avatar?}]` (admin token) | import users |
+//! | `PUT /v1/rooms/{room}/mute` `{muted}` | `mute` |
+//! | `POST /v1/devices` `{platform, token, device_id?}` | `add_device` (201) |
+//! | `DELETE /v1/devices/{token}` | `remove_device` (204) |
 
 use crate::dialect::native;
 use crate::server::{App, Caller, error_response};
@@ -75,6 +78,9 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/users/{id}", get(user_by_id))
         .route("/users/{id}/messages", get(direct_history))
         .route("/admin/users", put(import_users))
+        .route("/rooms/{room}/mute", put(mute))
+        .route("/devices", post(add_device))
+        .route("/devices/{token}", axum::routing::delete(remove_device))
 }
 
 /// A path parameter that must be a JSON integer (room and message ids).
@@ -141,7 +147,11 @@ async fn run(app: &App, caller: &Caller, op: &str, mut args: Map<String, Value>)
     match app.node.execute(&caller.0.id, cmd).await {
         Ok(reply) => {
             let created = matches!(reply, Reply::Room { created: true, .. })
-                || (op == "send" && matches!(reply, Reply::Message { .. }));
+                || (op == "send" && matches!(reply, Reply::Message { .. }))
+                || op == "add_device";
+            if op == "remove_device" {
+                return StatusCode::NO_CONTENT.into_response();
+            }
             let status = if created {
                 StatusCode::CREATED
             } else {
@@ -421,6 +431,29 @@ async fn direct_history(
 ) -> Response {
     let p = [("user", Ok(json!(id)))];
     with(&app, &caller, "direct_history", &p, query_object(q)).await
+}
+
+async fn mute(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(room): RoomPath,
+    body: Bytes,
+) -> Response {
+    let p = [("room", int("room", &room))];
+    with(&app, &caller, "mute", &p, body_object(&body)).await
+}
+
+async fn add_device(State(app): State<Arc<App>>, caller: Caller, body: Bytes) -> Response {
+    with(&app, &caller, "add_device", &[], body_object(&body)).await
+}
+
+async fn remove_device(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(token): Path<String>,
+) -> Response {
+    let p = [("token", Ok(json!(token)))];
+    with(&app, &caller, "remove_device", &p, Ok(Map::new())).await
 }
 
 /// `PUT /v1/admin/users`: creates or updates users, for operators importing an existing user

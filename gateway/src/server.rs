@@ -123,6 +123,8 @@ pub struct App {
     pub socketio: crate::dialect::socketio::Shared,
     /// Profiles and usernames the dialects that name people look up.
     pub people: crate::people::People,
+    /// The push worker's counters (zero where no worker runs), shown by `GET /metrics`.
+    pub push_metrics: Arc<crate::push::PushMetrics>,
 }
 
 /// A running Palaver gateway: `serve` (with a local node) or `gateway` (cluster client).
@@ -137,6 +139,7 @@ pub struct Palaver {
     local: Option<Arc<Node>>,
     store: Option<Arc<dyn Store>>,
     bus: Arc<dyn Bus>,
+    push: Option<crate::push::PushWorker>,
 }
 
 /// Opens the configured store.
@@ -151,7 +154,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 }
 
 impl Palaver {
-    /// `palaver serve`: everything in one process; returns once it accepts connections.
+    /// `palaver serve`: everything in one process (with the push worker when a provider is
+    /// configured); returns once it accepts connections.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let auth = Auth::new(&config.jwt, &config.data_dir).map_err(anyhow::Error::msg)?;
         let store = open_store(&config).await?;
@@ -161,7 +165,36 @@ impl Palaver {
         };
         let local = Node::start(config.node.clone(), store.clone(), bus.clone()).await?;
         let node: Arc<dyn NodeApi> = local.clone();
-        Self::launch(config, auth, node, bus, Some(local), Some(store), None).await
+        let mut palaver = Self::launch(
+            config,
+            auth,
+            node,
+            bus.clone(),
+            Some(local),
+            Some(store.clone()),
+            None,
+        )
+        .await?;
+        // Pushes are sent in process when a provider is configured.
+        let push = crate::push::PushWorker::start(
+            &palaver.app.config.push,
+            store,
+            bus,
+            palaver.app.push_metrics.clone(),
+        )
+        .await;
+        match push {
+            Ok(push) => {
+                palaver.push = push;
+                Ok(palaver)
+            }
+            Err(e) => {
+                if let Err(stop) = palaver.shutdown().await {
+                    tracing::warn!(error = %stop, "stopping after a failed start");
+                }
+                Err(e.context("starting the push worker"))
+            }
+        }
     }
 
     /// `palaver gateway`: sockets only; every call goes to the node owning its key, deliveries
@@ -211,6 +244,7 @@ impl Palaver {
             draining: AtomicBool::new(false),
             socketio: Default::default(),
             people: Default::default(),
+            push_metrics: Default::default(),
         });
         if let Some(cluster) = cluster {
             cluster.spawn_health(HEALTH_EVERY, hub_stop.clone());
@@ -275,6 +309,7 @@ impl Palaver {
             local,
             store,
             bus,
+            push: None,
         })
     }
 
@@ -291,6 +326,11 @@ impl Palaver {
     /// Shared state (for tests and embedding).
     pub fn app(&self) -> &Arc<App> {
         &self.app
+    }
+
+    /// The store, in `serve` (a gateway has none).
+    pub fn store(&self) -> Option<&Arc<dyn Store>> {
+        self.store.as_ref()
     }
 
     /// Drains and stops: no new connections, every socket closed with 1001, sessions waited for
@@ -327,6 +367,11 @@ impl Palaver {
         if let Some(local) = &self.local {
             local.shutdown().await;
         }
+        // After the actors: no job is published any more; the jobs in hand finish (up to the
+        // grace period) before the store closes.
+        if let Some(push) = self.push {
+            push.shutdown(tokio::time::Instant::now() + grace).await;
+        }
         self.hub_stop.cancel();
         if let Err(e) = self.hub_task.await {
             tracing::warn!(error = %e, "delivery loop failed");
@@ -345,6 +390,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/ws", get(native_ws))
         .nest("/v1", rest::routes())
         .merge(crate::dialect::socketio::syarah::routes())
@@ -379,6 +425,11 @@ pub fn compat_router(app: Arc<App>, dialect: crate::config::CompatDialect) -> Ro
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// `GET /metrics`: Prometheus text (0.0.4).
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    crate::push::metrics_response(app.push_metrics.render())
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {

@@ -623,7 +623,7 @@ async fn message_types_replies_and_limits() {
     let img = a
         .ok(
             "send",
-            json!({"room": room, "type": "image", "media": "/uploads/p.webp", "caption": "look"}),
+            json!({"room": room, "type": "image", "media": "/media/p.webp", "caption": "look"}),
         )
         .await["message"]
         .clone();
@@ -633,12 +633,12 @@ async fn message_types_replies_and_limits() {
             img["media"].clone(),
             img["caption"].clone()
         ),
-        (json!("image"), json!("/uploads/p.webp"), json!("look"))
+        (json!("image"), json!("/media/p.webp"), json!("look"))
     );
     let au = a
         .ok(
             "send",
-            json!({"room": room, "type": "audio", "media": "/uploads/v.ogg", "duration": 7}),
+            json!({"room": room, "type": "audio", "media": "/media/v.ogg", "duration": 7}),
         )
         .await["message"]
         .clone();
@@ -647,7 +647,7 @@ async fn message_types_replies_and_limits() {
         (json!("audio"), json!(7))
     );
     assert!(au.get("caption").is_none(), "{au}");
-    let vi = a.ok("send", json!({"room": room, "type": "video", "media": "/uploads/v.mp4", "caption": "clip", "duration": 12})).await["message"].clone();
+    let vi = a.ok("send", json!({"room": room, "type": "video", "media": "/media/v.mp4", "caption": "clip", "duration": 12})).await["message"].clone();
     assert_eq!(
         (
             vi["type"].clone(),
@@ -657,7 +657,7 @@ async fn message_types_replies_and_limits() {
         (json!("video"), json!("clip"), json!(12))
     );
     let fi = a
-        .ok("send", json!({"room": room, "media": "/uploads/doc.pdf"}))
+        .ok("send", json!({"room": room, "media": "/media/doc.pdf"}))
         .await["message"]
         .clone();
     assert_eq!(fi["type"], "file", "media without a type is a file");

@@ -446,6 +446,15 @@ impl Node {
                     },
                 };
                 self.route(&RingKey::Room(room))?;
+                // Posting a stored file shares it with the room: only someone who may read it
+                // (its uploader, or a member of a room it was posted in) may post it.
+                if let Some(path) = body.media().map(|m| m.media.as_str())
+                    && path.starts_with("/uploads/")
+                {
+                    self.media_access(caller, path).await.map_err(|e| {
+                        Error::new(e.code, format!("cannot post {path}: {}", e.message))
+                    })?;
+                }
                 self.ctx.limits.message(caller)?;
                 let message = self
                     .call_room(room, |reply| RoomMsg::Send {

@@ -832,6 +832,16 @@ impl Sequencer {
             }
         }
         if !fresh.is_empty() {
+            // Members may read a posted file as soon as they can see the message: record the
+            // post before the message (a failure fails the batch; the client retries).
+            for m in &fresh {
+                if let Some(path) = m.body.media().map(|x| x.media.as_str())
+                    && path.starts_with("/uploads/")
+                    && let Err(e) = self.ctx.store.add_media_post(path, self.room).await
+                {
+                    return Err(fail_all(self.room, batch, e.into()));
+                }
+            }
             let write = RoomWrite {
                 new_messages: fresh.clone(),
                 last_seq: seq,
@@ -856,25 +866,13 @@ impl Sequencer {
         // Then the fan-out, in sequence order, the push jobs and the pending notifications.
         let mut pending = Vec::new();
         let mut pushes = Vec::new();
-        let mut media = Vec::new();
         for m in fresh {
             let cref = m.client_ref.clone().unwrap_or_default();
             self.recent.insert((m.sender.clone(), cref), m.clone());
             let m = crate::public(m);
             self.collect_pending(&m, &mut pending);
             self.collect_pushes(&m, &mut pushes);
-            if let Some(path) = m.body.media().map(|x| x.media.clone())
-                && path.starts_with("/uploads/")
-            {
-                media.push(path);
-            }
             publish_room(&self.ctx, self.room, Event::Message { message: m }).await;
-        }
-        for path in media {
-            // Members of the room may now read the file (GET /uploads/...).
-            if let Err(e) = self.ctx.store.add_media_post(&path, self.room).await {
-                tracing::warn!(room = %self.room, %path, error = %e, "media post not recorded");
-            }
         }
         for job in pushes {
             if let Err(e) = self.ctx.bus.publish_push(job).await {

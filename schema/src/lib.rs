@@ -42,6 +42,7 @@ pub const CQL_MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("../cql/0001_init.cql")),
     (2, include_str!("../cql/0002_domain.cql")),
     (3, include_str!("../cql/0003_language.cql")),
+    (4, include_str!("../cql/0004_push_uploads.cql")),
 ];
 
 /// Milliseconds since the Unix epoch, the one timestamp unit Palaver stores and sends.

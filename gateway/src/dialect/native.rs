@@ -17,11 +17,12 @@
 //! `direct_history {user, before?, after?, limit?, skip?}`, `replay {room, after_seq}`, `resume {rooms: {"<room>":
 //! <last seq>}}`, `rooms {}`, `chats {direct_only?, skip?, limit?}`, `friend {user, action}`,
 //! `friendships {all?}`, `user {user? | username?}` (the user's id is `user`: `id` is the
-//! request's). Unknown arguments are refused, so a typo is an error rather than a silent default.
+//! request's), `mute {room, muted}`, `add_device {platform, token, device_id?}`,
+//! `remove_device {token}`. Unknown arguments are refused, so a typo is an error rather than a silent default.
 
 use schema::{
     Command, Error, ErrorCode, Event, FriendAction, HistoryQuery, Media, MessageBody, MessageId,
-    Reply, Role, RoomId, UserId,
+    Platform, Reply, Role, RoomId, UserId,
 };
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -301,10 +302,32 @@ struct UserLookup {
 #[serde(deny_unknown_fields)]
 struct Empty {}
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Mute {
+    room: RoomId,
+    muted: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddDevice {
+    platform: Platform,
+    token: String,
+    device_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveDevice {
+    token: String,
+}
+
 /// Every op name, for the unknown-op error.
 const OPS: &str = "ping, open_direct, create_group, update_group, add_members, remove_member, \
                    set_role, join, leave, members, room, send, edit, delete, react, read, typing, view, \
-                   history, direct_history, replay, resume, rooms, chats, friend, friendships, user";
+                   history, direct_history, replay, resume, rooms, chats, friend, friendships, user, \
+                   mute, add_device, remove_device";
 
 fn args<T: DeserializeOwned>(op: &str, m: Map<String, Value>) -> Result<T, Error> {
     serde_json::from_value(Value::Object(m)).map_err(|e| Error::invalid(format!("{op}: {e}")))
@@ -508,6 +531,22 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
                 username: a.username,
             })
         }),
+        "mute" => args::<Mute>(&op, m).map(|a| {
+            cmd(Command::Mute {
+                room: a.room,
+                muted: a.muted,
+            })
+        }),
+        "add_device" => args::<AddDevice>(&op, m).map(|a| {
+            cmd(Command::AddDevice {
+                platform: a.platform,
+                token: a.token,
+                device_id: a.device_id,
+            })
+        }),
+        "remove_device" => {
+            args::<RemoveDevice>(&op, m).map(|a| cmd(Command::RemoveDevice { token: a.token }))
+        }
         other => Err(Error::new(
             ErrorCode::UnknownOp,
             format!("unknown op {other:?}; expected one of {OPS}"),
@@ -605,6 +644,43 @@ mod tests {
             Op::Command(Command::ListRooms)
         );
         assert_eq!(decode(r#"{"id":2,"op":"ping"}"#).expect("p").op, Op::Ping);
+        assert_eq!(
+            decode(r#"{"id":3,"op":"mute","room":5,"muted":true}"#)
+                .expect("m")
+                .op,
+            Op::Command(Command::Mute {
+                room: RoomId(5),
+                muted: true
+            })
+        );
+        assert_eq!(
+            decode(r#"{"id":4,"op":"add_device","platform":"fcm","token":"t","device_id":"d"}"#)
+                .expect("ad")
+                .op,
+            Op::Command(Command::AddDevice {
+                platform: Platform::Fcm,
+                token: "t".into(),
+                device_id: Some("d".into())
+            })
+        );
+        assert_eq!(
+            decode(r#"{"id":5,"op":"remove_device","token":"t"}"#)
+                .expect("rd")
+                .op,
+            Op::Command(Command::RemoveDevice { token: "t".into() })
+        );
+        let e = err(r#"{"id":6,"op":"add_device","platform":"apns","token":"t"}"#);
+        assert!(
+            e.error.message.contains("unknown variant `apns`"),
+            "{}",
+            e.error.message
+        );
+        let e = err(r#"{"id":7,"op":"mute","room":5}"#);
+        assert!(
+            e.error.message.contains("missing field `muted`"),
+            "{}",
+            e.error.message
+        );
     }
 
     #[test]

@@ -346,7 +346,7 @@ describe("ONE_TO_ONE_CHAT", () => {
     const got = await next(sa, "ONE_TO_ONE_CHAT");
     assertDirect(got, { from: b.username, to: a.username, content: "from native", chatId: room });
     assert.equal(got.messageId, String(r.body.message.id));
-    const path = "/uploads/chat-messages/files/report.pdf";
+    const path = "/media/report.pdf"; // an external reference: not an upload of this server;
     r = await rest(b.token, "POST", `/v1/rooms/${room}/messages`, {
       type: "file",
       media: path,

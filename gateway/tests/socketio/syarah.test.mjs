@@ -391,7 +391,8 @@ for (const transports of TRANSPORTS) {
       [1, "voice.mp3", Buffer.from("ID3 not really audio"), "audios", "mp3"],
       [2, "photo.png", png(), "images", "webp"],
       [3, "notes.txt", Buffer.from("some notes"), "files", "txt"],
-      [4, "clip.mp4", Buffer.from("not really a video"), "videos", "mp4"],
+      // Uploads are checked by content: an MP4 needs at least its `ftyp` box.
+      [4, "clip.mp4", Buffer.from([0, 0, 0, 0x14, ...Buffer.from("ftypisom"), 0, 0, 2, 0, ...Buffer.from("isom")]), "videos", "mp4"],
     ];
     for (const [type, name, bytes, dir, ext] of files) {
       const path = await upload(a, type, name, bytes);

@@ -6,8 +6,8 @@
 
 use super::{NewRoom, RoomPatch, RoomWrite, Store, StoreError};
 use schema::{
-    Event, HistoryQuery, Media, Member, Message, MessageBody, MessageId, Notification, Profile,
-    Role, Room, RoomId, RoomKind, UserId,
+    DeadLetter, Device, Event, HistoryQuery, Media, Member, Message, MessageBody, MessageId,
+    Notification, Platform, Profile, PushJob, Role, Room, RoomId, RoomKind, Upload, UserId,
 };
 use std::sync::Arc;
 
@@ -101,6 +101,11 @@ pub async fn run_all(store: Arc<dyn Store>) {
     friendships(&*store).await;
     blocks(&*store).await;
     pending(&*store).await;
+    uploads(&*store).await;
+    media_posts(&*store).await;
+    devices(&*store).await;
+    mutes(&*store).await;
+    dead_letters(&*store).await;
 }
 
 async fn users(store: &dyn Store) {
@@ -1196,4 +1201,245 @@ async fn pending(store: &dyn Store) {
         vec![n(6), n(7)]
     );
     assert_eq!(store.take_pending(&uid("p3")).await.unwrap(), vec![n(8)]);
+}
+
+/// `len` bytes of incompressible printable text (a long key must not rely on compression to fit
+/// an index).
+fn noise(len: usize) -> String {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + (x % 94) as u8)
+        })
+        .collect()
+}
+
+fn upload(path: &str, by: &str, at: i64) -> Upload {
+    Upload {
+        path: path.to_owned(),
+        uploader: uid(by),
+        kind: "image".into(),
+        size: 123_456,
+        content_type: "image/webp".into(),
+        created_at: at,
+    }
+}
+
+async fn uploads(store: &dyn Store) {
+    let path = "/uploads/2024/05/abc.webp";
+    assert_eq!(store.upload(path).await.unwrap(), None);
+    let first = upload(path, "up-a", 100);
+    store.add_upload(&first).await.unwrap();
+    assert_eq!(store.upload(path).await.unwrap(), Some(first.clone()));
+    // The same path again changes nothing (neither uploader nor anything else).
+    let mut other = upload(path, "up-b", 200);
+    other.kind = "file".into();
+    other.size = 1;
+    other.content_type = "application/octet-stream".into();
+    store.add_upload(&other).await.unwrap();
+    assert_eq!(store.upload(path).await.unwrap(), Some(first.clone()));
+    // Another path is another upload; sizes above 2^32 survive; paths match exactly.
+    let mut big = upload("/uploads/2024/05/big.mp4", "up-b", 300);
+    big.kind = "video".into();
+    big.size = 5_000_000_000;
+    big.content_type = "video/mp4".into();
+    store.add_upload(&big).await.unwrap();
+    assert_eq!(store.upload(&big.path).await.unwrap(), Some(big));
+    assert_eq!(store.upload(path).await.unwrap(), Some(first));
+    assert_eq!(
+        store.upload("/uploads/2024/05/ABC.webp").await.unwrap(),
+        None
+    );
+    assert_eq!(store.upload("/uploads/2024/05/abc").await.unwrap(), None);
+}
+
+async fn media_posts(store: &dyn Store) {
+    let path = "/uploads/2024/05/posted.webp";
+    assert_eq!(store.media_rooms(path).await.unwrap(), Vec::<RoomId>::new());
+    store.add_media_post(path, RoomId(905)).await.unwrap();
+    store.add_media_post(path, RoomId(17)).await.unwrap();
+    // Idempotent: posting it again in a room adds nothing.
+    store.add_media_post(path, RoomId(905)).await.unwrap();
+    store.add_media_post(path, RoomId(300)).await.unwrap();
+    assert_eq!(
+        store.media_rooms(path).await.unwrap(),
+        vec![RoomId(17), RoomId(300), RoomId(905)]
+    );
+    // Other paths are separate.
+    store
+        .add_media_post("/uploads/2024/05/other.webp", RoomId(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .media_rooms("/uploads/2024/05/other.webp")
+            .await
+            .unwrap(),
+        vec![RoomId(1)]
+    );
+    assert_eq!(store.media_rooms(path).await.unwrap().len(), 3);
+    // A path is taken from message content and may be long: it still works.
+    let long = format!("/uploads/{}", noise(8_000));
+    store.add_media_post(&long, RoomId(5)).await.unwrap();
+    store.add_media_post(&long, RoomId(5)).await.unwrap();
+    assert_eq!(store.media_rooms(&long).await.unwrap(), vec![RoomId(5)]);
+}
+
+fn device(user: &str, token: &str, platform: Platform, at: i64) -> Device {
+    Device {
+        user: uid(user),
+        platform,
+        token: token.to_owned(),
+        device_id: None,
+        created_at: at,
+    }
+}
+
+async fn devices(store: &dyn Store) {
+    let (ann, bob) = (uid("dev-ann"), uid("dev-bob"));
+    assert_eq!(store.devices_of(&ann).await.unwrap(), Vec::<Device>::new());
+    // Registered out of order: read back oldest registration first.
+    let mut phone = device("dev-ann", "tok-phone", Platform::Fcm, 200);
+    phone.device_id = Some("phone-uid-1".into());
+    let tablet = device("dev-ann", "tok-tablet", Platform::Fcm, 100);
+    let hook = device("dev-ann", "tok-hook", Platform::Webhook, 300);
+    store.add_device(&phone).await.unwrap();
+    store.add_device(&hook).await.unwrap();
+    store.add_device(&tablet).await.unwrap();
+    assert_eq!(
+        store.devices_of(&ann).await.unwrap(),
+        vec![tablet.clone(), phone.clone(), hook.clone()]
+    );
+    // The same token again by the same user replaces the registration (no duplicate).
+    let mut phone2 = device("dev-ann", "tok-phone", Platform::Fcm, 400);
+    phone2.device_id = Some("phone-uid-2".into());
+    store.add_device(&phone2).await.unwrap();
+    assert_eq!(
+        store.devices_of(&ann).await.unwrap(),
+        vec![tablet.clone(), hook.clone(), phone2.clone()]
+    );
+    // A long token (FCM tokens reach a few hundred bytes; the limit is 4096) round-trips.
+    let long = noise(4096);
+    let bob_long = device("dev-bob", &long, Platform::Fcm, 50);
+    store.add_device(&bob_long).await.unwrap();
+    // The token registered by another user moves to them.
+    let moved = device("dev-bob", "tok-hook", Platform::Fcm, 500);
+    store.add_device(&moved).await.unwrap();
+    assert_eq!(
+        store.devices_of(&ann).await.unwrap(),
+        vec![tablet.clone(), phone2.clone()]
+    );
+    assert_eq!(
+        store.devices_of(&bob).await.unwrap(),
+        vec![bob_long.clone(), moved.clone()]
+    );
+    // remove_device: only the caller's own token.
+    assert!(!store.remove_device(&ann, "tok-hook").await.unwrap());
+    assert!(!store.remove_device(&ann, "no-such-token").await.unwrap());
+    assert_eq!(
+        store.devices_of(&bob).await.unwrap(),
+        vec![bob_long.clone(), moved.clone()]
+    );
+    assert!(store.remove_device(&ann, "tok-tablet").await.unwrap());
+    assert!(!store.remove_device(&ann, "tok-tablet").await.unwrap());
+    assert_eq!(store.devices_of(&ann).await.unwrap(), vec![phone2.clone()]);
+    // remove_device_token: whoever owns it; unknown tokens are fine.
+    store.remove_device_token("tok-hook").await.unwrap();
+    store.remove_device_token("tok-hook").await.unwrap();
+    store.remove_device_token(&long).await.unwrap();
+    assert_eq!(store.devices_of(&bob).await.unwrap(), Vec::<Device>::new());
+    assert_eq!(store.devices_of(&ann).await.unwrap(), vec![phone2.clone()]);
+    // A removed token can be registered again.
+    store.add_device(&tablet).await.unwrap();
+    assert_eq!(store.devices_of(&ann).await.unwrap(), vec![tablet, phone2]);
+}
+
+async fn mutes(store: &dyn Store) {
+    let room = RoomId(4321);
+    assert_eq!(store.muted_in(room).await.unwrap(), Vec::<UserId>::new());
+    store.set_muted(room, &uid("mute-z"), true).await.unwrap();
+    store.set_muted(room, &uid("mute-a"), true).await.unwrap();
+    store.set_muted(room, &uid("mute-m"), true).await.unwrap();
+    // Idempotent both ways.
+    store.set_muted(room, &uid("mute-a"), true).await.unwrap();
+    store.set_muted(room, &uid("mute-q"), false).await.unwrap();
+    store
+        .set_muted(RoomId(4322), &uid("mute-b"), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.muted_in(room).await.unwrap(),
+        vec![uid("mute-a"), uid("mute-m"), uid("mute-z")]
+    );
+    store.set_muted(room, &uid("mute-m"), false).await.unwrap();
+    store.set_muted(room, &uid("mute-m"), false).await.unwrap();
+    assert_eq!(
+        store.muted_in(room).await.unwrap(),
+        vec![uid("mute-a"), uid("mute-z")]
+    );
+    assert_eq!(
+        store.muted_in(RoomId(4322)).await.unwrap(),
+        vec![uid("mute-b")]
+    );
+    // Muting again after an unmute works.
+    store.set_muted(room, &uid("mute-m"), true).await.unwrap();
+    assert_eq!(store.muted_in(room).await.unwrap().len(), 3);
+}
+
+fn dead_letter(n: u64, at: i64) -> DeadLetter {
+    DeadLetter {
+        job: PushJob {
+            user: uid("dl-user"),
+            room: RoomId(77),
+            message: MessageId(7_700_000 + n),
+            sender: uid("dl-sender"),
+            preview: format!("preview {n} \u{e9}\u{1f600}"),
+            kind: if n.is_multiple_of(2) { "image" } else { "text" }.into(),
+            room_name: n.is_multiple_of(2).then(|| "the group".to_owned()),
+            collapse_key: "room-77".into(),
+            created_at: at - 10,
+        },
+        device_token: (!n.is_multiple_of(3)).then(|| format!("dl-token-{n}")),
+        provider: if n.is_multiple_of(2) {
+            "fcm"
+        } else {
+            "webhook"
+        }
+        .into(),
+        reason: format!("reason {n}: 503 Service Unavailable"),
+        attempts: u32::try_from(n).unwrap() + 1,
+        at,
+    }
+}
+
+async fn dead_letters(store: &dyn Store) {
+    assert_eq!(
+        store.dead_letters(10).await.unwrap(),
+        Vec::<DeadLetter>::new()
+    );
+    // Given up out of time order, with two at the same instant.
+    let letters = [
+        dead_letter(1, 5_000),
+        dead_letter(2, 7_000),
+        dead_letter(3, 6_000),
+        dead_letter(4, 7_000),
+        dead_letter(5, 1_000),
+    ];
+    for l in &letters {
+        store.add_dead_letter(l).await.unwrap();
+    }
+    let [l1, l2, l3, l4, l5] = letters;
+    // Newest first; ties by insertion order (the later one first).
+    assert_eq!(
+        store.dead_letters(10).await.unwrap(),
+        vec![l4.clone(), l2.clone(), l3.clone(), l1.clone(), l5]
+    );
+    assert_eq!(store.dead_letters(3).await.unwrap(), vec![l4, l2, l3]);
+    assert_eq!(
+        store.dead_letters(0).await.unwrap(),
+        Vec::<DeadLetter>::new()
+    );
 }

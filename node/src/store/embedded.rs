@@ -16,8 +16,9 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use schema::{
-    Event, Friendship, FriendshipStatus, HistoryQuery, Member, Message, MessageContent, MessageId,
-    Millis, Notification, Profile, Room, RoomId, RoomSummary, User, UserId,
+    DeadLetter, Device, Event, Friendship, FriendshipStatus, HistoryQuery, Member, Message,
+    MessageContent, MessageId, Millis, Notification, Platform, Profile, Room, RoomId, RoomSummary,
+    Upload, User, UserId,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 pub const MAX_BATCH: usize = 1024;
 const READERS: usize = 4;
 const QUEUE: usize = 8192;
+/// Most dead letters kept: adding one beyond this removes the oldest.
+pub const DEAD_LETTER_CAP: u32 = 10_000;
 
 /// How hard a commit waits for the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -52,6 +55,13 @@ enum WriteOp {
     SetBlock(UserId, UserId, bool),
     AddPending(Vec<(UserId, Notification)>, u32),
     TakePending(UserId),
+    AddUpload(Box<Upload>),
+    AddMediaPost(String, RoomId),
+    AddDevice(Box<Device>),
+    /// Removes a device token: only `user`'s when set, else whoever's.
+    RemoveDevice(Option<UserId>, String),
+    SetMuted(RoomId, UserId, bool),
+    AddDeadLetter(Box<DeadLetter>),
 }
 
 enum WriteOut {
@@ -59,6 +69,7 @@ enum WriteOut {
     Unit,
     Direct(Box<Room>, bool),
     Pending(Vec<Notification>),
+    Removed(bool),
 }
 
 struct WriteJob {
@@ -256,6 +267,44 @@ CREATE INDEX pending_by_user ON pending(user, id);
 "#,
     r#"
 ALTER TABLE users ADD COLUMN language TEXT;
+"#,
+    r#"
+CREATE TABLE uploads (
+    path TEXT PRIMARY KEY,
+    uploader TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE media_posts (
+    path TEXT NOT NULL,
+    room INTEGER NOT NULL,
+    PRIMARY KEY (path, room)
+) WITHOUT ROWID;
+CREATE TABLE devices (
+    token TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    device_id TEXT,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX devices_by_user ON devices(user, created_at);
+CREATE TABLE mutes (
+    room INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    PRIMARY KEY (room, user)
+) WITHOUT ROWID;
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    job TEXT NOT NULL,
+    device_token TEXT,
+    provider TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    attempts INTEGER NOT NULL
+);
+CREATE INDEX dead_letters_by_at ON dead_letters(at, id);
 "#,
 ];
 
@@ -496,6 +545,97 @@ fn apply(tx: &mut rusqlite::Savepoint<'_>, op: &WriteOp) -> StoreResult<WriteOut
                 .collect::<StoreResult<Vec<Notification>>>()?;
             Ok(WriteOut::Pending(items))
         }
+        WriteOp::AddUpload(u) => {
+            tx.prepare_cached(
+                "INSERT INTO uploads (path, uploader, kind, size, content_type, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(path) DO NOTHING",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    u.path,
+                    u.uploader.as_str(),
+                    u.kind,
+                    super::i64_of(u.size),
+                    u.content_type,
+                    u.created_at
+                ])
+            })
+            .map_err(db_err)?;
+            Ok(WriteOut::Unit)
+        }
+        WriteOp::AddMediaPost(path, room) => {
+            tx.prepare_cached("INSERT OR IGNORE INTO media_posts (path, room) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![path, super::i64_of(room.0)]))
+                .map_err(db_err)?;
+            Ok(WriteOut::Unit)
+        }
+        WriteOp::AddDevice(d) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO devices (token, user, platform, device_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    d.token,
+                    d.user.as_str(),
+                    d.platform.as_str(),
+                    d.device_id,
+                    d.created_at
+                ])
+            })
+            .map_err(db_err)?;
+            Ok(WriteOut::Unit)
+        }
+        WriteOp::RemoveDevice(user, token) => {
+            let n = match user {
+                Some(user) => tx
+                    .prepare_cached("DELETE FROM devices WHERE token = ?1 AND user = ?2")
+                    .and_then(|mut s| s.execute(params![token, user.as_str()])),
+                None => tx
+                    .prepare_cached("DELETE FROM devices WHERE token = ?1")
+                    .and_then(|mut s| s.execute(params![token])),
+            }
+            .map_err(db_err)?;
+            Ok(WriteOut::Removed(n > 0))
+        }
+        WriteOp::SetMuted(room, user, muted) => {
+            let sql = if *muted {
+                "INSERT OR IGNORE INTO mutes (room, user) VALUES (?1, ?2)"
+            } else {
+                "DELETE FROM mutes WHERE room = ?1 AND user = ?2"
+            };
+            tx.prepare_cached(sql)
+                .and_then(|mut s| s.execute(params![super::i64_of(room.0), user.as_str()]))
+                .map_err(db_err)?;
+            Ok(WriteOut::Unit)
+        }
+        WriteOp::AddDeadLetter(l) => {
+            let job =
+                serde_json::to_string(&l.job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            tx.prepare_cached(
+                "INSERT INTO dead_letters (at, job, device_token, provider, reason, attempts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    l.at,
+                    job,
+                    l.device_token,
+                    l.provider,
+                    l.reason,
+                    l.attempts
+                ])
+            })
+            .map_err(db_err)?;
+            // Bounded: everything below the newest DEAD_LETTER_CAP rows goes.
+            tx.prepare_cached(
+                "DELETE FROM dead_letters WHERE id <=
+                   (SELECT id FROM dead_letters ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+            )
+            .and_then(|mut s| s.execute(params![i64::from(DEAD_LETTER_CAP)]))
+            .map_err(db_err)?;
+            Ok(WriteOut::Unit)
+        }
     }
 }
 
@@ -714,6 +854,44 @@ fn message_row(r: &Row<'_>) -> rusqlite::Result<Message> {
 }
 
 const FRIEND_COLS: &str = "requester, addressee, status, created_at, updated_at";
+const UPLOAD_COLS: &str = "path, uploader, kind, size, content_type, created_at";
+const DEVICE_COLS: &str = "user, platform, token, device_id, created_at";
+const DEAD_LETTER_COLS: &str = "job, device_token, provider, reason, attempts, at";
+
+fn upload_row(r: &Row<'_>) -> rusqlite::Result<Upload> {
+    Ok(Upload {
+        path: r.get(0)?,
+        uploader: user_id(r.get(1)?)?,
+        kind: r.get(2)?,
+        size: super::u64_of(r.get(3)?),
+        content_type: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+fn device_row(r: &Row<'_>) -> rusqlite::Result<Device> {
+    let platform: String = r.get(1)?;
+    Ok(Device {
+        user: user_id(r.get(0)?)?,
+        platform: Platform::parse(&platform)
+            .ok_or_else(|| conv(format!("unknown platform {platform:?}")))?,
+        token: r.get(2)?,
+        device_id: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
+fn dead_letter_row(r: &Row<'_>) -> rusqlite::Result<DeadLetter> {
+    let job: String = r.get(0)?;
+    Ok(DeadLetter {
+        job: serde_json::from_str(&job).map_err(|e| conv(format!("dead letter job: {e}")))?,
+        device_token: r.get(1)?,
+        provider: r.get(2)?,
+        reason: r.get(3)?,
+        attempts: r.get(4)?,
+        at: r.get(5)?,
+    })
+}
 
 fn friendship_row(r: &Row<'_>) -> rusqlite::Result<Friendship> {
     let code: u8 = r.get(2)?;
@@ -1103,74 +1281,106 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    // ---- uploads, devices, mutes, push (stubs: being implemented) ----
+    // ---- uploads, devices, mutes, push ----
 
-    async fn add_upload(&self, _upload: &schema::Upload) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "add_upload: not implemented yet".into(),
-        ))
+    async fn add_upload(&self, upload: &Upload) -> StoreResult<()> {
+        self.write(WriteOp::AddUpload(Box::new(upload.clone())))
+            .await
+            .map(|_| ())
     }
 
-    async fn upload(&self, _path: &str) -> StoreResult<Option<schema::Upload>> {
-        Err(StoreError::Unavailable(
-            "upload: not implemented yet".into(),
-        ))
+    async fn upload(&self, path: &str) -> StoreResult<Option<Upload>> {
+        let path = path.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {UPLOAD_COLS} FROM uploads WHERE path = ?1"
+            ))?
+            .query_row([path], upload_row)
+            .optional()
+        })
+        .await
     }
 
-    async fn add_media_post(&self, _path: &str, _room: RoomId) -> StoreResult<()> {
-        Ok(Default::default())
+    async fn add_media_post(&self, path: &str, room: RoomId) -> StoreResult<()> {
+        self.write(WriteOp::AddMediaPost(path.to_owned(), room))
+            .await
+            .map(|_| ())
     }
 
-    async fn media_rooms(&self, _path: &str) -> StoreResult<Vec<RoomId>> {
-        Err(StoreError::Unavailable(
-            "media_rooms: not implemented yet".into(),
-        ))
+    async fn media_rooms(&self, path: &str) -> StoreResult<Vec<RoomId>> {
+        let path = path.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT room FROM media_posts WHERE path = ?1 ORDER BY room")?
+                .query_map([path], |r| Ok(RoomId(super::u64_of(r.get(0)?))))?
+                .collect()
+        })
+        .await
     }
 
-    async fn add_device(&self, _device: &schema::Device) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "add_device: not implemented yet".into(),
-        ))
+    async fn add_device(&self, device: &Device) -> StoreResult<()> {
+        self.write(WriteOp::AddDevice(Box::new(device.clone())))
+            .await
+            .map(|_| ())
     }
 
-    async fn remove_device(&self, _user: &UserId, _token: &str) -> StoreResult<bool> {
-        Err(StoreError::Unavailable(
-            "remove_device: not implemented yet".into(),
-        ))
+    async fn remove_device(&self, user: &UserId, token: &str) -> StoreResult<bool> {
+        match self
+            .write(WriteOp::RemoveDevice(Some(user.clone()), token.to_owned()))
+            .await?
+        {
+            WriteOut::Removed(removed) => Ok(removed),
+            _ => Err(StoreError::Corrupt("unexpected writer answer".into())),
+        }
     }
 
-    async fn remove_device_token(&self, _token: &str) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "remove_device_token: not implemented yet".into(),
-        ))
+    async fn remove_device_token(&self, token: &str) -> StoreResult<()> {
+        self.write(WriteOp::RemoveDevice(None, token.to_owned()))
+            .await
+            .map(|_| ())
     }
 
-    async fn devices_of(&self, _user: &UserId) -> StoreResult<Vec<schema::Device>> {
-        Err(StoreError::Unavailable(
-            "devices_of: not implemented yet".into(),
-        ))
+    async fn devices_of(&self, user: &UserId) -> StoreResult<Vec<Device>> {
+        let user = user.clone();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {DEVICE_COLS} FROM devices WHERE user = ?1 ORDER BY created_at, token"
+            ))?
+            .query_map([user.as_str()], device_row)?
+            .collect()
+        })
+        .await
     }
 
-    async fn set_muted(&self, _room: RoomId, _user: &UserId, _muted: bool) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "set_muted: not implemented yet".into(),
-        ))
+    async fn set_muted(&self, room: RoomId, user: &UserId, muted: bool) -> StoreResult<()> {
+        self.write(WriteOp::SetMuted(room, user.clone(), muted))
+            .await
+            .map(|_| ())
     }
 
-    async fn muted_in(&self, _room: RoomId) -> StoreResult<Vec<UserId>> {
-        Ok(Default::default())
+    async fn muted_in(&self, room: RoomId) -> StoreResult<Vec<UserId>> {
+        self.read(move |c| {
+            c.prepare_cached("SELECT user FROM mutes WHERE room = ?1 ORDER BY user")?
+                .query_map([super::i64_of(room.0)], |r| user_id(r.get(0)?))?
+                .collect()
+        })
+        .await
     }
 
-    async fn add_dead_letter(&self, _letter: &schema::DeadLetter) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "add_dead_letter: not implemented yet".into(),
-        ))
+    async fn add_dead_letter(&self, letter: &DeadLetter) -> StoreResult<()> {
+        self.write(WriteOp::AddDeadLetter(Box::new(letter.clone())))
+            .await
+            .map(|_| ())
     }
 
-    async fn dead_letters(&self, _limit: u32) -> StoreResult<Vec<schema::DeadLetter>> {
-        Err(StoreError::Unavailable(
-            "dead_letters: not implemented yet".into(),
-        ))
+    async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>> {
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {DEAD_LETTER_COLS} FROM dead_letters ORDER BY at DESC, id DESC LIMIT ?1"
+            ))?
+            .query_map([i64::from(limit)], dead_letter_row)?
+            .collect()
+        })
+        .await
     }
 
     async fn close(&self) -> StoreResult<()> {
@@ -1220,6 +1430,48 @@ mod tests {
             store.room(room).await.expect("room").map(|r| r.last_seq),
             Some(10)
         );
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_capped_oldest_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Normal).expect("open"));
+        let letter = |n: u32| DeadLetter {
+            job: schema::PushJob {
+                user: UserId::parse("u").expect("id"),
+                room: RoomId(1),
+                message: MessageId(u64::from(n) + 1),
+                sender: UserId::parse("s").expect("id"),
+                preview: String::new(),
+                kind: "text".into(),
+                room_name: None,
+                collapse_key: "room-1".into(),
+                created_at: 0,
+            },
+            device_token: None,
+            provider: "fcm".into(),
+            reason: format!("r{n}"),
+            attempts: 1,
+            at: i64::from(n),
+        };
+        // The first few go in one by one, so they are the oldest rows.
+        for n in 0..5 {
+            store.add_dead_letter(&letter(n)).await.expect("add");
+        }
+        let tasks: Vec<_> = (5..DEAD_LETTER_CAP + 5)
+            .map(|n| {
+                let store = store.clone();
+                let l = letter(n);
+                tokio::spawn(async move { store.add_dead_letter(&l).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task").expect("add");
+        }
+        let all = store.dead_letters(u32::MAX).await.expect("read");
+        assert_eq!(all.len(), DEAD_LETTER_CAP as usize);
+        assert!(all.iter().all(|l| l.at >= 5), "the five oldest are gone");
+        assert_eq!(all[0].at, i64::from(DEAD_LETTER_CAP + 4));
     }
 
     #[tokio::test]

@@ -14,8 +14,9 @@ use super::{HistoryPage, NewRoom, RoomWrite, Store, StoreError, StoreResult};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use schema::{
-    Event, Friendship, FriendshipStatus, HistoryQuery, Member, Message, MessageContent, MessageId,
-    Millis, Notification, Profile, Room, RoomId, RoomSummary, User, UserId,
+    DeadLetter, Device, Event, Friendship, FriendshipStatus, HistoryQuery, Member, Message,
+    MessageContent, MessageId, Millis, Notification, Platform, Profile, Room, RoomId, RoomSummary,
+    Upload, User, UserId,
 };
 use std::collections::HashMap;
 use tokio_postgres::error::SqlState;
@@ -109,7 +110,52 @@ CREATE INDEX pending_by_user ON pending("user", id);
     r#"
 ALTER TABLE users ADD COLUMN language TEXT;
 "#,
+    // Device tokens (up to 4096 bytes) and posted media paths (taken from message content) can
+    // exceed what a btree index entry holds (about 2.7 kB), so they are keyed by their SHA-256.
+    r#"
+CREATE TABLE uploads (
+    path TEXT PRIMARY KEY,
+    uploader TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    content_type TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE media_posts (
+    path_key BYTEA NOT NULL,
+    room BIGINT NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (path_key, room)
+);
+CREATE TABLE devices (
+    token_key BYTEA PRIMARY KEY,
+    token TEXT NOT NULL,
+    "user" TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    device_id TEXT,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX devices_by_user ON devices("user", created_at);
+CREATE TABLE mutes (
+    room BIGINT NOT NULL,
+    "user" TEXT NOT NULL,
+    PRIMARY KEY (room, "user")
+);
+CREATE TABLE dead_letters (
+    id BIGSERIAL PRIMARY KEY,
+    at BIGINT NOT NULL,
+    job TEXT NOT NULL,
+    device_token TEXT,
+    provider TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    attempts BIGINT NOT NULL
+);
+CREATE INDEX dead_letters_by_at ON dead_letters(at, id);
+"#,
 ];
+
+/// Most dead letters kept: adding one beyond this removes the oldest.
+pub const DEAD_LETTER_CAP: u32 = 10_000;
 
 /// Serializes migrations across processes (an arbitrary constant key).
 const MIGRATION_LOCK: i64 = 0x0070_616c_6176_6572; // "palaver"
@@ -296,6 +342,47 @@ fn friendship_row(r: &Row) -> StoreResult<Friendship> {
         status,
         created_at: r.get(3),
         updated_at: r.get(4),
+    })
+}
+
+const UPLOAD_COLS: &str = "path, uploader, kind, size, content_type, created_at";
+const DEVICE_COLS: &str = r#""user", platform, token, device_id, created_at"#;
+const DEAD_LETTER_COLS: &str = "job, device_token, provider, reason, attempts, at";
+
+fn upload_row(r: &Row) -> StoreResult<Upload> {
+    Ok(Upload {
+        path: r.get(0),
+        uploader: uid(r.get(1))?,
+        kind: r.get(2),
+        size: super::u64_of(r.get(3)),
+        content_type: r.get(4),
+        created_at: r.get(5),
+    })
+}
+
+fn device_row(r: &Row) -> StoreResult<Device> {
+    let platform: String = r.get(1);
+    Ok(Device {
+        user: uid(r.get(0))?,
+        platform: Platform::parse(&platform)
+            .ok_or_else(|| corrupt(format!("unknown platform {platform:?}")))?,
+        token: r.get(2),
+        device_id: r.get(3),
+        created_at: r.get(4),
+    })
+}
+
+fn dead_letter_row(r: &Row) -> StoreResult<DeadLetter> {
+    let job: String = r.get(0);
+    let attempts: i64 = r.get(4);
+    Ok(DeadLetter {
+        job: serde_json::from_str(&job).map_err(|e| corrupt(format!("dead letter job: {e}")))?,
+        device_token: r.get(1),
+        provider: r.get(2),
+        reason: r.get(3),
+        attempts: u32::try_from(attempts)
+            .map_err(|_| corrupt(format!("dead letter attempts {attempts}")))?,
+        at: r.get(5),
     })
 }
 
@@ -1048,74 +1135,207 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    // ---- uploads, devices, mutes, push (stubs: being implemented) ----
+    // ---- uploads, devices, mutes, push ----
 
-    async fn add_upload(&self, _upload: &schema::Upload) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "add_upload: not implemented yet".into(),
-        ))
+    async fn add_upload(&self, u: &Upload) -> StoreResult<()> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO uploads (path, uploader, kind, size, content_type, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (path) DO NOTHING",
+            &[
+                &u.path,
+                &u.uploader.as_str(),
+                &u.kind,
+                &super::i64_of(u.size),
+                &u.content_type,
+                &u.created_at,
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
     }
 
-    async fn upload(&self, _path: &str) -> StoreResult<Option<schema::Upload>> {
-        Err(StoreError::Unavailable(
-            "upload: not implemented yet".into(),
-        ))
+    async fn upload(&self, path: &str) -> StoreResult<Option<Upload>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLS} FROM uploads WHERE path = $1"
+            ))
+            .await
+            .map_err(pg_err)?;
+        c.query_opt(&st, &[&path])
+            .await
+            .map_err(pg_err)?
+            .map(|r| upload_row(&r))
+            .transpose()
     }
 
-    async fn add_media_post(&self, _path: &str, _room: RoomId) -> StoreResult<()> {
-        Ok(Default::default())
+    async fn add_media_post(&self, path: &str, room: RoomId) -> StoreResult<()> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO media_posts (path_key, room, path)
+             VALUES (sha256(convert_to($1, 'UTF8')), $2, $1) ON CONFLICT DO NOTHING",
+            &[&path, &super::i64_of(room.0)],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
     }
 
-    async fn media_rooms(&self, _path: &str) -> StoreResult<Vec<RoomId>> {
-        Err(StoreError::Unavailable(
-            "media_rooms: not implemented yet".into(),
-        ))
+    async fn media_rooms(&self, path: &str) -> StoreResult<Vec<RoomId>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT room FROM media_posts
+                 WHERE path_key = sha256(convert_to($1, 'UTF8')) AND path = $1 ORDER BY room",
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(c.query(&st, &[&path])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| RoomId(super::u64_of(r.get(0))))
+            .collect())
     }
 
-    async fn add_device(&self, _device: &schema::Device) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "add_device: not implemented yet".into(),
-        ))
+    async fn add_device(&self, d: &Device) -> StoreResult<()> {
+        let c = self.client().await?;
+        c.execute(
+            r#"INSERT INTO devices (token_key, token, "user", platform, device_id, created_at)
+               VALUES (sha256(convert_to($1, 'UTF8')), $1, $2, $3, $4, $5)
+               ON CONFLICT (token_key) DO UPDATE SET token = excluded.token,
+                 "user" = excluded."user", platform = excluded.platform,
+                 device_id = excluded.device_id, created_at = excluded.created_at"#,
+            &[
+                &d.token,
+                &d.user.as_str(),
+                &d.platform.as_str(),
+                &d.device_id,
+                &d.created_at,
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
     }
 
-    async fn remove_device(&self, _user: &UserId, _token: &str) -> StoreResult<bool> {
-        Err(StoreError::Unavailable(
-            "remove_device: not implemented yet".into(),
-        ))
+    async fn remove_device(&self, user: &UserId, token: &str) -> StoreResult<bool> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                r#"DELETE FROM devices WHERE token_key = sha256(convert_to($1, 'UTF8'))
+                   AND token = $1 AND "user" = $2"#,
+                &[&token, &user.as_str()],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(n > 0)
     }
 
-    async fn remove_device_token(&self, _token: &str) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "remove_device_token: not implemented yet".into(),
-        ))
+    async fn remove_device_token(&self, token: &str) -> StoreResult<()> {
+        let c = self.client().await?;
+        c.execute(
+            "DELETE FROM devices WHERE token_key = sha256(convert_to($1, 'UTF8')) AND token = $1",
+            &[&token],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
     }
 
-    async fn devices_of(&self, _user: &UserId) -> StoreResult<Vec<schema::Device>> {
-        Err(StoreError::Unavailable(
-            "devices_of: not implemented yet".into(),
-        ))
+    async fn devices_of(&self, user: &UserId) -> StoreResult<Vec<Device>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                r#"SELECT {DEVICE_COLS} FROM devices WHERE "user" = $1
+                   ORDER BY created_at, token COLLATE "C""#
+            ))
+            .await
+            .map_err(pg_err)?;
+        c.query(&st, &[&user.as_str()])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(device_row)
+            .collect()
     }
 
-    async fn set_muted(&self, _room: RoomId, _user: &UserId, _muted: bool) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "set_muted: not implemented yet".into(),
-        ))
+    async fn set_muted(&self, room: RoomId, user: &UserId, muted: bool) -> StoreResult<()> {
+        let c = self.client().await?;
+        let sql = if muted {
+            r#"INSERT INTO mutes (room, "user") VALUES ($1, $2) ON CONFLICT DO NOTHING"#
+        } else {
+            r#"DELETE FROM mutes WHERE room = $1 AND "user" = $2"#
+        };
+        c.execute(sql, &[&super::i64_of(room.0), &user.as_str()])
+            .await
+            .map_err(pg_err)?;
+        Ok(())
     }
 
-    async fn muted_in(&self, _room: RoomId) -> StoreResult<Vec<UserId>> {
-        Ok(Default::default())
+    async fn muted_in(&self, room: RoomId) -> StoreResult<Vec<UserId>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(r#"SELECT "user" FROM mutes WHERE room = $1"#)
+            .await
+            .map_err(pg_err)?;
+        let mut users = c
+            .query(&st, &[&super::i64_of(room.0)])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| uid(r.get(0)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        // Byte order, whatever the database's collation.
+        users.sort_unstable();
+        Ok(users)
     }
 
-    async fn add_dead_letter(&self, _letter: &schema::DeadLetter) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "add_dead_letter: not implemented yet".into(),
-        ))
+    async fn add_dead_letter(&self, l: &DeadLetter) -> StoreResult<()> {
+        let job = serde_json::to_string(&l.job).map_err(corrupt)?;
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        tx.execute(
+            "INSERT INTO dead_letters (at, job, device_token, provider, reason, attempts)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &l.at,
+                &job,
+                &l.device_token,
+                &l.provider,
+                &l.reason,
+                &i64::from(l.attempts),
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+        // Bounded: everything below the newest DEAD_LETTER_CAP rows goes.
+        tx.execute(
+            "DELETE FROM dead_letters WHERE id <=
+               (SELECT id FROM dead_letters ORDER BY id DESC OFFSET $1 LIMIT 1)",
+            &[&i64::from(DEAD_LETTER_CAP)],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)
     }
 
-    async fn dead_letters(&self, _limit: u32) -> StoreResult<Vec<schema::DeadLetter>> {
-        Err(StoreError::Unavailable(
-            "dead_letters: not implemented yet".into(),
-        ))
+    async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {DEAD_LETTER_COLS} FROM dead_letters ORDER BY at DESC, id DESC LIMIT $1"
+            ))
+            .await
+            .map_err(pg_err)?;
+        c.query(&st, &[&i64::from(limit)])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(dead_letter_row)
+            .collect()
     }
 
     async fn close(&self) -> StoreResult<()> {

@@ -25,6 +25,13 @@
 //! forward without a lightweight transaction); friendships and blocks written under both users;
 //! pending notifications by user, clustered by a time-ordered id and trimmed to the cap with a
 //! range delete; usernames in a lookup table kept with the profile.
+//!
+//! Push and upload tables (`0004_push_uploads.cql`): uploads by path (first record wins, a
+//! lightweight transaction); media posts by path clustered by room; devices by token (the truth)
+//! plus `devices_by_user`, whose rows are checked against `devices` when read; a device is
+//! removed with `USING TIMESTAMP` of the registration that was read, so a newer registration of
+//! the same token survives a concurrent removal; mutes by room clustered by user; dead letters by
+//! hour of `at`, newest first, with a one-partition list of the hours, kept 30 days (TTL).
 
 //! Not verified on this project's machines: ScyllaDB and Cassandra cannot be installed there.
 //! The conformance suite runs against a real cluster when `PALAVER_TEST_SCYLLA_NODES` is set.
@@ -32,8 +39,9 @@
 use super::{HistoryPage, NewRoom, RoomWrite, Store, StoreError, StoreResult};
 use async_trait::async_trait;
 use schema::{
-    Event, Friendship, FriendshipStatus, HistoryQuery, Member, Message, MessageContent, MessageId,
-    Millis, Notification, Profile, Room, RoomId, RoomSummary, User, UserId,
+    DeadLetter, Device, Event, Friendship, FriendshipStatus, HistoryQuery, Member, Message,
+    MessageContent, MessageId, Millis, Notification, Platform, Profile, Room, RoomId, RoomSummary,
+    Upload, User, UserId,
 };
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -248,6 +256,25 @@ struct Prepared {
     pending_newest: PreparedStatement,
     pending_get: PreparedStatement,
     pending_trim: PreparedStatement,
+    upload_put: PreparedStatement,
+    upload_get: PreparedStatement,
+    media_put: PreparedStatement,
+    media_get: PreparedStatement,
+    device_put: PreparedStatement,
+    device_get: PreparedStatement,
+    device_owner: PreparedStatement,
+    device_delete: PreparedStatement,
+    device_index_put: PreparedStatement,
+    device_index_delete: PreparedStatement,
+    device_index_delete_at: PreparedStatement,
+    device_index_get: PreparedStatement,
+    mute_put: PreparedStatement,
+    mute_delete: PreparedStatement,
+    mutes_get: PreparedStatement,
+    dead_put: PreparedStatement,
+    dead_bucket_put: PreparedStatement,
+    dead_buckets_get: PreparedStatement,
+    dead_get: PreparedStatement,
 }
 
 /// The ScyllaDB store.
@@ -325,6 +352,54 @@ type RoomRow = (
 );
 type MsgRow = (i64, i64, i64, String, Option<String>, String, i64);
 type FriendRow = (String, String, i32, i64, i64);
+
+const UPLOAD_COLS: &str = "path, uploader, kind, size, content_type, created_at";
+const DEAD_LETTER_COLS: &str = "at, job, device_token, provider, reason, attempts";
+/// Milliseconds per `dead_letters` partition (an hour).
+const DEAD_LETTER_BUCKET_MS: i64 = 3_600_000;
+
+type UploadRow = (String, String, String, i64, String, i64);
+type DeviceRow = (String, String, Option<String>, i64);
+type DeadLetterRow = (i64, String, Option<String>, String, String, i64);
+
+fn upload_of(r: UploadRow) -> StoreResult<Upload> {
+    Ok(Upload {
+        path: r.0,
+        uploader: UserId::parse(&r.1).map_err(corrupt)?,
+        kind: r.2,
+        size: super::u64_of(r.3),
+        content_type: r.4,
+        created_at: r.5,
+    })
+}
+
+fn device_of(token: String, r: DeviceRow) -> StoreResult<Device> {
+    Ok(Device {
+        user: UserId::parse(&r.0).map_err(corrupt)?,
+        platform: Platform::parse(&r.1)
+            .ok_or_else(|| corrupt(format!("unknown platform {:?}", r.1)))?,
+        token,
+        device_id: r.2,
+        created_at: r.3,
+    })
+}
+
+fn dead_letter_of(r: DeadLetterRow) -> StoreResult<DeadLetter> {
+    Ok(DeadLetter {
+        at: r.0,
+        job: serde_json::from_str(&r.1).map_err(|e| corrupt(format!("dead letter job: {e}")))?,
+        device_token: r.2,
+        provider: r.3,
+        reason: r.4,
+        attempts: u32::try_from(r.5)
+            .map_err(|_| corrupt(format!("dead letter attempts {}", r.5)))?,
+    })
+}
+
+/// The `dead_letters` partition of an instant.
+fn dead_letter_bucket(at: Millis) -> i64 {
+    at.div_euclid(DEAD_LETTER_BUCKET_MS)
+}
 
 fn user_of(r: UserRow) -> StoreResult<User> {
     Ok(User {
@@ -525,6 +600,25 @@ impl ScyllaStore {
             pending_newest: p("SELECT id FROM pending WHERE user = ? ORDER BY id DESC LIMIT ?".into()).await?,
             pending_get: p("SELECT id, body FROM pending WHERE user = ?".into()).await?,
             pending_trim: p("DELETE FROM pending WHERE user = ? AND id <= ?".into()).await?,
+            upload_put: p(format!("INSERT INTO uploads ({UPLOAD_COLS}) VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS")).await?,
+            upload_get: p(format!("SELECT {UPLOAD_COLS} FROM uploads WHERE path = ?")).await?,
+            media_put: p("INSERT INTO media_posts (path, room) VALUES (?, ?)".into()).await?,
+            media_get: p("SELECT room FROM media_posts WHERE path = ?".into()).await?,
+            device_put: p("INSERT INTO devices (token, user, platform, device_id, created_at) VALUES (?, ?, ?, ?, ?)".into()).await?,
+            device_get: p("SELECT user, platform, device_id, created_at FROM devices WHERE token = ?".into()).await?,
+            device_owner: p("SELECT user, WRITETIME(user) FROM devices WHERE token = ?".into()).await?,
+            device_delete: p("DELETE FROM devices USING TIMESTAMP ? WHERE token = ?".into()).await?,
+            device_index_put: p("INSERT INTO devices_by_user (user, token) VALUES (?, ?)".into()).await?,
+            device_index_delete: p("DELETE FROM devices_by_user WHERE user = ? AND token = ?".into()).await?,
+            device_index_delete_at: p("DELETE FROM devices_by_user USING TIMESTAMP ? WHERE user = ? AND token = ?".into()).await?,
+            device_index_get: p("SELECT token FROM devices_by_user WHERE user = ?".into()).await?,
+            mute_put: p("INSERT INTO mutes (room, user) VALUES (?, ?)".into()).await?,
+            mute_delete: p("DELETE FROM mutes WHERE room = ? AND user = ?".into()).await?,
+            mutes_get: p("SELECT user FROM mutes WHERE room = ?".into()).await?,
+            dead_put: p(format!("INSERT INTO dead_letters (bucket, id, {DEAD_LETTER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")).await?,
+            dead_bucket_put: p("INSERT INTO dead_letter_buckets (k, bucket) VALUES (0, ?)".into()).await?,
+            dead_buckets_get: p("SELECT bucket FROM dead_letter_buckets WHERE k = 0".into()).await?,
+            dead_get: p(format!("SELECT {DEAD_LETTER_COLS} FROM dead_letters WHERE bucket = ? LIMIT ?")).await?,
         };
         Ok(Self {
             session,
@@ -1434,74 +1528,208 @@ impl Store for ScyllaStore {
             .collect()
     }
 
-    // ---- uploads, devices, mutes, push (stubs: being implemented) ----
+    // ---- uploads, devices, mutes, push ----
 
-    async fn add_upload(&self, _upload: &schema::Upload) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "add_upload: not implemented yet".into(),
-        ))
+    async fn add_upload(&self, u: &Upload) -> StoreResult<()> {
+        // IF NOT EXISTS: the path's first record stays (whether it applied does not matter).
+        self.lwt(
+            &self.st.upload_put,
+            (
+                u.path.as_str(),
+                u.uploader.as_str(),
+                u.kind.as_str(),
+                super::i64_of(u.size),
+                u.content_type.as_str(),
+                u.created_at,
+            ),
+        )
+        .await
+        .map(|_| ())
     }
 
-    async fn upload(&self, _path: &str) -> StoreResult<Option<schema::Upload>> {
-        Err(StoreError::Unavailable(
-            "upload: not implemented yet".into(),
-        ))
+    async fn upload(&self, path: &str) -> StoreResult<Option<Upload>> {
+        self.rows::<UploadRow>(&self.st.upload_get, (path,))
+            .await?
+            .into_iter()
+            .next()
+            .map(upload_of)
+            .transpose()
     }
 
-    async fn add_media_post(&self, _path: &str, _room: RoomId) -> StoreResult<()> {
-        Ok(Default::default())
+    async fn add_media_post(&self, path: &str, room: RoomId) -> StoreResult<()> {
+        self.exec(&self.st.media_put, (path, super::i64_of(room.0)))
+            .await
     }
 
-    async fn media_rooms(&self, _path: &str) -> StoreResult<Vec<RoomId>> {
-        Err(StoreError::Unavailable(
-            "media_rooms: not implemented yet".into(),
-        ))
+    async fn media_rooms(&self, path: &str) -> StoreResult<Vec<RoomId>> {
+        // Clustered by room ascending: already in order.
+        Ok(self
+            .rows_paged::<(i64,)>(&self.st.media_get, (path.to_owned(),))
+            .await?
+            .into_iter()
+            .map(|(r,)| RoomId(super::u64_of(r)))
+            .collect())
     }
 
-    async fn add_device(&self, _device: &schema::Device) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "add_device: not implemented yet".into(),
-        ))
+    async fn add_device(&self, d: &Device) -> StoreResult<()> {
+        let token = d.token.clone();
+        let user = d.user.as_str().to_owned();
+        let previous = self
+            .rows::<(String, i64)>(&self.st.device_owner, (token.as_str(),))
+            .await?;
+        let mut b = BatchBuilder::new(BatchType::Logged);
+        if let Some((old, _)) = previous.into_iter().next()
+            && old != user
+        {
+            // The token moves: it leaves the previous owner's list.
+            b.push(&self.st.device_index_delete, (old, token.clone()));
+        }
+        b.push(
+            &self.st.device_put,
+            (
+                token.clone(),
+                user.clone(),
+                d.platform.as_str(),
+                d.device_id.clone(),
+                d.created_at,
+            ),
+        );
+        b.push(&self.st.device_index_put, (user, token));
+        self.run_batch(&b, "device").await
     }
 
-    async fn remove_device(&self, _user: &UserId, _token: &str) -> StoreResult<bool> {
-        Err(StoreError::Unavailable(
-            "remove_device: not implemented yet".into(),
-        ))
+    async fn remove_device(&self, user: &UserId, token: &str) -> StoreResult<bool> {
+        let owner = self
+            .rows::<(String, i64)>(&self.st.device_owner, (token,))
+            .await?
+            .into_iter()
+            .next();
+        match owner {
+            Some((owner, written)) if owner == user.as_str() => {
+                // At the registration's own timestamp: a newer registration of the token (by
+                // anyone) written meanwhile survives.
+                self.exec(&self.st.device_delete, (written, token)).await?;
+                self.exec(
+                    &self.st.device_index_delete_at,
+                    (written, user.as_str(), token),
+                )
+                .await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
-    async fn remove_device_token(&self, _token: &str) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "remove_device_token: not implemented yet".into(),
-        ))
+    async fn remove_device_token(&self, token: &str) -> StoreResult<()> {
+        let owner = self
+            .rows::<(String, i64)>(&self.st.device_owner, (token,))
+            .await?
+            .into_iter()
+            .next();
+        if let Some((owner, written)) = owner {
+            self.exec(&self.st.device_delete, (written, token)).await?;
+            self.exec(
+                &self.st.device_index_delete_at,
+                (written, owner.as_str(), token),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
-    async fn devices_of(&self, _user: &UserId) -> StoreResult<Vec<schema::Device>> {
-        Err(StoreError::Unavailable(
-            "devices_of: not implemented yet".into(),
-        ))
+    async fn devices_of(&self, user: &UserId) -> StoreResult<Vec<Device>> {
+        let tokens = self
+            .rows_paged::<(String,)>(&self.st.device_index_get, (user.as_str().to_owned(),))
+            .await?;
+        // `devices` is the truth: a token that moved to another user meanwhile is not theirs.
+        let rows = futures::future::try_join_all(tokens.into_iter().map(|(token,)| async move {
+            let row = self
+                .rows::<DeviceRow>(&self.st.device_get, (token.as_str(),))
+                .await?
+                .into_iter()
+                .next();
+            Ok::<_, StoreError>(row.map(|r| (token, r)))
+        }))
+        .await?;
+        let mut devices = rows
+            .into_iter()
+            .flatten()
+            .filter(|(_, r)| r.0 == user.as_str())
+            .map(|(token, r)| device_of(token, r))
+            .collect::<StoreResult<Vec<_>>>()?;
+        devices.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.token.cmp(&b.token))
+        });
+        Ok(devices)
     }
 
-    async fn set_muted(&self, _room: RoomId, _user: &UserId, _muted: bool) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "set_muted: not implemented yet".into(),
-        ))
+    async fn set_muted(&self, room: RoomId, user: &UserId, muted: bool) -> StoreResult<()> {
+        let st = if muted {
+            &self.st.mute_put
+        } else {
+            &self.st.mute_delete
+        };
+        self.exec(st, (super::i64_of(room.0), user.as_str())).await
     }
 
-    async fn muted_in(&self, _room: RoomId) -> StoreResult<Vec<UserId>> {
-        Ok(Default::default())
+    async fn muted_in(&self, room: RoomId) -> StoreResult<Vec<UserId>> {
+        let mut users = self
+            .rows_paged::<(String,)>(&self.st.mutes_get, (super::i64_of(room.0),))
+            .await?
+            .into_iter()
+            .map(|(u,)| UserId::parse(&u).map_err(corrupt))
+            .collect::<StoreResult<Vec<_>>>()?;
+        users.sort_unstable();
+        Ok(users)
     }
 
-    async fn add_dead_letter(&self, _letter: &schema::DeadLetter) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "add_dead_letter: not implemented yet".into(),
-        ))
+    async fn add_dead_letter(&self, l: &DeadLetter) -> StoreResult<()> {
+        let job = serde_json::to_string(&l.job).map_err(corrupt)?;
+        let bucket = dead_letter_bucket(l.at);
+        let mut b = BatchBuilder::new(BatchType::Logged);
+        b.push(&self.st.dead_bucket_put, (bucket,));
+        b.push(
+            &self.st.dead_put,
+            (
+                bucket,
+                self.pending_ids.next(),
+                l.at,
+                job,
+                l.device_token.clone(),
+                l.provider.clone(),
+                l.reason.clone(),
+                i64::from(l.attempts),
+            ),
+        );
+        self.run_batch(&b, "dead letter").await
     }
 
-    async fn dead_letters(&self, _limit: u32) -> StoreResult<Vec<schema::DeadLetter>> {
-        Err(StoreError::Unavailable(
-            "dead_letters: not implemented yet".into(),
-        ))
+    async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>> {
+        let want = usize::try_from(limit).unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        if want == 0 {
+            return Ok(out);
+        }
+        // Hours newest first (at most 720 rows: they expire after 30 days).
+        let buckets = self
+            .rows_paged::<(i64,)>(&self.st.dead_buckets_get, ())
+            .await?;
+        for (bucket,) in buckets {
+            let left = i32::try_from(want - out.len()).unwrap_or(i32::MAX);
+            for r in self
+                .rows::<DeadLetterRow>(&self.st.dead_get, (bucket, left))
+                .await?
+            {
+                out.push(dead_letter_of(r)?);
+            }
+            if out.len() >= want {
+                break;
+            }
+        }
+        out.truncate(want);
+        Ok(out)
     }
 
     async fn close(&self) -> StoreResult<()> {
@@ -1536,7 +1764,7 @@ mod tests {
                 .iter()
                 .map(|m| m.0)
                 .collect::<Vec<_>>(),
-            vec![1, 2, 3]
+            vec![1, 2, 3, 4]
         );
         let st = statements(schema::CQL_MIGRATIONS[2].1);
         assert_eq!(st, vec!["ALTER TABLE users ADD language text".to_owned()]);
@@ -1565,6 +1793,42 @@ mod tests {
             "Invalid column name avatar because it conflicts with an existing column"
         ));
         assert!(!column_exists("Keyspace palaver does not exist"));
+    }
+
+    #[test]
+    fn push_uploads_migration_splits_into_statements() {
+        let (version, cql) = schema::CQL_MIGRATIONS[3];
+        assert_eq!(version, 4);
+        let st = statements(cql);
+        assert_eq!(st.len(), 7, "{st:?}");
+        assert!(st.iter().all(|s| !s.contains(';') && !s.contains("--")));
+        for table in [
+            "uploads",
+            "media_posts",
+            "devices",
+            "devices_by_user",
+            "mutes",
+            "dead_letters",
+            "dead_letter_buckets",
+        ] {
+            assert!(
+                st.iter()
+                    .any(|s| s.starts_with(&format!("CREATE TABLE IF NOT EXISTS {table} ("))),
+                "{table}"
+            );
+        }
+        assert!(
+            st.iter()
+                .any(|s| s.contains("CLUSTERING ORDER BY (at DESC, id DESC)"))
+        );
+    }
+
+    #[test]
+    fn dead_letter_buckets_are_hours() {
+        assert_eq!(dead_letter_bucket(0), 0);
+        assert_eq!(dead_letter_bucket(3_599_999), 0);
+        assert_eq!(dead_letter_bucket(3_600_000), 1);
+        assert_eq!(dead_letter_bucket(-1), -1);
     }
 
     #[test]

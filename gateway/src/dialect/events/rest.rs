@@ -15,9 +15,9 @@
 //! `send_chat_message.php` takes exactly one of `message` (text), `image` (a file part, at most
 //! [`IMAGE_MAX_BYTES`]) or `voice` (a file part, at most [`VOICE_MAX_BYTES`], with `duration`
 //! in seconds), both also capped by the configured upload limits. Files go through
-//! [`crate::uploads::Uploads`] (streamed to a temporary file, images re-encoded as WebP); a file
-//! is stored only once the whole request is valid and the receiver exists, so a refused
-//! request stores nothing.
+//! [`crate::uploads::Uploads`] (streamed to a temporary file, checked by content, images
+//! re-encoded as WebP, recorded for the sender); a file is stored only once the whole request is
+//! valid and the receiver exists, so a refused request stores nothing.
 
 use super::codec::{self, Params};
 use super::remember_message;
@@ -423,12 +423,19 @@ async fn send(app: &App, req: Request) -> Result<codec::SentBody, Refusal> {
         Ok(text) => (MessageBody::Text { text }, None),
         Err(a) => {
             let stored = uploads
-                .finish(a.incoming, CHAT_MESSAGES, a.kind, a.name.as_deref())
+                .save(
+                    app,
+                    me,
+                    a.incoming,
+                    CHAT_MESSAGES,
+                    Some(a.kind),
+                    a.name.as_deref(),
+                )
                 .await?;
             let media = Media {
                 media: stored.path.clone(),
                 caption: None,
-                duration: if a.kind == MediaKind::Audio {
+                duration: if a.kind == MediaKind::Voice {
                     duration
                 } else {
                     None
@@ -460,10 +467,8 @@ async fn send(app: &App, req: Request) -> Result<codec::SentBody, Refusal> {
         }
         other => {
             // Not sent: the stored file would be an orphan.
-            if let Some(s) = stored
-                && let Err(e) = tokio::fs::remove_file(&s.file).await
-            {
-                tracing::warn!(path = %s.file.display(), error = %e, "cannot remove upload");
+            if let Some(s) = stored {
+                uploads.remove(&s).await;
             }
             match other {
                 Ok(r) => Err(unexpected(&r)),
@@ -484,7 +489,7 @@ async fn read_send_form(
 ) -> Result<(Params, Option<Attachment>), Refusal> {
     let limits = uploads.limits();
     let image_limit = IMAGE_MAX_BYTES.min(limits.max_for(MediaKind::Image));
-    let voice_limit = VOICE_MAX_BYTES.min(limits.max_for(MediaKind::Audio));
+    let voice_limit = VOICE_MAX_BYTES.min(limits.max_for(MediaKind::Voice));
     let text_cap = app.config.max_frame_bytes;
     let cap = image_limit
         .max(voice_limit)
@@ -529,7 +534,7 @@ async fn read_send_fields(
         let name = field.name().unwrap_or_default().to_owned();
         let (field_name, kind, limit) = match name.as_str() {
             "image" => ("image", MediaKind::Image, limits.image),
-            "voice" => ("voice", MediaKind::Audio, limits.voice),
+            "voice" => ("voice", MediaKind::Voice, limits.voice),
             "sender_id" | "user_id" | "receiver_id" | "message" | "duration" => {
                 let value = text_field(&mut field, &name, limits.text, over).await?;
                 let pair = vec![(name, serde_json::Value::String(value))];
@@ -556,7 +561,8 @@ async fn read_send_fields(
             }));
         }
         let original = field.file_name().map(str::to_owned);
-        let file_name = if kind == MediaKind::Audio {
+        // The seed checked names; the content is checked too (`Uploads::receive`, `finish`).
+        let file_name = if kind == MediaKind::Voice {
             codec::voice_file_name(original.as_deref(), field.content_type())
         } else {
             original.clone()
