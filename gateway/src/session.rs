@@ -23,6 +23,15 @@ use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 
 /// Longest a single socket write may take before the client is treated as not reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many queued frames are written to a socket before one flush.
+pub const WRITE_BATCH: usize = 64;
+
+fn native_frame(out: Outbound) -> WsMessage {
+    WsMessage::Text(match out {
+        Outbound::Text(t) => Utf8Bytes::from(t),
+        Outbound::Event(ev) => ev.native(),
+    })
+}
 
 /// Close code and reason for a server shutdown.
 pub fn going_away() -> CloseReason {
@@ -194,12 +203,16 @@ pub async fn run_native<S>(
                 () = writer_handle.closed() => break,
                 out = rx.recv() => {
                     let Some(out) = out else { break };
-                    let text = match out {
-                        Outbound::Text(t) => Utf8Bytes::from(t),
-                        Outbound::Event(ev) => ev.native(),
+                    // Frames already queued behind this one go out in the same socket write.
+                    let write = async {
+                        sink.feed(native_frame(out)).await.map_err(drop)?;
+                        for _ in 1..WRITE_BATCH {
+                            let Ok(out) = rx.try_recv() else { break };
+                            sink.feed(native_frame(out)).await.map_err(drop)?;
+                        }
+                        sink.flush().await.map_err(drop)
                     };
-                    let frame = WsMessage::Text(text);
-                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await {
+                    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => {
                             writer_handle.kick(CloseReason { code: 1006, reason: "write failed".into() });
@@ -239,11 +252,7 @@ pub async fn run_native<S>(
         if reason.code != 1008 {
             let flush = async {
                 while let Ok(out) = rx.try_recv() {
-                    let text = match out {
-                        Outbound::Text(t) => Utf8Bytes::from(t),
-                        Outbound::Event(ev) => ev.native(),
-                    };
-                    if sink.send(WsMessage::Text(text)).await.is_err() {
+                    if sink.send(native_frame(out)).await.is_err() {
                         break;
                     }
                 }

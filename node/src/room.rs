@@ -665,6 +665,9 @@ struct Sequencer {
     shared: Arc<RwLock<Shared>>,
 }
 
+/// A written batch: the new messages, one outcome per send, and the new position.
+type SendsWritten = (Vec<Message>, Vec<Result<Outcome, Error>>, u64, u64);
+
 enum Outcome {
     New(usize),
     Dup(Box<Message>),
@@ -773,12 +776,43 @@ impl Sequencer {
     }
 
     async fn process_sends(&mut self, batch: &mut Vec<SendItem>) -> Result<(), String> {
+        // Keys missing from the recent window are written without a lookup first: the store
+        // refuses a stored key atomically with the write (`DuplicateRef`), and only then does
+        // the batch look its keys up and go again. A retry of an old message costs one extra
+        // round; a new message (nearly all of them) costs no read.
+        let (fresh, outcomes, seq, last_id) = match self.write_sends(batch, false).await? {
+            Some(done) => done,
+            None => match self.write_sends(batch, true).await? {
+                Some(done) => done,
+                None => {
+                    return Err(fail_all(
+                        self.room,
+                        batch,
+                        Error::internal("client_ref refused as stored, yet not found".to_owned()),
+                    ));
+                }
+            },
+        };
+        self.last_seq = seq;
+        self.last_id = last_id;
+        self.ack_and_publish(batch, fresh, outcomes).await;
+        Ok(())
+    }
+
+    /// Assigns ids and sequence numbers to the batch's new messages and writes them. With
+    /// `look_up`, keys missing from the recent window are first looked up in the store;
+    /// without, a key the store already holds makes this return `None` with nothing written.
+    async fn write_sends(
+        &mut self,
+        batch: &mut Vec<SendItem>,
+        look_up: bool,
+    ) -> Result<Option<SendsWritten>, String> {
         let key = |i: &SendItem| (i.sender.clone(), i.client_ref.clone());
         // Keys neither in the recent window nor repeated within this batch: ask the store.
         let mut unknown = Vec::new();
         for item in batch.iter() {
             let k = key(item);
-            if self.recent.get(&k).is_none() && !unknown.contains(&k) {
+            if look_up && self.recent.get(&k).is_none() && !unknown.contains(&k) {
                 unknown.push(k);
             }
         }
@@ -849,13 +883,26 @@ impl Sequencer {
                 at: now,
                 ..RoomWrite::default()
             };
-            if let Err(e) = self.ctx.store.apply_room(self.room, write).await {
-                return Err(fail_all(self.room, batch, e.into()));
+            match self.ctx.store.apply_room(self.room, write).await {
+                Ok(()) => {}
+                Err(crate::store::StoreError::DuplicateRef(why)) if !look_up => {
+                    tracing::debug!(room = %self.room, %why, "retried send: looking its key up");
+                    return Ok(None);
+                }
+                Err(e) => return Err(fail_all(self.room, batch, e.into())),
             }
         }
-        self.last_seq = seq;
-        self.last_id = last_id;
-        // The ack, strictly after the durable write.
+        Ok(Some((fresh, outcomes, seq, last_id)))
+    }
+
+    /// Acks the batch (strictly after its durable write), then publishes the new messages in
+    /// sequence order with their push jobs and pending notifications.
+    async fn ack_and_publish(
+        &mut self,
+        batch: &mut Vec<SendItem>,
+        fresh: Vec<Message>,
+        outcomes: Vec<Result<Outcome, Error>>,
+    ) {
         for (item, outcome) in batch.drain(..).zip(outcomes) {
             let res = outcome.map(|o| match o {
                 Outcome::New(i) | Outcome::DupOfNew(i) => fresh[i].clone(),
@@ -864,14 +911,28 @@ impl Sequencer {
             answer(item.reply, res.map(crate::public));
         }
         // Then the fan-out, in sequence order, the push jobs and the pending notifications.
-        let mut pending = Vec::new();
+        let mut candidates: Vec<(UserId, usize)> = Vec::new();
         let mut pushes = Vec::new();
+        let wants_push = self.ctx.bus.wants_push();
+        let mut notes: Vec<Notification> = Vec::new();
         for m in fresh {
             let cref = m.client_ref.clone().unwrap_or_default();
             self.recent.insert((m.sender.clone(), cref), m.clone());
             let m = crate::public(m);
-            self.collect_pending(&m, &mut pending);
-            self.collect_pushes(&m, &mut pushes);
+            let before = candidates.len();
+            self.pending_candidates(&m, notes.len(), &mut candidates);
+            if candidates.len() > before {
+                notes.push(Notification {
+                    room: m.room,
+                    message_id: m.id,
+                    sender: m.sender.clone(),
+                    preview: m.body.preview(),
+                    created_at: m.created_at,
+                });
+            }
+            if wants_push {
+                self.collect_pushes(&m, &mut pushes);
+            }
             publish_room(&self.ctx, self.room, Event::Message { message: m }).await;
         }
         for job in pushes {
@@ -879,22 +940,25 @@ impl Sequencer {
                 tracing::warn!(room = %self.room, error = %e, "push job not published");
             }
         }
-        if !pending.is_empty() {
+        if !candidates.is_empty() {
             // Only members with no session anywhere keep a pending notification: one who is
             // online saw the message arrive (in the room, or as a live notification).
-            let mut users: Vec<UserId> = pending.iter().map(|(u, _)| u.clone()).collect();
+            let mut users: Vec<UserId> = candidates.iter().map(|(u, _)| u.clone()).collect();
             users.sort_unstable();
             users.dedup();
             let online = self.ctx.online_of(&users).await;
-            pending.retain(|(u, _)| !online.get(u).copied().unwrap_or(false));
+            candidates.retain(|(u, _)| !online.get(u).copied().unwrap_or(false));
         }
+        let pending: Vec<(UserId, Notification)> = candidates
+            .into_iter()
+            .map(|(user, i)| (user, notes[i].clone()))
+            .collect();
         if !pending.is_empty() {
             let cap = self.ctx.config.pending_per_user;
             if let Err(e) = self.ctx.store.add_pending(pending, cap).await {
                 tracing::warn!(room = %self.room, error = %e, "pending notifications not stored");
             }
         }
-        Ok(())
     }
 
     /// A `reply_to` must name a message of this room (stored, or earlier in this batch).
@@ -927,28 +991,32 @@ impl Sequencer {
             return;
         }
         let group = (sh.room.kind == RoomKind::Group).then(|| sh.room.name.clone());
+        let mut shared: Option<(String, String)> = None;
         for user in sh.members.keys() {
             if user == &m.sender || sh.viewers.contains_key(user) || sh.muted.contains(user) {
                 continue;
             }
+            let (preview, collapse_key) = shared
+                .get_or_insert_with(|| (m.body.preview(), format!("room-{}", m.room)))
+                .clone();
             out.push(PushJob {
                 user: user.clone(),
                 room: m.room,
                 message: m.id,
                 sender: m.sender.clone(),
-                preview: m.body.preview(),
+                preview,
                 kind: m.body.kind().to_owned(),
                 room_name: group.clone().flatten(),
-                collapse_key: format!("room-{}", m.room),
+                collapse_key,
                 created_at: m.created_at,
             });
         }
     }
 
     /// Members with no session viewing the room are the candidates for a pending notification
-    /// (rooms up to the configured size, so one message never costs more than that many
-    /// writes); the caller keeps those who are offline.
-    fn collect_pending(&self, m: &Message, out: &mut Vec<(UserId, Notification)>) {
+    /// of message number `index` (rooms up to the configured size, so one message never costs
+    /// more than that many writes); the caller keeps those who are offline.
+    fn pending_candidates(&self, m: &Message, index: usize, out: &mut Vec<(UserId, usize)>) {
         let sh = self.shared.read();
         if sh.members.len() > self.ctx.config.pending_room_max {
             return;
@@ -957,16 +1025,7 @@ impl Sequencer {
             if user == &m.sender || sh.viewers.contains_key(user) {
                 continue;
             }
-            out.push((
-                user.clone(),
-                Notification {
-                    room: m.room,
-                    message_id: m.id,
-                    sender: m.sender.clone(),
-                    preview: m.body.preview(),
-                    created_at: m.created_at,
-                },
-            ));
+            out.push((user.clone(), index));
         }
     }
 

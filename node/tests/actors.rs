@@ -136,6 +136,69 @@ async fn a_killed_room_actor_is_restarted_and_loses_nothing() {
     node.shutdown().await;
 }
 
+/// A retry the room's recent window no longer holds (evicted, or sent before the actor
+/// restarted) is found by the store's refusal of the write and answered with the original.
+#[tokio::test]
+async fn retries_outside_the_recent_window_return_the_original() {
+    let (node, store, _dir) = node_with(NodeConfig {
+        messages_per_second: 1_000_000,
+        message_burst: 1_000_000,
+        dedup_window: 4,
+        ..NodeConfig::default()
+    })
+    .await;
+    let room = group(&node).await;
+    let first = |r: Reply| match r {
+        Reply::Message { message } => message,
+        other => panic!("{other:?}"),
+    };
+    let original = first(
+        node.execute(&uid("a"), send(room, "old".into()))
+            .await
+            .unwrap(),
+    );
+    // Push "old" out of the four-entry window.
+    for n in 0..10 {
+        node.execute(&uid("b"), send(room, format!("n{n}")))
+            .await
+            .unwrap();
+    }
+    let again = first(
+        node.execute(&uid("a"), send(room, "old".into()))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(again.id, original.id);
+    assert_eq!(again.seq, original.seq);
+    // Same after a restart of the room actor (a fresh, empty window), in a batch with new
+    // sends that must still be stored once each.
+    node.room_actor(room).unwrap().kill();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let retried = {
+        let node = node.clone();
+        tokio::spawn(async move { node.execute(&uid("b"), send(room, "n3".into())).await })
+    };
+    let fresh = first(
+        node.execute(&uid("a"), send(room, "new".into()))
+            .await
+            .unwrap(),
+    );
+    let retried = first(retried.await.unwrap().unwrap());
+    let page = store
+        .history(room, &HistoryQuery::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 12, "{:?}", page.messages);
+    let n3 = page
+        .messages
+        .iter()
+        .find(|m| m.client_ref.as_deref() == Some("n3"))
+        .unwrap();
+    assert_eq!(retried.id, n3.id);
+    assert_eq!(fresh.seq, 12, "the new message takes the next seq, no gap");
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn idle_actors_stop_and_come_back_on_use() {
     let config = NodeConfig {

@@ -167,14 +167,29 @@ pub async fn run<S, D>(
                 () = ctx.handle.closed() => break,
                 out = rx.recv() => {
                     let Some(out) = out else { break };
-                    let text = match out {
-                        Outbound::Text(t) => Utf8Bytes::from(t),
-                        Outbound::Event(ev) => match writer_dialect.event(&ctx, &ev).await {
-                            Some(t) => t,
-                            None => continue,
-                        },
+                    // Frames already queued behind this one go out in the same socket write.
+                    let write = async {
+                        let mut next = Some(out);
+                        let mut fed = 0;
+                        while let Some(out) = next.take() {
+                            let text = match out {
+                                Outbound::Text(t) => Some(Utf8Bytes::from(t)),
+                                Outbound::Event(ev) => writer_dialect.event(&ctx, &ev).await,
+                            };
+                            if let Some(text) = text {
+                                sink.feed(WsMessage::Text(text)).await.map_err(drop)?;
+                                fed += 1;
+                            }
+                            if fed < crate::session::WRITE_BATCH {
+                                next = rx.try_recv().ok();
+                            }
+                        }
+                        if fed > 0 {
+                            sink.flush().await.map_err(drop)?;
+                        }
+                        Ok::<(), ()>(())
                     };
-                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(WsMessage::Text(text))).await {
+                    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => {
                             ctx.close(CloseReason { code: 1006, reason: "write failed".into() });

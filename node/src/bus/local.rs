@@ -66,6 +66,10 @@ impl Bus for LocalBus {
         }
     }
 
+    fn wants_push(&self) -> bool {
+        self.push.lock().is_some()
+    }
+
     async fn subscribe_push(&self, _group: &str) -> Result<PushStream, BusError> {
         let (tx, rx) = mpsc::channel(self.capacity);
         *self.push.lock() = Some(tx);

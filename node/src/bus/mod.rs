@@ -44,6 +44,12 @@ pub trait Bus: Send + Sync + 'static {
     /// Publishes a push job. Jobs of one user keep their order.
     async fn publish_push(&self, job: PushJob) -> Result<(), BusError>;
 
+    /// Whether push jobs can reach a worker at all. A room skips building jobs when not (one
+    /// process with no push provider configured has nobody to push). Default: yes.
+    fn wants_push(&self) -> bool {
+        true
+    }
+
     /// Starts receiving push jobs as a worker of `group`: the workers of one group share the
     /// jobs, each job going to one of them.
     async fn subscribe_push(&self, group: &str) -> Result<PushStream, BusError>;

@@ -331,7 +331,7 @@ async fn idempotency(store: &dyn Store) {
             vec![msg(r, 3, "a", Some("ref-3")), msg(r, 4, "a", Some("ref-1"))],
         )
         .await;
-    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    assert!(matches!(dup, Err(StoreError::DuplicateRef(_))), "{dup:?}");
     let p = store
         .history(r, &HistoryQuery::default(), 10)
         .await
@@ -591,7 +591,7 @@ async fn message_changes(store: &dyn Store) {
             },
         )
         .await;
-    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    assert!(matches!(dup, Err(StoreError::DuplicateRef(_))), "{dup:?}");
     assert_eq!(
         store.message(r, edited.id).await.unwrap().as_ref(),
         Some(&edited)

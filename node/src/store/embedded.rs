@@ -151,7 +151,13 @@ fn db_err(e: rusqlite::Error) -> StoreError {
         rusqlite::Error::SqliteFailure(f, ref msg)
             if f.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
-            StoreError::Conflict(msg.clone().unwrap_or_else(|| f.to_string()))
+            let msg = msg.clone().unwrap_or_else(|| f.to_string());
+            // "UNIQUE constraint failed: messages.room, messages.sender, messages.client_ref"
+            if msg.contains("messages.client_ref") {
+                StoreError::DuplicateRef(msg)
+            } else {
+                StoreError::Conflict(msg)
+            }
         }
         rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..) => {
             StoreError::Corrupt(e.to_string())

@@ -31,6 +31,12 @@ pub enum StoreError {
     /// writer for one room, which the ring prevents; the room actor restarts and reloads.
     #[error("store conflict: {0}")]
     Conflict(String),
+    /// A new message repeats a `(sender, client_ref)` already stored in its room; nothing of
+    /// the write was stored. Every backend checks this atomically with the write, so a room's
+    /// writer need not look the key up first: it writes, and only on this error reads the
+    /// stored message to answer the retry with it.
+    #[error("client_ref already stored: {0}")]
+    DuplicateRef(String),
     /// The store has been closed.
     #[error("store is closed")]
     Closed,
@@ -39,7 +45,7 @@ pub enum StoreError {
 impl From<StoreError> for schema::Error {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Corrupt(_) | StoreError::Conflict(_) => {
+            StoreError::Corrupt(_) | StoreError::Conflict(_) | StoreError::DuplicateRef(_) => {
                 schema::Error::internal(e.to_string())
             }
             StoreError::Unavailable(_) | StoreError::Closed => {
@@ -82,7 +88,8 @@ pub struct RoomPatch {
 /// `joined_at`; `last_message_id` only moves with new messages.
 #[derive(Clone, Debug, Default)]
 pub struct RoomWrite {
-    /// New messages; a `(sender, client_ref)` already stored fails the whole write.
+    /// New messages; a `(sender, client_ref)` already stored fails the whole write with
+    /// [`StoreError::DuplicateRef`].
     pub new_messages: Vec<Message>,
     /// Messages whose content changed (edit, tombstone, reactions), rewritten whole.
     pub changed_messages: Vec<Message>,
@@ -162,7 +169,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends messages of one room in one atomic, durable write and advances the room's
     /// `last_seq`/`last_message_id`. The caller (the room's single writer) has assigned ids and
-    /// sequence numbers; a `(room, sender, client_ref)` already stored makes the whole call fail.
+    /// sequence numbers; a `(room, sender, client_ref)` already stored makes the whole call fail
+    /// with [`StoreError::DuplicateRef`].
     async fn append_messages(&self, room: RoomId, batch: Vec<Message>) -> StoreResult<()> {
         let Some(last) = batch.iter().max_by_key(|m| m.seq) else {
             return Ok(());

@@ -167,6 +167,13 @@ pub struct PostgresStore {
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     match e.code() {
+        Some(c)
+            if *c == SqlState::UNIQUE_VIOLATION
+                && e.as_db_error().and_then(|d| d.constraint())
+                    == Some("messages_by_client_ref") =>
+        {
+            StoreError::DuplicateRef(e.to_string())
+        }
         Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::FOREIGN_KEY_VIOLATION => {
             StoreError::Conflict(e.to_string())
         }

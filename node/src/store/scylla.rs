@@ -771,8 +771,8 @@ impl ScyllaStore {
         Ok(())
     }
 
-    /// Fails with `Conflict` when a new message repeats a `(sender, client_ref)` of the batch or
-    /// of the room. Checked before anything is written; the room's single writer (fenced by the
+    /// Fails with `Conflict` when a new message repeats a `(sender, client_ref)` of the batch,
+    /// and with `DuplicateRef` when it repeats one stored in the room. Checked before anything is written; the room's single writer (fenced by the
     /// sequence claim) makes check-then-write safe.
     async fn check_client_refs(&self, room: RoomId, new: &[Message]) -> StoreResult<()> {
         let mut keys: Vec<(&str, &str)> = new
@@ -792,7 +792,7 @@ impl ScyllaStore {
         )
         .await?;
         if let Some(((sender, cref), _)) = keys.iter().zip(&found).find(|(_, f)| !f.is_empty()) {
-            return Err(StoreError::Conflict(format!(
+            return Err(StoreError::DuplicateRef(format!(
                 "room {room}: client_ref {cref:?} of {sender} is stored already"
             )));
         }
