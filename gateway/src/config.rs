@@ -75,6 +75,8 @@ pub struct ConfigBuilder {
     pub store_durability: Option<String>,
     /// Seconds an idle room or user actor lives. Default 300.
     pub actor_idle_secs: Option<u64>,
+    /// Seconds an online user's idle actor lives (its sessions stay in the table). Default 30.
+    pub user_idle_secs: Option<u64>,
     /// Most members in a group. Default 10000.
     pub group_max_members: Option<usize>,
     /// Largest history page. Default 200.
@@ -382,6 +384,7 @@ impl ConfigBuilder {
         over!(shutdown_grace_secs, "PALAVER_SHUTDOWN_GRACE_SECS");
         over!(store_durability, "PALAVER_STORE_DURABILITY");
         over!(actor_idle_secs, "PALAVER_ACTOR_IDLE_SECS");
+        over!(user_idle_secs, "PALAVER_USER_IDLE_SECS");
         over!(group_max_members, "PALAVER_GROUP_MAX_MEMBERS");
         over!(history_max_limit, "PALAVER_HISTORY_MAX_LIMIT");
         over!(max_text_chars, "PALAVER_MAX_TEXT_CHARS");
@@ -537,6 +540,7 @@ impl ConfigBuilder {
         };
         let mut node = NodeConfig {
             idle_timeout: secs(self.actor_idle_secs, 300, "PALAVER_ACTOR_IDLE_SECS")?,
+            user_idle_timeout: secs(self.user_idle_secs, 30, "PALAVER_USER_IDLE_SECS")?,
             group_max_members: positive(
                 self.group_max_members,
                 10_000,

@@ -7,6 +7,7 @@
 //! room. The hub subscribes a room at the node when its first local session follows it and
 //! unsubscribes when the last one leaves.
 
+use crate::telemetry::metrics::{DialectMetrics, Dialects};
 use dashmap::DashMap;
 use futures::StreamExt;
 use node::api::NodeApi;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Why a session is being closed by the server.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,6 +144,7 @@ pub struct SessionHandle {
     pub profile: Profile,
     /// Its wire dialect.
     pub dialect: String,
+    metrics: Arc<DialectMetrics>,
     tx: mpsc::Sender<Outbound>,
     close: CancellationToken,
     reason: Mutex<Option<CloseReason>>,
@@ -158,6 +161,27 @@ impl SessionHandle {
         self.close.cancel();
     }
 
+    /// Closes the session as a slow consumer (code 1008, `reason`), counted once per session.
+    pub fn slow_consumer(&self, reason: String) {
+        let first = {
+            let mut r = self.reason.lock();
+            let first = r.is_none();
+            if first {
+                *r = Some(CloseReason { code: 1008, reason });
+            }
+            first
+        };
+        if first {
+            self.metrics.slow_consumer();
+        }
+        self.close.cancel();
+    }
+
+    /// The instruments of this session's dialect.
+    pub fn metrics(&self) -> &DialectMetrics {
+        &self.metrics
+    }
+
     /// Resolves when the session has been asked to close.
     pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.close.cancelled()
@@ -172,15 +196,16 @@ impl SessionHandle {
     /// session is closed as a slow consumer. False when the frame was not queued.
     pub fn offer(&self, out: Outbound) -> bool {
         match self.tx.try_send(out) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.metrics
+                    .queued(self.tx.max_capacity() - self.tx.capacity());
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.kick(CloseReason {
-                    code: 1008,
-                    reason: format!(
-                        "slow consumer: {} frames queued and unread",
-                        self.tx.max_capacity()
-                    ),
-                });
+                self.slow_consumer(format!(
+                    "slow consumer: {} frames queued and unread",
+                    self.tx.max_capacity()
+                ));
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -206,6 +231,9 @@ pub struct Hub {
     sessions: DashMap<SessionId, Arc<SessionHandle>>,
     by_user: DashMap<UserId, Vec<SessionId>>,
     by_room: DashMap<RoomId, Vec<SessionId>>,
+    metrics: Dialects,
+    /// `palaver_fanout_seconds{stage="gateway"}`.
+    fanout: metrics::Histogram,
 }
 
 /// A session registered with the hub: its id, handle and the receiving end of its queue.
@@ -240,7 +268,14 @@ impl Hub {
             sessions: DashMap::new(),
             by_user: DashMap::new(),
             by_room: DashMap::new(),
+            metrics: Dialects::default(),
+            fanout: metrics::histogram!("palaver_fanout_seconds", "stage" => "gateway"),
         })
+    }
+
+    /// The instruments of `dialect` (sessions hold theirs; REST handlers ask here).
+    pub fn dialect_metrics(&self, dialect: &str) -> Arc<DialectMetrics> {
+        self.metrics.get(dialect)
     }
 
     /// This gateway's id.
@@ -269,6 +304,28 @@ impl Hub {
         self.by_user.len()
     }
 
+    /// Connected sessions per dialect (the web console's overview).
+    pub fn dialect_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for s in self.sessions.iter() {
+            *counts.entry(s.dialect.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// The dialect of `user`'s sessions here: one name, several joined by `+` (sorted), or
+    /// `None` when the user has no session on this gateway (the web console's recent errors).
+    pub fn dialect_of(&self, user: &UserId) -> Option<String> {
+        let ids = self.by_user.get(user).map(|v| v.clone())?;
+        let mut names: Vec<String> = ids
+            .iter()
+            .filter_map(|id| self.sessions.get(id).map(|s| s.dialect.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        (!names.is_empty()).then(|| names.join("+"))
+    }
+
     /// Registers a session of `user` following `rooms`.
     pub async fn register(
         &self,
@@ -279,10 +336,13 @@ impl Hub {
     ) -> Registered {
         let (tx, rx) = mpsc::channel(self.queue);
         let user = profile.id.clone();
+        let metrics = self.metrics.get(&dialect);
+        metrics.opened();
         let handle = Arc::new(SessionHandle {
             user: user.clone(),
             profile,
             dialect,
+            metrics,
             tx,
             close: CancellationToken::new(),
             reason: Mutex::new(None),
@@ -362,6 +422,7 @@ impl Hub {
         let Some((_, handle)) = self.sessions.remove(&id) else {
             return;
         };
+        handle.metrics.closed();
         self.by_user.remove_if_mut(&handle.user, |_, v| {
             v.retain(|s| *s != id);
             v.is_empty()
@@ -432,6 +493,7 @@ impl Hub {
 
     /// Delivers one envelope to the local sessions it targets.
     pub async fn deliver(&self, d: Delivery) {
+        let received = std::time::Instant::now();
         let event = SharedEvent::new(d.event);
         match d.target {
             Target::Room { room } => {
@@ -462,6 +524,7 @@ impl Hub {
                 }
             }
         }
+        self.fanout.record(received.elapsed());
     }
 
     /// Runs the delivery loop until the stream ends or `stop` fires.
@@ -470,7 +533,12 @@ impl Hub {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 d = stream.next() => match d {
-                    Some(d) => self.deliver(d).await,
+                    Some(d) => {
+                        // Joins the trace of the publish that sent it (when tracing is on).
+                        let span = node::span!("gateway.deliver", event = d.event.name());
+                        node::trace::set_parent(&span, d.traceparent.as_deref());
+                        self.deliver(d).instrument(span).await;
+                    }
                     None => {
                         tracing::warn!(gateway = %self.gateway, "delivery stream ended");
                         break;

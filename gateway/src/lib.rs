@@ -14,16 +14,20 @@
 //!    their header and keeps the connection usable.
 //! 4. [`rest`] serves the same commands over HTTP under `/v1`.
 //!
+//! [`console`] serves the web console (`/console`) and the admin overview it reads.
+//!
 //! [`config`] reads settings (TOML file, then `PALAVER_*` environment), [`telemetry`] sets up
 //! logs. The `palaver` binary (`main.rs`) has the `serve` and `token` subcommands.
 
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod dialect;
 pub mod hub;
 pub mod node_process;
 pub mod people;
 pub mod push;
+pub mod ready;
 pub mod rest;
 pub mod server;
 pub mod session;

@@ -63,11 +63,11 @@ fn main() -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = Config::load(cli.config.as_deref(), &env)?;
     match cli.command.unwrap_or(Cmd::Serve) {
-        Cmd::Serve => runtime(&config)?.block_on(serve(config, false)),
-        Cmd::Gateway => runtime(&config)?.block_on(serve(config, true)),
-        Cmd::Node => runtime(&config)?.block_on(node(config)),
-        Cmd::PushWorker => runtime(&config)?.block_on(push_worker(config)),
-        Cmd::Migrate => runtime(&config)?.block_on(migrate(config)),
+        Cmd::Serve => run(&config, &env, "serve", serve(config.clone(), false)),
+        Cmd::Gateway => run(&config, &env, "gateway", serve(config.clone(), true)),
+        Cmd::Node => run(&config, &env, "node", node(config.clone())),
+        Cmd::PushWorker => run(&config, &env, "push-worker", push_worker(config.clone())),
+        Cmd::Migrate => run(&config, &env, "migrate", migrate(config.clone())),
         Cmd::Token {
             sub,
             name,
@@ -110,12 +110,33 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
-    telemetry::init(config.log_format);
-    Ok(tokio::runtime::Builder::new_multi_thread()
+/// Runs one subcommand on a fresh runtime with logs and traces installed for its `role`, then
+/// exports the spans still queued.
+fn run(
+    config: &Config,
+    env: &HashMap<String, String>,
+    role: &str,
+    command: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("palaver")
-        .build()?)
+        .build()?;
+    let instance = match role {
+        "node" => Some(config.node.node_id.to_string()),
+        "serve" | "gateway" => Some(config.gateway_id.to_string()),
+        _ => None,
+    };
+    {
+        // The trace exporter runs on this runtime.
+        let _entered = rt.enter();
+        telemetry::init(config.log_format, role, instance.as_deref(), env)
+            .map_err(anyhow::Error::msg)?;
+    }
+    raise_nofile();
+    let result = rt.block_on(command);
+    rt.block_on(telemetry::shutdown());
+    result
 }
 
 async fn node(config: Config) -> anyhow::Result<()> {
@@ -173,4 +194,28 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// Every client socket is a descriptor: raises the open-file limit as far as allowed, to the
+/// kernel's `fs.nr_open` where the process may raise its hard limit (root, CAP_SYS_RESOURCE),
+/// else to the hard limit.
+fn raise_nofile() {
+    use rlimit::Resource;
+    let want = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let Ok((soft, hard)) = rlimit::getrlimit(Resource::NOFILE) else {
+        return;
+    };
+    if soft >= want {
+        return;
+    }
+    let raised = rlimit::setrlimit(Resource::NOFILE, want, want.max(hard))
+        .map(|()| want)
+        .or_else(|_| rlimit::setrlimit(Resource::NOFILE, hard, hard).map(|()| hard));
+    match raised {
+        Ok(n) => tracing::debug!(from = soft, to = n, "open-file limit raised"),
+        Err(e) => tracing::warn!(limit = soft, error = %e, "cannot raise the open-file limit"),
+    }
 }

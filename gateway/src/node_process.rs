@@ -1,13 +1,13 @@
 //! `palaver node`: one shard of the cluster. Hosts the room and user actors of its share of the
 //! ring, serves them to gateways and peers over gRPC on `PALAVER_CLUSTER_ADDR`, publishes
-//! deliveries to Kafka, and stores everything in the shared store. `/healthz`, `/readyz` and
-//! `/ring` (this node's view of the live ring) are on `PALAVER_HTTP_ADDR`.
+//! deliveries to Kafka, and stores everything in the shared store. `/healthz`, `/readyz`,
+//! `/ring` (this node's view of the live ring) and `/metrics` (Prometheus text) are on
+//! `PALAVER_HTTP_ADDR`.
 
 use crate::config::{Config, StoreChoice};
 use crate::server::{HEALTH_EVERY, open_store};
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use node::Node;
@@ -29,19 +29,25 @@ pub struct NodeProcess {
     node: Arc<Node>,
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
+    cluster: Arc<Cluster>,
     stop: CancellationToken,
     draining: Arc<AtomicBool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
 }
 
-async fn readyz(State(draining): State<Arc<AtomicBool>>) -> impl IntoResponse {
-    if draining.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else {
-        (StatusCode::OK, "ready")
-    }
+#[derive(Clone)]
+struct Health {
+    draining: Arc<AtomicBool>,
+    ready: Arc<crate::ready::Readiness>,
 }
+
+async fn readyz(State(h): State<Health>) -> impl IntoResponse {
+    h.ready.response(h.draining.load(Ordering::SeqCst))
+}
+
+/// The longest a draining node waits for its peers to adopt the ring without it.
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl NodeProcess {
     /// Starts the node: store, bus, actors, membership, gRPC and health endpoints.
@@ -63,8 +69,9 @@ impl NodeProcess {
             anyhow::anyhow!("PALAVER_CLUSTER_ADDR is required for `palaver node`")
         })?;
 
+        crate::telemetry::metrics::install();
         let store = open_store(&config).await?;
-        let bus: Arc<dyn Bus> = KafkaBus::connect(kafka).await?;
+        let bus = crate::server::metered_bus(KafkaBus::connect(kafka).await?);
         let node = Node::start(config.node.clone(), store.clone(), bus.clone()).await?;
         let cluster = Cluster::new(members, config.node.call_timeout)?;
         node.set_peers(cluster.clone());
@@ -102,6 +109,18 @@ impl NodeProcess {
         });
 
         let draining = Arc::new(AtomicBool::new(false));
+        let ready = crate::ready::Readiness::start(
+            vec![
+                crate::ready::store_check(store.clone()),
+                crate::ready::bus_check(bus.clone()),
+            ],
+            stop.clone(),
+        )
+        .await;
+        let health = Health {
+            draining: draining.clone(),
+            ready,
+        };
         let ring_view = node.clone();
         let router = Router::new()
             .route("/healthz", get(|| async { "ok" }))
@@ -120,7 +139,11 @@ impl NodeProcess {
                 }),
             )
             .route("/readyz", get(readyz))
-            .with_state(draining.clone());
+            .route(
+                "/metrics",
+                get(|| async { crate::telemetry::metrics::response("") }),
+            )
+            .with_state(health);
         let http_listener = tokio::net::TcpListener::bind(config.http_addr).await?;
         let http_addr = http_listener.local_addr()?;
         let http_stop = stop.clone();
@@ -135,11 +158,48 @@ impl NodeProcess {
             node,
             store,
             bus,
+            cluster,
             stop,
             draining,
             grpc,
             http,
         })
+    }
+
+    async fn handover(&self) {
+        let me = self.node.ctx().config.node_id.clone();
+        self.node.begin_drain();
+        self.cluster.refresh().await;
+        let ring = self.cluster.ring();
+        if !ring.nodes().iter().any(|n| n != &me) {
+            tracing::info!("no other node to hand over to");
+            return;
+        }
+        // Our own ring (the watcher applies it; do it now so no new actor starts here).
+        self.node.set_ring(ring.clone());
+        let started = tokio::time::Instant::now();
+        let deadline = started + HANDOVER_WAIT;
+        loop {
+            let peers = self.cluster.peer_ring_versions().await;
+            if peers.iter().all(|v| *v == Some(ring.version())) {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    ?peers,
+                    "peers did not adopt the ring in time; stopping anyway"
+                );
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        // Gateways learn the ring on the same health interval: give them a round.
+        tokio::time::sleep(HEALTH_EVERY + HEALTH_EVERY / 2).await;
+        tracing::info!(
+            after_ms = started.elapsed().as_millis() as u64,
+            version = ring.version(),
+            "keys handed over"
+        );
     }
 
     /// Where `/healthz` listens.
@@ -152,10 +212,14 @@ impl NodeProcess {
         self.cluster_addr
     }
 
-    /// Stops serving, lets the actors finish their mailboxes, flushes the bus, closes the store.
-    /// Peers see the node leave the live set and take its keys over.
+    /// Hands the node's keys over, then stops: health pings answer `draining`, so this node
+    /// and its peers build the ring without it (its actors stop as their keys move, finishing
+    /// the writes in hand, and callers are sent to the new owners with `not_owner`); once the
+    /// peers run that ring (or after [`HANDOVER_WAIT`]) and gateways had a health round to
+    /// follow, it stops serving, lets the actors finish, flushes the bus and closes the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.draining.store(true, Ordering::SeqCst);
+        self.handover().await;
         self.stop.cancel();
         match self.grpc.await {
             Ok(Ok(())) => {}

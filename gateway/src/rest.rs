@@ -142,9 +142,15 @@ async fn run(app: &App, caller: &Caller, op: &str, mut args: Map<String, Value>)
             ..
         }) => cmd,
         Ok(_) => return error_response(&Error::internal("not a REST operation")),
-        Err(de) => return error_response(&de.error),
+        Err(de) => {
+            app.console
+                .record(Some("rest"), Some(op), Some(&caller.0.id), &de.error);
+            return error_response(&de.error);
+        }
     };
-    match app.node.execute(&caller.0.id, cmd).await {
+    app.hub.dialect_metrics("rest").command(&cmd);
+    let executed = crate::console::scoped("rest", app.node.execute(&caller.0.id, cmd));
+    match executed.await {
         Ok(reply) => {
             let created = matches!(reply, Reply::Room { created: true, .. })
                 || (op == "send" && matches!(reply, Reply::Message { .. }))

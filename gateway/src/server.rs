@@ -23,11 +23,13 @@ use node::api::NodeApi;
 use node::bus::Bus;
 use node::bus::kafka::KafkaBus;
 use node::bus::local::LocalBus;
+use node::bus::metered::MeteredBus;
 use node::cluster::Cluster;
 use node::cluster::remote::RemoteNodes;
 use node::ring::RingKey;
 use node::store::Store;
 use node::store::embedded::EmbeddedStore;
+use node::store::metered::MeteredStore;
 use node::store::postgres::PostgresStore;
 use node::store::scylla::ScyllaStore;
 use node::user::SessionInfo;
@@ -125,6 +127,10 @@ pub struct App {
     pub people: crate::people::People,
     /// The push worker's counters (zero where no worker runs), shown by `GET /metrics`.
     pub push_metrics: Arc<crate::push::PushMetrics>,
+    /// Whether the store, the bus and (for a gateway) the nodes answer, for `/readyz`.
+    pub ready: Arc<crate::ready::Readiness>,
+    /// What the web console shows (busiest rooms, recent errors, ring shares).
+    pub console: Arc<crate::console::Console>,
 }
 
 /// A running Palaver gateway: `serve` (with a local node) or `gateway` (cluster client).
@@ -142,27 +148,34 @@ pub struct Palaver {
     push: Option<crate::push::PushWorker>,
 }
 
-/// Opens the configured store.
+/// Opens the configured store, measured ([`MeteredStore`]: time and failures per operation).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(match &config.store {
+    let store: Arc<dyn Store> = match &config.store {
         StoreChoice::Embedded => {
             Arc::new(EmbeddedStore::open(&config.data_dir, config.durability)?)
         }
         StoreChoice::Postgres { url, pool } => Arc::new(PostgresStore::connect(url, *pool).await?),
         StoreChoice::Scylla(c) => Arc::new(ScyllaStore::connect(c).await?),
-    })
+    };
+    Ok(Arc::new(MeteredStore::new(store)))
+}
+
+/// The bus, measured ([`MeteredBus`]: publish time, failures, envelopes consumed).
+pub fn metered_bus(bus: Arc<dyn Bus>) -> Arc<dyn Bus> {
+    Arc::new(MeteredBus::new(bus))
 }
 
 impl Palaver {
     /// `palaver serve`: everything in one process (with the push worker when a provider is
     /// configured); returns once it accepts connections.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        crate::telemetry::metrics::install();
         let auth = Auth::new(&config.jwt, &config.data_dir).map_err(anyhow::Error::msg)?;
         let store = open_store(&config).await?;
-        let bus: Arc<dyn Bus> = match &config.kafka {
+        let bus: Arc<dyn Bus> = metered_bus(match &config.kafka {
             Some(k) => KafkaBus::connect(k.clone()).await?,
             None => Arc::new(LocalBus::new(BUS_QUEUE)),
-        };
+        });
         let local = Node::start(config.node.clone(), store.clone(), bus.clone()).await?;
         let node: Arc<dyn NodeApi> = local.clone();
         let mut palaver = Self::launch(
@@ -200,6 +213,7 @@ impl Palaver {
     /// `palaver gateway`: sockets only; every call goes to the node owning its key, deliveries
     /// arrive over Kafka.
     pub async fn start_gateway(config: Config) -> anyhow::Result<Self> {
+        crate::telemetry::metrics::install();
         let auth = Auth::new(&config.jwt, &config.data_dir).map_err(anyhow::Error::msg)?;
         let members = config
             .nodes
@@ -210,7 +224,7 @@ impl Palaver {
         })?;
         let cluster = Cluster::new(members, config.node.call_timeout)?;
         cluster.refresh().await;
-        let bus: Arc<dyn Bus> = KafkaBus::connect(kafka).await?;
+        let bus = metered_bus(KafkaBus::connect(kafka).await?);
         let node: Arc<dyn NodeApi> = Arc::new(RemoteNodes::new(cluster.clone()));
         Self::launch(config, auth, node, bus, None, None, Some(cluster)).await
     }
@@ -224,15 +238,37 @@ impl Palaver {
         store: Option<Arc<dyn Store>>,
         cluster: Option<Arc<Cluster>>,
     ) -> anyhow::Result<Self> {
+        // Every call to the nodes goes through the console's observer (sends, refusals).
+        let console = Arc::new(crate::console::Console::new());
+        let node: Arc<dyn NodeApi> = Arc::new(crate::console::Observed::new(node, console.clone()));
+        // A `gateway.receive` span around every command when tracing is on.
+        let node = crate::telemetry::otel::traced(node);
+        // And through the metrics (send -> ack latency, error answers by code).
+        crate::telemetry::metrics::install();
+        let node: Arc<dyn NodeApi> = Arc::new(crate::telemetry::metrics::MeteredNode::new(node));
+        if let Some(local) = &local {
+            console.set_ring(crate::console::RingSource::Local(local.clone()));
+        } else if let Some(cluster) = &cluster {
+            console.set_ring(crate::console::RingSource::Cluster(cluster.clone()));
+        }
         let hub = Hub::new(
             config.gateway_id.clone(),
             node.clone(),
             config.outbound_queue,
         );
+        console.set_hub(&hub);
         let deliveries = bus.subscribe(&config.gateway_id).await?;
         let hub_stop = CancellationToken::new();
         let hub_task = tokio::spawn(hub.clone().run(deliveries, hub_stop.clone()));
 
+        let mut checks = vec![crate::ready::bus_check(bus.clone())];
+        if let Some(store) = &store {
+            checks.push(crate::ready::store_check(store.clone()));
+        }
+        if let Some(cluster) = &cluster {
+            checks.push(crate::ready::nodes_check(cluster.clone()));
+        }
+        let ready = crate::ready::Readiness::start(checks, hub_stop.clone()).await;
         let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
         let addr = listener.local_addr()?;
         let app = Arc::new(App {
@@ -245,6 +281,8 @@ impl Palaver {
             socketio: Default::default(),
             people: Default::default(),
             push_metrics: Default::default(),
+            ready,
+            console,
         });
         if let Some(cluster) = cluster {
             cluster.spawn_health(HEALTH_EVERY, hub_stop.clone());
@@ -257,6 +295,13 @@ impl Palaver {
             async move {
                 stop.cancelled().await;
                 app.draining.store(true, Ordering::SeqCst);
+                // Each dialect's own "reconnect elsewhere": close 1001 on plain WebSockets
+                // (native, Phoenix, type-tagged, event/data clients reconnect on it), a
+                // transport close on Socket.IO.
+                let sio = app.clone();
+                tokio::spawn(async move {
+                    crate::dialect::socketio::close_transports(&sio).await;
+                });
                 app.hub.kick_all(&session::going_away());
             }
         };
@@ -393,6 +438,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/ws", get(native_ws))
         .nest("/v1", rest::routes())
+        .merge(crate::console::routes())
         .merge(crate::dialect::socketio::syarah::routes())
         .merge(crate::dialect::phoenix::routes())
         .merge(crate::dialect::rt::routes())
@@ -429,15 +475,11 @@ async fn healthz() -> &'static str {
 
 /// `GET /metrics`: Prometheus text (0.0.4).
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    crate::push::metrics_response(app.push_metrics.render())
+    crate::telemetry::metrics::response(&app.push_metrics.render())
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.draining.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
-    } else {
-        (StatusCode::OK, "ready").into_response()
-    }
+    app.ready.response(app.draining.load(Ordering::SeqCst))
 }
 
 /// An error as an HTTP response: the code's status and `{"error":{"code","message"}}`.
@@ -477,7 +519,9 @@ pub fn authenticate(app: &App, token: Option<&str>) -> Result<Profile, ApiError>
             }
             other => other.to_string(),
         };
-        ApiError(Error::new(ErrorCode::Unauthorized, msg))
+        let e = Error::new(ErrorCode::Unauthorized, msg);
+        app.console.record(None, Some("auth"), None, &e);
+        ApiError(e)
     })
 }
 
@@ -518,7 +562,8 @@ async fn native_ws(
     upgrade: Result<ws::Upgrade, ws::NotUpgrade>,
 ) -> Response {
     // Authenticate before anything else: a bad token is a 401, never an upgraded socket.
-    let profile = match authenticate(&app, bearer(&headers, q.token.as_deref())) {
+    let token = bearer(&headers, q.token.as_deref());
+    let profile = match crate::console::sync_scoped("native", || authenticate(&app, token)) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -544,7 +589,10 @@ async fn native_ws(
         limit,
         None,
         move |socket, dropped| {
-            tracker.track_future(session::run_native(socket, task_app, opened, dropped))
+            tracker.track_future(crate::console::scoped(
+                "native",
+                session::run_native(socket, task_app, opened, dropped),
+            ))
         },
         move || failed.abandon(),
     )

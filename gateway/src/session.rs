@@ -205,24 +205,24 @@ pub async fn run_native<S>(
                     let Some(out) = out else { break };
                     // Frames already queued behind this one go out in the same socket write.
                     let write = async {
+                        let mut events = u64::from(matches!(out, Outbound::Event(_)));
                         sink.feed(native_frame(out)).await.map_err(drop)?;
                         for _ in 1..WRITE_BATCH {
                             let Ok(out) = rx.try_recv() else { break };
+                            events += u64::from(matches!(out, Outbound::Event(_)));
                             sink.feed(native_frame(out)).await.map_err(drop)?;
                         }
-                        sink.flush().await.map_err(drop)
+                        sink.flush().await.map_err(drop)?;
+                        Ok::<u64, ()>(events)
                     };
                     match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(events)) => writer_handle.metrics().delivered(events),
                         Ok(Err(_)) => {
                             writer_handle.kick(CloseReason { code: 1006, reason: "write failed".into() });
                             return;
                         }
                         Err(_) => {
-                            writer_handle.kick(CloseReason {
-                                code: 1008,
-                                reason: "slow consumer: socket write timed out".into(),
-                            });
+                            writer_handle.slow_consumer("slow consumer: socket write timed out".into());
                             return;
                         }
                     }
@@ -322,7 +322,11 @@ pub async fn run_native<S>(
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
         };
         let out = match native::decode(text.as_str()) {
-            Err(de) => native::encode_error(&de.id, &de.error),
+            Err(de) => {
+                app.console
+                    .record(Some("native"), Some("decode"), Some(&user), &de.error);
+                native::encode_error(&de.id, &de.error)
+            }
             Ok(req) => match req.op {
                 native::Op::Ping => native::encode_pong(&req.id),
                 native::Op::Resume(rooms) => match resume(&app, &user, id, rooms).await {
@@ -330,6 +334,7 @@ pub async fn run_native<S>(
                     Err(e) => native::encode_error(&req.id, &e),
                 },
                 native::Op::Command(mut cmd) => {
+                    handle.metrics().command(&cmd);
                     if let Command::View {
                         room,
                         viewing: on,

@@ -206,6 +206,52 @@ async fn clients_on_different_gateways_chat_and_see_one_history() {
     }
     let group_logs: Vec<ClientLog> = vec![la, lb, lc];
     assert_clean(&group_logs, &hist);
+
+    // Every process shows its metrics: each node sees the 3-node ring and owns about a third of
+    // it (the shares add up to 1); the room writes happened on the nodes; each gateway counts
+    // its own sessions.
+    let mut shares = 0.0;
+    let mut room_writes = 0.0;
+    for n in sb.nodes.iter().flatten() {
+        let text = metrics_text(&n.http).await;
+        assert_eq!(series(&text, "palaver_ring_nodes"), Some(3.0), "{text}");
+        let share = series(&text, "palaver_ring_owned_share").unwrap();
+        assert!((0.2..0.5).contains(&share), "{share}");
+        shares += share;
+        room_writes += series(&text, "palaver_store_seconds_count{op=\"apply_room\"}").unwrap();
+    }
+    assert!((shares - 1.0).abs() < 1e-9, "{shares}");
+    assert!(room_writes >= 26.0, "{room_writes}");
+    for (j, sessions) in [(0, 1.0), (1, 2.0)] {
+        let text = metrics_text(&sb.gateways[j].as_ref().unwrap().http).await;
+        assert_eq!(
+            series(&text, "palaver_connections{dialect=\"native\"}"),
+            Some(sessions),
+            "{text}"
+        );
+        assert!(series(&text, "palaver_send_ack_seconds_count").unwrap() > 0.0);
+    }
+}
+
+/// `GET /metrics` of a process.
+async fn metrics_text(http: &str) -> String {
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{http}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap()
+}
+
+/// The value of the sample written exactly `series` (name and labels) in a text exposition.
+fn series(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,6 +349,157 @@ async fn kill_9_of_a_node_under_traffic_loses_nothing() {
         "every acknowledged message stored once, nothing else"
     );
     assert_clean(&logs, &hist);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_a_node_hands_its_rooms_over_before_it_exits() {
+    let _one = SERIAL.lock().await;
+    let mut sb = Sandbox::start(3, 3, 2).await;
+    let users = ["1", "2", "3", "4"];
+    let mut clients = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        clients.push(sb.connect(i % 2, u).await);
+    }
+    let mut rooms = Vec::new();
+    for k in 0..6 {
+        let g = clients[0]
+            .ok(
+                "create_group",
+                json!({"name": format!("h{k}"), "members": ["2", "3", "4"]}),
+            )
+            .await;
+        rooms.push(g["room"]["id"].as_u64().unwrap());
+    }
+    let ring = node::cluster::ring_of(
+        (0..3)
+            .map(|i| schema::NodeId::new(format!("n{i}")))
+            .collect(),
+    );
+    let owner = |r: u64| {
+        ring.owner(&node::ring::RingKey::Room(schema::RoomId(r)))
+            .unwrap()
+            .clone()
+    };
+    let victim = owner(rooms[0]);
+    let victim_idx: usize = victim.as_str()[1..].parse().unwrap();
+    let victim_rooms: Vec<u64> = rooms
+        .iter()
+        .copied()
+        .filter(|r| owner(*r) == victim)
+        .collect();
+    let survivor = sb.nodes[(victim_idx + 1) % 3]
+        .as_ref()
+        .unwrap()
+        .http
+        .clone();
+    let mut logs: Vec<ClientLog> = users
+        .iter()
+        .map(|u| ClientLog {
+            name: format!("user{u}"),
+            ..Default::default()
+        })
+        .collect();
+    const ROUNDS: usize = 10;
+    let mut victim_proc = None;
+    let mut slowest_during_drain = Duration::ZERO;
+    let mut handed_over_while_running = false;
+    for round in 0..ROUNDS {
+        if round == ROUNDS / 2 {
+            let p = sb.nodes[victim_idx].take().unwrap();
+            p.sigterm();
+            victim_proc = Some(p);
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            for &room in &rooms {
+                let took = send(c, &mut logs[i], room, &format!("u{i}-r{room}-n{round}")).await;
+                if victim_proc.is_some() && victim_rooms.contains(&room) {
+                    slowest_during_drain = slowest_during_drain.max(took);
+                }
+            }
+        }
+        if let Some(p) = victim_proc.as_mut()
+            && p.running()
+            && cluster::sandbox::get_json(&survivor, "/ring").await["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 2)
+        {
+            // The survivors already run the ring without the victim, which is still serving
+            // (answering not_owner) while it finishes.
+            handed_over_while_running = true;
+        }
+    }
+    let mut victim_proc = victim_proc.unwrap();
+    let code = victim_proc.exit_code(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "a drained node exits 0");
+    assert!(
+        handed_over_while_running,
+        "the ring moved on before the node exited"
+    );
+    println!("handover: slowest send into the draining node's rooms took {slowest_during_drain:?}");
+    assert!(
+        slowest_during_drain < Duration::from_secs(1),
+        "a graceful handover must not look like a crash: {slowest_during_drain:?}"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        drain(c, &mut logs[i], Duration::from_millis(700)).await;
+    }
+    let mut hist = BTreeMap::new();
+    for &room in &rooms {
+        hist.insert(room, history(&mut clients[1], room).await);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        for &room in &rooms {
+            resume(c, &mut logs[i], room).await;
+        }
+    }
+    let acked: usize = logs.iter().map(|l| l.acked.len()).sum();
+    let stored: usize = hist.values().map(Vec::len).sum();
+    assert_eq!(acked, stored, "every acknowledged message stored once");
+    assert_clean(&logs, &hist);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_broker_and_the_nodes() {
+    let _one = SERIAL.lock().await;
+    let mut sb = Sandbox::start(1, 1, 1).await;
+    let node_http = sb.nodes[0].as_ref().unwrap().http.clone();
+    let gw_http = sb.gateways[0].as_ref().unwrap().http.clone();
+    let status = |addr: String| async move {
+        let r = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let until = |addr: String, want: u16| async move {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (s, body) = status(addr.clone()).await;
+            if s == want || Instant::now() > deadline {
+                return (s, body);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(status(node_http.clone()).await.0, 200);
+    assert_eq!(status(gw_http.clone()).await.0, 200);
+    // The broker goes away: both report the bus.
+    sb.broker.kill();
+    let (s, body) = until(node_http.clone(), 503).await;
+    assert_eq!(s, 503, "{body}");
+    assert!(body.starts_with("bus unreachable"), "{body}");
+    let (s, body) = until(gw_http.clone(), 503).await;
+    assert!(
+        s == 503 && body.starts_with("bus unreachable"),
+        "{s} {body}"
+    );
+    sb.broker.restart(Duration::ZERO).await;
+    assert_eq!(until(node_http.clone(), 200).await.0, 200);
+    assert_eq!(until(gw_http.clone(), 200).await.0, 200);
+    // The only node goes away: the gateway has nobody to route to.
+    sb.kill_node(0);
+    let (s, body) = until(gw_http.clone(), 503).await;
+    assert!(
+        s == 503 && body.starts_with("nodes unreachable"),
+        "{s} {body}"
+    );
 }
 
 /// Cluster tests start ~7 processes each; on a 2-core machine they run one at a time.

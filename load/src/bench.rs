@@ -30,7 +30,7 @@ pub struct Sizes {
     pub seconds: u64,
     /// `idle`: sessions held.
     pub idle_sessions: usize,
-    /// `idle`: seconds held.
+    /// `idle`: seconds held (past `PALAVER_USER_IDLE_SECS`, so idle users have shed their actors).
     pub idle_seconds: u64,
     /// `connect-storm`: sessions opened.
     pub connect_storm: usize,
@@ -58,7 +58,7 @@ impl Sizes {
             group_rate: 10.0,
             seconds: 10,
             idle_sessions: 10_000,
-            idle_seconds: 10,
+            idle_seconds: 40,
             connect_storm: 10_000,
             storm_clients: 5_000,
             storm_drop: 2_000,

@@ -341,8 +341,17 @@ fn micros(d: Duration) -> u64 {
     (d.as_micros() as u64).max(1)
 }
 
-/// Raises the open-file limit to the hard limit (one descriptor per session).
+/// Raises the open-file limit (one descriptor per session): to the kernel's `fs.nr_open` where
+/// the hard limit may be raised (root), else to the hard limit. Returns the new soft limit.
 pub fn raise_fd_limit() -> u64 {
+    use rlimit::Resource;
+    let want = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    if rlimit::setrlimit(Resource::NOFILE, want, want).is_ok() {
+        return want;
+    }
     rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
 }
 

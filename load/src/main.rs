@@ -49,7 +49,7 @@ struct RunArgs {
     /// Wire protocol (socketio: dm and group, against load/peer-socketio).
     #[arg(long, value_enum, default_value = "native")]
     protocol: Protocol,
-    /// Clients (at most 100,000).
+    /// Clients (at most 300,000).
     #[arg(long, default_value_t = 100)]
     clients: usize,
     /// Members per group room.
@@ -173,7 +173,7 @@ fn sizes(a: &BenchArgs) -> Sizes {
 }
 
 fn check_bounds(clients: usize, seconds: u64) -> anyhow::Result<()> {
-    anyhow::ensure!(clients <= 100_000, "at most 100,000 clients");
+    anyhow::ensure!(clients <= 300_000, "at most 300,000 clients");
     anyhow::ensure!(seconds <= 600, "at most 600 s");
     Ok(())
 }

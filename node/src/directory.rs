@@ -66,6 +66,7 @@ impl<S: ChildSpec> Directory<S> {
             spec: Arc::new(spec),
             entries: entries.clone(),
             mailbox: mailbox.max(1),
+            actors: metrics::gauge!("palaver_actors", "kind" => S::KIND),
         };
         let (supervisor, _) = Actor::spawn(None, sup, ()).await.map_err(|e| {
             Error::internal(format!("cannot start the {} supervisor: {e}", S::KIND))
@@ -204,6 +205,8 @@ struct Supervisor<S: ChildSpec> {
     spec: Arc<S>,
     entries: Arc<DashMap<S::Key, Entry<ChildMsg<S>>>>,
     mailbox: usize,
+    /// `palaver_actors{kind}`: children running (all directories of the process together).
+    actors: metrics::Gauge,
 }
 
 impl<S: ChildSpec> Supervisor<S> {
@@ -222,6 +225,7 @@ impl<S: ChildSpec> Supervisor<S> {
                 };
                 children.insert(entry.actor.get_id(), key.clone());
                 self.entries.insert(key.clone(), entry.clone());
+                self.actors.increment(1.0);
                 Ok(entry)
             }
             Err(ractor::SpawnErr::StartupFailed(e)) => Err(startup_error(S::KIND, key, &e)),
@@ -283,6 +287,7 @@ impl<S: ChildSpec> Actor for Supervisor<S> {
         match evt {
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if let Some(key) = children.remove(&cell.get_id()) {
+                    self.actors.decrement(1.0);
                     self.entries
                         .remove_if(&key, |_, e| e.actor.get_id() == cell.get_id());
                     tracing::debug!(kind = S::KIND, ?key, ?reason, "actor stopped");
@@ -290,6 +295,7 @@ impl<S: ChildSpec> Actor for Supervisor<S> {
             }
             SupervisionEvent::ActorFailed(cell, err) => {
                 if let Some(key) = children.remove(&cell.get_id()) {
+                    self.actors.decrement(1.0);
                     self.entries
                         .remove_if(&key, |_, e| e.actor.get_id() == cell.get_id());
                     tracing::warn!(kind = S::KIND, ?key, error = %err, "actor failed; restarting");

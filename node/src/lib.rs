@@ -14,6 +14,8 @@
 //! - [`store`]: the `Store` trait and the embedded SQLite backend.
 //! - [`bus`]: the `Bus` trait and the in-process backend; carries deliveries to gateways.
 //! - [`subscriptions`]: which gateways want which room's events.
+//! - [`trace`]: the message's trace context (W3C `traceparent`) across RPC calls, the bus and
+//!   the room actor, when the binary exports spans.
 //!
 //! Data flow of a message: the gateway calls [`Node::execute`] with a `Command::Send` -> the
 //! room actor checks membership -> its sequencer writes a batch to the store -> ack -> one
@@ -30,6 +32,7 @@ pub mod ring;
 pub mod room;
 pub mod store;
 pub mod subscriptions;
+pub mod trace;
 pub mod user;
 
 use bus::Bus;
@@ -76,6 +79,11 @@ pub struct NodeConfig {
     pub id_slot: u16,
     /// An actor with nothing to do for this long stops. Default 5 minutes.
     pub idle_timeout: Duration,
+    /// A user actor with nothing to do for this long stops, even while the user is online:
+    /// its sessions live in the node's session table, so a later connect, disconnect or
+    /// presence change starts it again (one profile read). Idle online users then cost no
+    /// actor. Default 30 s.
+    pub user_idle_timeout: Duration,
     /// Deadline of one call to an actor. Default 10 s.
     pub call_timeout: Duration,
     /// Calls in flight per actor before callers wait (bounds each mailbox). Default 4096.
@@ -132,6 +140,7 @@ impl Default for NodeConfig {
             node_id: NodeId::new("local"),
             id_slot: 0,
             idle_timeout: Duration::from_secs(300),
+            user_idle_timeout: Duration::from_secs(30),
             call_timeout: Duration::from_secs(10),
             actor_mailbox: 4096,
             sequencer_queue: 4096,
@@ -223,6 +232,8 @@ impl NodeCtx {
 /// A node: the actors and the routing in front of them.
 pub struct Node {
     ctx: Arc<NodeCtx>,
+    /// Set when the process begins to shut down: peers leave it out of the ring.
+    draining: std::sync::atomic::AtomicBool,
     ring: RwLock<Arc<Ring>>,
     peers: std::sync::OnceLock<Arc<cluster::Cluster>>,
     rooms: Directory<RoomSpec>,
@@ -237,6 +248,7 @@ impl Node {
         bus: Arc<dyn Bus>,
     ) -> Result<Arc<Self>, Error> {
         let ring = Ring::new(1, [config.node_id.clone()]);
+        ring.export_metrics(&config.node_id, None);
         let ctx = Arc::new(NodeCtx {
             ids: IdGenerator::new(config.id_slot),
             store,
@@ -256,6 +268,7 @@ impl Node {
         let users = Directory::start(UserSpec { ctx: ctx.clone() }, mailbox, timeout).await?;
         let node = Arc::new(Self {
             ctx,
+            draining: std::sync::atomic::AtomicBool::new(false),
             ring: RwLock::new(Arc::new(ring)),
             peers: std::sync::OnceLock::new(),
             rooms,
@@ -289,7 +302,45 @@ impl Node {
             .sessions
             .retain(|u| owns(&RingKey::User(u.clone())));
         self.ctx.subscriptions.retain(|r| owns(&RingKey::Room(r)));
+        ring.export_metrics(&me, Some(self.ring().version()));
         *self.ring.write() = ring;
+    }
+
+    /// Starts the hand-over before a shutdown: health pings answer `draining`, so every
+    /// process (this one included) builds its ring without this node, and its actors stop as
+    /// their keys move.
+    pub fn begin_drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether [`Node::begin_drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Called with the ring version a caller routed by: when it differs from ours, refreshes
+    /// the live set now (at most every 100 ms) instead of waiting for the next health round,
+    /// and adopts the result.
+    pub async fn sync_ring(&self, seen: u64) {
+        if seen == 0 || seen == self.ring().version() {
+            return;
+        }
+        let Some(peers) = self.peers.get() else {
+            return;
+        };
+        if !peers.refresh_due(std::time::Duration::from_millis(100)) {
+            return;
+        }
+        peers.refresh().await;
+        let ring = peers.ring();
+        if ring.version() != self.ring().version() {
+            tracing::debug!(
+                version = ring.version(),
+                "ring caught up on a caller's version"
+            );
+            self.set_ring(ring);
+        }
     }
 
     /// Joins this node to a cluster: `peers` reaches the owners of keys this node does not own.
@@ -456,12 +507,16 @@ impl Node {
                     })?;
                 }
                 self.ctx.limits.message(caller)?;
+                // The room actor's part of the message's trace: it lives until the sequencer
+                // has written, acknowledged and published the message.
+                let span = crate::span!("room.send", room = %room, sender = %caller);
                 let message = self
                     .call_room(room, |reply| RoomMsg::Send {
                         sender: caller.clone(),
                         body: body.clone(),
                         reply_to,
                         client_ref: client_ref.clone(),
+                        span: span.clone(),
                         reply,
                     })
                     .await??;
@@ -890,6 +945,7 @@ impl Node {
                 event: Event::RoomJoined {
                     room: summary.clone(),
                 },
+                traceparent: None,
             };
             if let Err(e) = self.ctx.bus.publish(d).await {
                 tracing::warn!(%room, error = %e, "room_joined publish failed");
@@ -915,6 +971,7 @@ impl Node {
                 gateway,
                 target: Target::Users { users },
                 event: event.clone(),
+                traceparent: None,
             };
             if let Err(e) = self.ctx.bus.publish(d).await {
                 tracing::warn!(error = %e, event = event.name(), "user delivery failed");

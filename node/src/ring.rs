@@ -101,6 +101,32 @@ impl Ring {
     pub fn nodes(&self) -> &[NodeId] {
         &self.nodes
     }
+
+    /// The fraction of keys `node` owns (0 to 1), estimated from [`Ring::SHARE_SAMPLE`] room
+    /// keys (the hash spreads them like any others): 1 for a node alone, about `1/n` with `n`.
+    pub fn share(&self, node: &NodeId) -> f64 {
+        let owned = (0..Self::SHARE_SAMPLE)
+            .filter(|i| self.owner(&RingKey::Room(RoomId(*i))) == Some(node))
+            .count();
+        owned as f64 / Self::SHARE_SAMPLE as f64
+    }
+
+    /// Keys sampled by [`Ring::share`] (its estimate is within about 2% of the true share).
+    pub const SHARE_SAMPLE: u64 = 4096;
+
+    /// Shows this ring, as seen by node `me`, in the process's metrics: `palaver_ring_info
+    /// {version}` 1 (the `previous` version's series drops to 0), `palaver_ring_nodes` and
+    /// `palaver_ring_owned_share`.
+    pub fn export_metrics(&self, me: &NodeId, previous: Option<u64>) {
+        if let Some(old) = previous
+            && old != self.version
+        {
+            metrics::gauge!("palaver_ring_info", "version" => old.to_string()).set(0.0);
+        }
+        metrics::gauge!("palaver_ring_info", "version" => self.version.to_string()).set(1.0);
+        metrics::gauge!("palaver_ring_nodes").set(self.nodes.len() as f64);
+        metrics::gauge!("palaver_ring_owned_share").set(self.share(me));
+    }
 }
 
 #[cfg(test)]
@@ -191,6 +217,20 @@ mod tests {
             .collect();
         let want = ["node-1", "node-1", "node-1", "node-2", "node-2"];
         assert_eq!(owners, want.map(|s| Some(s.to_owned())));
+    }
+
+    #[test]
+    fn shares_add_up_to_one() {
+        let nodes = ids(3);
+        let ring = Ring::new(1, nodes.clone());
+        let total: f64 = nodes.iter().map(|n| ring.share(n)).sum();
+        assert!((total - 1.0).abs() < 1e-9, "{total}");
+        for n in &nodes {
+            let s = ring.share(n);
+            assert!((s - 1.0 / 3.0).abs() < 0.05, "{n}: {s}");
+        }
+        assert_eq!(Ring::new(1, ids(1)).share(&ids(1)[0]), 1.0);
+        assert_eq!(ring.share(&NodeId::new("elsewhere")), 0.0);
     }
 
     #[test]

@@ -33,6 +33,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use tokio::sync::mpsc;
+use tracing::Instrument;
+
+/// Most other sends of a batch whose traces the batch's store write links to.
+const MAX_LINKS: usize = 32;
 
 /// Most messages one `delete` may name.
 pub const MAX_DELETE: usize = 100;
@@ -65,6 +69,9 @@ pub enum RoomMsg {
         reply_to: Option<MessageId>,
         /// Idempotency key (the router supplies one when the client did not).
         client_ref: String,
+        /// The `room.send` span (the message's trace; [`tracing::Span::none`] when tracing is
+        /// off): the store write and the publishes are its children.
+        span: tracing::Span,
         /// The ack.
         reply: RpcReplyPort<Result<Message, Error>>,
     },
@@ -250,6 +257,7 @@ impl Actor for RoomActor {
                 body,
                 reply_to,
                 client_ref,
+                span,
                 reply,
             } => {
                 st.last_activity = Instant::now();
@@ -262,6 +270,7 @@ impl Actor for RoomActor {
                     body,
                     reply_to,
                     client_ref,
+                    span,
                     reply,
                 };
                 self.enqueue(st, item).await?;
@@ -582,6 +591,7 @@ pub(crate) async fn publish_room(ctx: &NodeCtx, room: RoomId, event: Event) {
             gateway,
             target: Target::Room { room },
             event: event.clone(),
+            traceparent: None,
         };
         if let Err(e) = ctx.bus.publish(d).await {
             // Stored events are replayed to a client that resumes; ephemeral ones are lost.
@@ -596,6 +606,7 @@ enum SeqItem {
         body: MessageBody,
         reply_to: Option<MessageId>,
         client_ref: String,
+        span: tracing::Span,
         reply: RpcReplyPort<Result<Message, Error>>,
     },
     Change {
@@ -619,6 +630,7 @@ struct SendItem {
     body: MessageBody,
     reply_to: Option<MessageId>,
     client_ref: String,
+    span: tracing::Span,
     reply: RpcReplyPort<Result<Message, Error>>,
 }
 
@@ -735,12 +747,14 @@ impl Sequencer {
                     body,
                     reply_to,
                     client_ref,
+                    span,
                     reply,
                 } => sends.push(SendItem {
                     sender,
                     body,
                     reply_to,
                     client_ref,
+                    span,
                     reply,
                 }),
                 SeqItem::Change { caller, cmd, reply } => {
@@ -883,7 +897,29 @@ impl Sequencer {
                 at: now,
                 ..RoomWrite::default()
             };
-            match self.ctx.store.apply_room(self.room, write).await {
+            // One write for the batch: a child of the first send's trace, linked to the others.
+            let span = match batch.first() {
+                Some(first) if crate::trace::enabled() => {
+                    let span = tracing::info_span!(
+                        parent: &first.span,
+                        "store.write",
+                        room = %self.room,
+                        messages = fresh.len(),
+                    );
+                    for other in batch.iter().skip(1).take(MAX_LINKS) {
+                        crate::trace::link(&span, &other.span);
+                    }
+                    span
+                }
+                _ => tracing::Span::none(),
+            };
+            let written = self
+                .ctx
+                .store
+                .apply_room(self.room, write)
+                .instrument(span)
+                .await;
+            match written {
                 Ok(()) => {}
                 Err(crate::store::StoreError::DuplicateRef(why)) if !look_up => {
                     tracing::debug!(room = %self.room, %why, "retried send: looking its key up");
@@ -903,7 +939,18 @@ impl Sequencer {
         fresh: Vec<Message>,
         outcomes: Vec<Result<Outcome, Error>>,
     ) {
+        // `palaver_fanout_seconds{stage="node"}`: from the durable write to each message's
+        // deliveries handed to the bus (acks and earlier messages of the batch included).
+        let committed = std::time::Instant::now();
+        let fanout = metrics::histogram!("palaver_fanout_seconds", "stage" => "node");
+        // Each new message is published within its sender's `room.send` span.
+        let mut spans = vec![tracing::Span::none(); fresh.len()];
         for (item, outcome) in batch.drain(..).zip(outcomes) {
+            if let Ok(Outcome::New(i)) = &outcome
+                && let Some(slot) = spans.get_mut(*i)
+            {
+                *slot = item.span.clone();
+            }
             let res = outcome.map(|o| match o {
                 Outcome::New(i) | Outcome::DupOfNew(i) => fresh[i].clone(),
                 Outcome::Dup(m) => *m,
@@ -915,7 +962,8 @@ impl Sequencer {
         let mut pushes = Vec::new();
         let wants_push = self.ctx.bus.wants_push();
         let mut notes: Vec<Notification> = Vec::new();
-        for m in fresh {
+        let mut push_spans: Vec<tracing::Span> = Vec::new();
+        for (m, span) in fresh.into_iter().zip(spans) {
             let cref = m.client_ref.clone().unwrap_or_default();
             self.recent.insert((m.sender.clone(), cref), m.clone());
             let m = crate::public(m);
@@ -932,11 +980,15 @@ impl Sequencer {
             }
             if wants_push {
                 self.collect_pushes(&m, &mut pushes);
+                push_spans.resize(pushes.len(), span.clone());
             }
-            publish_room(&self.ctx, self.room, Event::Message { message: m }).await;
+            publish_room(&self.ctx, self.room, Event::Message { message: m })
+                .instrument(span)
+                .await;
+            fanout.record(committed.elapsed());
         }
-        for job in pushes {
-            if let Err(e) = self.ctx.bus.publish_push(job).await {
+        for (job, span) in pushes.into_iter().zip(push_spans) {
+            if let Err(e) = self.ctx.bus.publish_push(job).instrument(span).await {
                 tracing::warn!(room = %self.room, error = %e, "push job not published");
             }
         }
@@ -1009,6 +1061,7 @@ impl Sequencer {
                 room_name: group.clone().flatten(),
                 collapse_key,
                 created_at: m.created_at,
+                traceparent: None,
             });
         }
     }

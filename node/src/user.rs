@@ -177,7 +177,13 @@ impl Actor for UserActor {
         id: UserId,
     ) -> Result<UserState, ActorProcessingErr> {
         let user = self.ctx.store.user(&id).await?;
-        let ticker = myself.send_interval(self.ctx.config.idle_timeout / 2, || UserMsg::Tick);
+        let every = self
+            .ctx
+            .config
+            .user_idle_timeout
+            .min(self.ctx.config.idle_timeout)
+            / 2;
+        let ticker = myself.send_interval(every, || UserMsg::Tick);
         Ok(UserState {
             id,
             user,
@@ -201,7 +207,11 @@ impl Actor for UserActor {
         msg: UserMsg,
         st: &mut UserState,
     ) -> Result<(), ActorProcessingErr> {
-        st.last_activity = Instant::now();
+        if !matches!(msg, UserMsg::Tick) {
+            // The idle check itself is no activity (it used to be, and user actors never
+            // stopped).
+            st.last_activity = Instant::now();
+        }
         match msg {
             UserMsg::Connect {
                 profile,
@@ -232,9 +242,15 @@ impl Actor for UserActor {
                 }
             }
             UserMsg::Tick => {
-                if !self.ctx.sessions.is_online(&st.id)
-                    && st.last_activity.elapsed() >= self.ctx.config.idle_timeout
-                {
+                // Offline users keep their actor for `idle_timeout`; online ones for
+                // `user_idle_timeout` (their sessions stay in the session table).
+                let idle = st.last_activity.elapsed();
+                let limit = if self.ctx.sessions.is_online(&st.id) {
+                    self.ctx.config.user_idle_timeout
+                } else {
+                    self.ctx.config.idle_timeout
+                };
+                if idle >= limit {
                     myself.stop(Some("idle".into()));
                 }
             }

@@ -279,6 +279,46 @@ async fn presence_tracks_sessions_and_last_seen() {
     node.shutdown().await;
 }
 
+/// An online user's actor stops when idle (its sessions stay in the session table), and the
+/// user stays online; the next disconnect starts it again and presence ends correctly.
+#[tokio::test]
+async fn an_idle_online_users_actor_stops_and_presence_survives() {
+    let (node, store, _dir) = node_with(NodeConfig {
+        user_idle_timeout: Duration::from_millis(200),
+        ..NodeConfig::default()
+    })
+    .await;
+    connect(&node, "q", 1).await;
+    connect(&node, "q", 2).await;
+    assert_eq!(node.active_actors().1, 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while node.active_actors().1 > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle user actor never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sessions = &node.ctx().sessions;
+    assert!(
+        sessions.is_online(&uid("q")),
+        "still online without an actor"
+    );
+    assert_eq!(sessions.sessions(&uid("q")).len(), 2);
+    node.disconnect(&uid("q"), &GatewayId::new("gw"), SessionId(1))
+        .await;
+    assert!(sessions.is_online(&uid("q")));
+    node.disconnect(&uid("q"), &GatewayId::new("gw"), SessionId(2))
+        .await;
+    assert!(!sessions.is_online(&uid("q")));
+    let user = store.user(&uid("q")).await.unwrap().unwrap();
+    assert!(
+        user.last_seen.is_some(),
+        "last_seen stored by the restarted actor"
+    );
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn the_profile_is_refreshed_from_the_claims_of_each_connect() {
     let (node, store, _dir) = node_with(NodeConfig::default()).await;

@@ -27,6 +27,7 @@ fn delivery(gw: &str, room: u64, seq: u64) -> Delivery {
                 0,
             ),
         },
+        traceparent: None,
     }
 }
 
@@ -144,6 +145,7 @@ fn job(user: u64, n: u64) -> schema::PushJob {
         room_name: None,
         collapse_key: "room-7".into(),
         created_at: 0,
+        traceparent: None,
     }
 }
 

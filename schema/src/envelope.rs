@@ -31,6 +31,11 @@ pub struct Delivery {
     pub target: Target,
     /// What to tell them.
     pub event: Event,
+    /// W3C trace context of the publish, when tracing is on: the gateway's delivery joins the
+    /// message's trace. Kafka carries it in a record header instead of the payload; absent from
+    /// older producers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A push notification to send to one user's devices. Room actors publish one per member who
@@ -59,6 +64,10 @@ pub struct PushJob {
     pub collapse_key: String,
     /// When the message was accepted.
     pub created_at: Millis,
+    /// W3C trace context of the message's publish, when tracing is on: the provider call joins
+    /// the message's trace. Kafka carries it in a record header instead of the payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 fn text_kind() -> String {

@@ -94,6 +94,7 @@ impl Ctx {
     /// Runs a command as the connected user. A `View` is bound to this session and remembered,
     /// so that it ends with the session.
     pub async fn execute(&self, mut cmd: Command) -> Result<Reply, Error> {
+        self.handle.metrics().command(&cmd);
         if let Command::View {
             room,
             viewing,
@@ -171,7 +172,9 @@ pub async fn run<S, D>(
                     let write = async {
                         let mut next = Some(out);
                         let mut fed = 0;
+                        let mut events = 0u64;
                         while let Some(out) = next.take() {
+                            let is_event = matches!(out, Outbound::Event(_));
                             let text = match out {
                                 Outbound::Text(t) => Some(Utf8Bytes::from(t)),
                                 Outbound::Event(ev) => writer_dialect.event(&ctx, &ev).await,
@@ -179,6 +182,7 @@ pub async fn run<S, D>(
                             if let Some(text) = text {
                                 sink.feed(WsMessage::Text(text)).await.map_err(drop)?;
                                 fed += 1;
+                                events += u64::from(is_event);
                             }
                             if fed < crate::session::WRITE_BATCH {
                                 next = rx.try_recv().ok();
@@ -187,19 +191,16 @@ pub async fn run<S, D>(
                         if fed > 0 {
                             sink.flush().await.map_err(drop)?;
                         }
-                        Ok::<(), ()>(())
+                        Ok::<u64, ()>(events)
                     };
                     match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(events)) => ctx.handle.metrics().delivered(events),
                         Ok(Err(_)) => {
                             ctx.close(CloseReason { code: 1006, reason: "write failed".into() });
                             return;
                         }
                         Err(_) => {
-                            ctx.close(CloseReason {
-                                code: 1008,
-                                reason: "slow consumer: socket write timed out".into(),
-                            });
+                            ctx.handle.slow_consumer("slow consumer: socket write timed out".into());
                             return;
                         }
                     }

@@ -40,6 +40,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// The consumer group of push workers on the bus.
 pub const GROUP: &str = "palaver-push";
@@ -504,7 +505,10 @@ impl Pusher {
 
     /// Sends one job to every device of its user.
     pub async fn handle(&self, job: PushJob) {
-        self.handle_inner(&job).await;
+        // Joins the trace of the message that made the job (when tracing is on).
+        let span = node::span!("push.job", user = %job.user, message_id = %job.message);
+        node::trace::set_parent(&span, job.traceparent.as_deref());
+        self.handle_inner(&job).instrument(span).await;
         self.metrics.job_done();
     }
 
@@ -601,10 +605,11 @@ impl Pusher {
         let send = || {
             let (out, attempts) = (&out, &attempts);
             async move {
-                attempts.fetch_add(1, Ordering::Relaxed);
+                let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
+                let span = node::span!("push.send", provider, attempt);
                 match (platform, &self.fcm, &self.webhook) {
-                    (Platform::Fcm, Some(f), _) => f.send(out).await,
-                    (Platform::Webhook, _, Some(w)) => w.send(out).await,
+                    (Platform::Fcm, Some(f), _) => f.send(out).instrument(span).await,
+                    (Platform::Webhook, _, Some(w)) => w.send(out).instrument(span).await,
                     _ => Err(SendError::Fail {
                         reason: FailReason::NotConfigured,
                         detail: "provider not configured".into(),
@@ -838,17 +843,26 @@ impl PushWorkerProcess {
                 "no push provider configured: set PALAVER_PUSH_FCM_CREDENTIALS or PALAVER_PUSH_WEBHOOK_URL"
             );
         }
+        crate::telemetry::metrics::install();
         let store = crate::server::open_store(&config).await?;
-        let bus: Arc<dyn Bus> = node::bus::kafka::KafkaBus::connect(kafka).await?;
+        let bus = crate::server::metered_bus(node::bus::kafka::KafkaBus::connect(kafka).await?);
         let metrics = Arc::new(PushMetrics::default());
         let worker = PushWorker::start(&config.push, store.clone(), bus.clone(), metrics.clone())
             .await?
             .ok_or_else(|| anyhow::anyhow!("no push provider configured"))?;
         let draining = Arc::new(AtomicBool::new(false));
-        let router = status_router(metrics, draining.clone());
+        let stop = CancellationToken::new();
+        let ready = crate::ready::Readiness::start(
+            vec![
+                crate::ready::store_check(store.clone()),
+                crate::ready::bus_check(bus.clone()),
+            ],
+            stop.clone(),
+        )
+        .await;
+        let router = status_router(metrics, draining.clone(), ready);
         let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
         let http_addr = listener.local_addr()?;
-        let stop = CancellationToken::new();
         let http_stop = stop.clone();
         let http = tokio::spawn(async move {
             axum::serve(listener, router)
@@ -889,28 +903,26 @@ impl PushWorkerProcess {
 }
 
 /// `/healthz`, `/readyz` and `/metrics` of a push-worker process.
-fn status_router(metrics: Arc<PushMetrics>, draining: Arc<AtomicBool>) -> axum::Router {
+fn status_router(
+    metrics: Arc<PushMetrics>,
+    draining: Arc<AtomicBool>,
+    ready: Arc<crate::ready::Readiness>,
+) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
             get(move || {
-                let draining = draining.load(Ordering::SeqCst);
-                async move {
-                    if draining {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "draining")
-                    } else {
-                        (axum::http::StatusCode::OK, "ready")
-                    }
-                }
+                let answer = ready.response(draining.load(Ordering::SeqCst));
+                async move { answer }
             }),
         )
         .route(
             "/metrics",
             get(move || {
                 let text = metrics.render();
-                async move { metrics_response(text) }
+                async move { crate::telemetry::metrics::response(&text) }
             }),
         )
 }

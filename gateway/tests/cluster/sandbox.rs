@@ -35,6 +35,37 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Sends SIGTERM (a graceful stop) and leaves the process running to finish.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-s", "TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits (up to `limit`) for the process to exit; its exit code.
+    pub async fn exit_code(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.killed = true;
+                return status.code();
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
@@ -100,11 +131,23 @@ pub struct Sandbox {
     ports: Vec<u16>,
     pub nodes: Vec<Option<Proc>>,
     pub gateways: Vec<Option<Proc>>,
+    /// Added to every process's environment.
+    extra: Vec<(&'static str, String)>,
 }
 
 impl Sandbox {
     /// Starts `nodes` of `slots` listed nodes, and `gateways` gateways.
     pub async fn start(slots: usize, nodes: usize, gateways: usize) -> Self {
+        Self::start_with_env(slots, nodes, gateways, Vec::new()).await
+    }
+
+    /// [`Sandbox::start`], with `extra` in every process's environment.
+    pub async fn start_with_env(
+        slots: usize,
+        nodes: usize,
+        gateways: usize,
+        extra: Vec<(&'static str, String)>,
+    ) -> Self {
         let pg = TestPostgres::start();
         let db = pg.database();
         let broker = TestBroker::start().await;
@@ -116,6 +159,7 @@ impl Sandbox {
             ports: (0..slots).map(|_| free_port()).collect(),
             nodes: (0..slots).map(|_| None).collect(),
             gateways: Vec::new(),
+            extra,
         };
         for i in 0..nodes {
             s.start_node(i).await;
@@ -137,7 +181,8 @@ impl Sandbox {
     }
 
     pub fn common_env(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut env = self.extra.clone();
+        env.extend([
             ("PALAVER_NODES", self.nodes_spec()),
             ("PALAVER_KAFKA_BROKERS", self.broker.brokers()),
             ("PALAVER_KAFKA_PARTITIONS", "16".into()),
@@ -145,7 +190,8 @@ impl Sandbox {
             ("PALAVER_JWT_SECRET", SECRET.into()),
             ("PALAVER_HTTP_ADDR", "127.0.0.1:0".into()),
             ("PALAVER_DATA_DIR", self.data.path().display().to_string()),
-        ]
+        ]);
+        env
     }
 
     pub async fn start_node(&mut self, i: usize) {

@@ -49,6 +49,16 @@ pub async fn run_node_suite(
     server: &TestServer,
     env: &[(&str, String)],
 ) {
+    let mut all = vec![("PALAVER_URL", server.http(""))];
+    all.extend(env.iter().cloned());
+    run_node_file(package, modules, file, &all).await;
+}
+
+/// Runs `file` of npm package `package` with `env` (which must give `PALAVER_URL` for the
+/// packages' helpers) and the test secret, prints node's report and panics unless every
+/// scenario passed. For files that start and stop servers themselves.
+#[allow(dead_code)]
+pub async fn run_node_file(package: &str, modules: &[&str], file: &str, env: &[(&str, String)]) {
     let dir = package_dir(package);
     for m in modules {
         assert!(
@@ -66,7 +76,6 @@ pub async fn run_node_suite(
         file,
     ])
     .current_dir(&dir)
-    .env("PALAVER_URL", server.http(""))
     .env("PALAVER_JWT_SECRET", SECRET)
     .env("NO_COLOR", "1")
     .env("FORCE_COLOR", "0");

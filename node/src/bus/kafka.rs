@@ -35,7 +35,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message as _;
+use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use schema::{Delivery, GatewayId, PushJob};
@@ -238,6 +238,28 @@ impl KafkaBus {
     }
 }
 
+/// Record headers carrying a W3C trace context.
+fn trace_headers(traceparent: &str) -> OwnedHeaders {
+    OwnedHeaders::new_with_capacity(1).insert(Header {
+        key: crate::trace::TRACEPARENT,
+        value: Some(traceparent),
+    })
+}
+
+/// The trace context in a record's headers (only looked for when tracing is on).
+fn traceparent_in(m: &impl rdkafka::message::Message) -> Option<String> {
+    if !crate::trace::enabled() {
+        return None;
+    }
+    let headers = m.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == crate::trace::TRACEPARENT)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
+}
+
 fn topic_missing(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -251,13 +273,19 @@ impl Bus for KafkaBus {
     /// partition) and returns; the delivery report is awaited in the background. So a room never
     /// waits for the broker: during an outage its messages are still stored and acknowledged, and
     /// live deliveries that the broker never took are logged and left to history.
-    async fn publish(&self, delivery: Delivery) -> Result<(), BusError> {
+    async fn publish(&self, mut delivery: Delivery) -> Result<(), BusError> {
+        // The trace context travels in a record header, not in the payload.
+        let (_span, traceparent) = super::publish_span(DELIVER_TOPIC, &delivery.gateway);
+        let traceparent = delivery.traceparent.take().or(traceparent);
         let payload = serde_json::to_vec(&delivery).map_err(unavailable)?;
         let partition = partition_of(&delivery.gateway, self.deliver_partitions());
-        let record = FutureRecord::to(DELIVER_TOPIC)
+        let mut record = FutureRecord::to(DELIVER_TOPIC)
             .key(delivery.gateway.as_str().as_bytes())
             .payload(&payload)
             .partition(partition);
+        if let Some(tp) = &traceparent {
+            record = record.headers(trace_headers(tp));
+        }
         self.enqueue(record, "delivery")
     }
 
@@ -301,11 +329,16 @@ impl Bus for KafkaBus {
         .boxed())
     }
 
-    async fn publish_push(&self, job: PushJob) -> Result<(), BusError> {
+    async fn publish_push(&self, mut job: PushJob) -> Result<(), BusError> {
+        let (_span, traceparent) = super::publish_span(PUSH_TOPIC, &job.user);
+        let traceparent = job.traceparent.take().or(traceparent);
         let payload = serde_json::to_vec(&job).map_err(unavailable)?;
-        let record = FutureRecord::to(PUSH_TOPIC)
+        let mut record = FutureRecord::to(PUSH_TOPIC)
             .key(job.user.as_str().as_bytes())
             .payload(&payload);
+        if let Some(tp) = &traceparent {
+            record = record.headers(trace_headers(tp));
+        }
         self.enqueue(record, "push job")
     }
 
@@ -337,6 +370,23 @@ impl Bus for KafkaBus {
             Some((job, r))
         })
         .boxed())
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        // A metadata round trip: some broker answers. (A broker that lost the topics is
+        // repaired on first use, see `repair`.)
+        let producer = self.producer.read().clone();
+        blocking(move || {
+            let md = producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .map_err(unavailable)?;
+            if md.brokers().is_empty() {
+                return Err(BusError::Unavailable("no broker in the metadata".into()));
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn close(&self) {
@@ -452,7 +502,12 @@ impl ReadState {
                         self.last = Some((m.offset(), payload_digest(m.payload())));
                         let Some(payload) = m.payload() else { continue };
                         match serde_json::from_slice::<Delivery>(payload) {
-                            Ok(d) if d.gateway == self.gateway => return d,
+                            Ok(mut d) if d.gateway == self.gateway => {
+                                if let Some(tp) = traceparent_in(&m) {
+                                    d.traceparent = Some(tp);
+                                }
+                                return d;
+                            }
                             Ok(_) => continue, // another gateway sharing the partition
                             Err(e) => tracing::warn!(error = %e, "undecodable delivery skipped"),
                         }
@@ -559,7 +614,12 @@ impl PushReader {
                 Some(()) = self.down.recv() => {}
                 m = current.recv() => match m {
                     Ok(m) => match m.payload().map(serde_json::from_slice::<PushJob>) {
-                        Some(Ok(job)) => return job,
+                        Some(Ok(mut job)) => {
+                            if let Some(tp) = traceparent_in(&m) {
+                                job.traceparent = Some(tp);
+                            }
+                            return job;
+                        }
                         Some(Err(e)) => tracing::warn!(error = %e, "undecodable push job skipped"),
                         None => {}
                     },

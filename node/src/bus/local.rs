@@ -27,7 +27,12 @@ impl LocalBus {
 
 #[async_trait]
 impl Bus for LocalBus {
-    async fn publish(&self, delivery: Delivery) -> Result<(), BusError> {
+    async fn publish(&self, mut delivery: Delivery) -> Result<(), BusError> {
+        // In one process the envelope itself carries the trace context to the gateway.
+        let (_span, traceparent) = super::publish_span("local.deliver", &delivery.gateway);
+        if delivery.traceparent.is_none() {
+            delivery.traceparent = traceparent;
+        }
         let Some(tx) = self.gateways.get(&delivery.gateway).map(|t| t.clone()) else {
             tracing::debug!(gateway = %delivery.gateway, "delivery for an unknown gateway dropped");
             return Ok(());
@@ -48,8 +53,12 @@ impl Bus for LocalBus {
         })))
     }
 
-    async fn publish_push(&self, job: PushJob) -> Result<(), BusError> {
+    async fn publish_push(&self, mut job: PushJob) -> Result<(), BusError> {
         let tx = self.push.lock().clone();
+        let (_span, traceparent) = super::publish_span("local.push", &job.user);
+        if job.traceparent.is_none() {
+            job.traceparent = traceparent;
+        }
         match tx {
             // One process has one push worker; without one there is nobody to push.
             None => Ok(()),
@@ -110,6 +119,7 @@ mod tests {
             gateway: GatewayId::new(gw),
             target: Target::Users { users: vec![] },
             event: Event::RoomJoined { room },
+            traceparent: None,
         }
     }
 
@@ -162,6 +172,7 @@ mod tests {
             room_name: None,
             collapse_key: "room-1".into(),
             created_at: 0,
+            traceparent: None,
         };
         // Without a worker, jobs go nowhere (and nothing blocks).
         bus.publish_push(job(0))

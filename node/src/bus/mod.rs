@@ -8,10 +8,26 @@
 
 pub mod kafka;
 pub mod local;
+pub mod metered;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use schema::{Delivery, GatewayId, PushJob};
+
+/// The `bus.publish` span of one envelope sent to `destination`, and the trace context the
+/// envelope carries on (both empty when tracing is off: nothing is formatted).
+pub(crate) fn publish_span(
+    destination: &'static str,
+    key: &dyn std::fmt::Display,
+) -> (tracing::Span, Option<String>) {
+    let span = crate::span!(
+        "bus.publish",
+        messaging.destination.name = destination,
+        messaging.key = %key,
+    );
+    let traceparent = crate::trace::traceparent_of(&span);
+    (span, traceparent)
+}
 
 /// Bus failures.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +59,11 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Publishes a push job. Jobs of one user keep their order.
     async fn publish_push(&self, job: PushJob) -> Result<(), BusError>;
+
+    /// Whether the bus can carry messages now (for readiness checks). Default: yes.
+    async fn ping(&self) -> Result<(), BusError> {
+        Ok(())
+    }
 
     /// Whether push jobs can reach a worker at all. A room skips building jobs when not (one
     /// process with no push provider configured has nobody to push). Default: yes.

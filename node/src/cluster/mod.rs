@@ -156,13 +156,6 @@ pub fn ring_version(nodes: &[(NodeId, u64)]) -> u64 {
     h.finish().max(1)
 }
 
-/// A fresh W3C `traceparent` (version 00, random trace and span ids, sampled).
-pub fn new_traceparent() -> String {
-    use std::hash::BuildHasher;
-    let r = || std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
-    format!("00-{:016x}{:016x}-{:016x}-01", r(), r(), r())
-}
-
 /// Builds the ring for a set of nodes (incarnations unknown).
 pub fn ring_of(nodes: Vec<NodeId>) -> Ring {
     let v = ring_version(&nodes.iter().map(|n| (n.clone(), 0)).collect::<Vec<_>>());
@@ -178,6 +171,10 @@ pub struct Cluster {
     ring: watch::Sender<Arc<Ring>>,
     call_timeout: Duration,
     refreshing: tokio::sync::Mutex<()>,
+    /// How many nodes answered the last health round (draining ones do not count).
+    live: std::sync::atomic::AtomicUsize,
+    /// When a caller last asked for an out-of-round refresh.
+    last_forced: parking_lot::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// Per-attempt bound, so one hung node cannot eat a whole call deadline.
@@ -204,6 +201,8 @@ impl Cluster {
             ring: watch::channel(Arc::new(ring)).0,
             call_timeout,
             refreshing: tokio::sync::Mutex::new(()),
+            live: std::sync::atomic::AtomicUsize::new(0),
+            last_forced: parking_lot::Mutex::new(None),
         });
         let known: Vec<String> = cluster.addrs.read().values().cloned().collect();
         for addr in known {
@@ -247,7 +246,56 @@ impl Cluster {
         self.incarnations.read().clone()
     }
 
-    /// Asks the node at `addr` who it is (id and incarnation); `None` if it does not answer.
+    /// The ring version each live node (other than a draining one) runs now, by asking it;
+    /// `None` for one that does not answer.
+    pub async fn peer_ring_versions(&self) -> Vec<Option<u64>> {
+        let ring = self.ring();
+        let addrs: Vec<String> = {
+            let known = self.addrs.read();
+            ring.nodes()
+                .iter()
+                .filter_map(|n| known.get(n).cloned())
+                .collect()
+        };
+        let asks = addrs.iter().map(|addr| async move {
+            let mut c = self.client(addr).ok()?;
+            let mut req = tonic::Request::new(CallRequest {
+                ring_version: 0,
+                traceparent: None,
+                body: NodeRequest::Ping,
+            });
+            req.set_timeout(PING_TIMEOUT);
+            match tokio::time::timeout(PING_TIMEOUT, c.call(req)).await {
+                Ok(Ok(r)) => match r.into_inner().result {
+                    Ok(NodeResponse::Pong { ring_version, .. }) => Some(ring_version),
+                    _ => None,
+                },
+                _ => None,
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// True (and remembered) when no out-of-round refresh was asked for within `every`.
+    pub fn refresh_due(&self, every: Duration) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut last = self.last_forced.lock();
+        match *last {
+            Some(t) if now.duration_since(t) < every => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        }
+    }
+
+    /// How many nodes answered the last health round as serving (not draining).
+    pub fn live_nodes(&self) -> usize {
+        self.live.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Asks the node at `addr` who it is (id and incarnation); `None` if it does not answer or
+    /// is draining (handing its keys over before it exits).
     async fn ping(&self, addr: &str) -> Option<(NodeId, u64)> {
         let mut c = self.client(addr).ok()?;
         let mut req = tonic::Request::new(CallRequest {
@@ -259,7 +307,10 @@ impl Cluster {
         match tokio::time::timeout(PING_TIMEOUT, c.call(req)).await {
             Ok(Ok(r)) => match r.into_inner().result {
                 Ok(NodeResponse::Pong {
-                    node, incarnation, ..
+                    node,
+                    incarnation,
+                    draining: false,
+                    ..
                 }) => Some((node, incarnation)),
                 _ => None,
             },
@@ -310,6 +361,8 @@ impl Cluster {
             .into_iter()
             .flatten()
             .collect();
+        self.live
+            .store(live.len(), std::sync::atomic::Ordering::Relaxed);
         if live.is_empty() {
             tracing::warn!("no node answers; keeping the last ring");
             return;
@@ -380,8 +433,9 @@ impl Cluster {
     ) -> Result<NodeResponse, Error> {
         let deadline = tokio::time::Instant::now() + self.call_timeout;
         let mut backoff = Duration::from_millis(20);
-        // One trace context for the call and all its retries.
-        let traceparent = Some(new_traceparent());
+        // One trace context for the call and all its retries: the caller's span, when tracing
+        // is on (nothing is formatted when it is off).
+        let traceparent = crate::trace::current();
         let mut last = Error::unavailable("no node could be reached");
         loop {
             let now = tokio::time::Instant::now();
@@ -449,24 +503,6 @@ mod tests {
         assert!(parse_nodes("a@h:1,a@h:2").is_err());
         assert!(parse_nodes("nonsense").is_err());
         assert!(parse_nodes("").is_err());
-    }
-
-    #[test]
-    fn traceparents_are_w3c_shaped_and_fresh() {
-        let t = new_traceparent();
-        let parts: Vec<&str> = t.split('-').collect();
-        assert_eq!(parts.len(), 4, "{t}");
-        assert_eq!(
-            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
-            ("00", 32, 16, "01")
-        );
-        assert!(
-            parts[1]
-                .chars()
-                .chain(parts[2].chars())
-                .all(|c| c.is_ascii_hexdigit())
-        );
-        assert_ne!(t, new_traceparent());
     }
 
     #[tokio::test]

@@ -28,18 +28,35 @@ impl NodeService {
 impl ClusterService for NodeService {
     async fn call(&self, req: Request<CallRequest>) -> Result<Response<CallResponse>, Status> {
         let req = req.into_inner();
-        let span = tracing::debug_span!(
-            "node.call",
-            traceparent = req.traceparent.as_deref().unwrap_or(""),
-            ring_version = req.ring_version,
-        );
+        let span = if crate::trace::enabled() {
+            // Exported: a child of the caller's span, in the caller's trace.
+            let span = tracing::info_span!(
+                "node.call",
+                kind = request_kind(&req.body),
+                ring_version = req.ring_version,
+            );
+            crate::trace::set_parent(&span, req.traceparent.as_deref());
+            span
+        } else {
+            tracing::debug_span!(
+                "node.call",
+                traceparent = req.traceparent.as_deref().unwrap_or(""),
+                ring_version = req.ring_version,
+            )
+        };
         let node = &self.node;
+        if !matches!(req.body, NodeRequest::Ping) {
+            // The caller runs another ring: catch up first if ours is the stale one, so that a
+            // key that just moved here is served instead of bounced back with `not_owner`.
+            node.sync_ring(req.ring_version).await;
+        }
         let result = async move {
             match req.body {
                 NodeRequest::Ping => Ok(NodeResponse::Pong {
                     node: node.ctx().config.node_id.clone(),
                     ring_version: node.ring().version(),
                     incarnation: self.incarnation,
+                    draining: node.is_draining(),
                 }),
                 NodeRequest::Connect { profile, session } => node
                     .connect(profile, session)
@@ -91,5 +108,21 @@ impl ClusterService for NodeService {
         .instrument(span)
         .await;
         Ok(Response::new(CallResponse { result }))
+    }
+}
+
+/// The request's name, for its span.
+fn request_kind(body: &NodeRequest) -> &'static str {
+    match body {
+        NodeRequest::Ping => "ping",
+        NodeRequest::Connect { .. } => "connect",
+        NodeRequest::Disconnect { .. } => "disconnect",
+        NodeRequest::Execute { command, .. } => command.name(),
+        NodeRequest::Subscribe { .. } => "subscribe",
+        NodeRequest::Unsubscribe { .. } => "unsubscribe",
+        NodeRequest::UserGateways { .. } => "user_gateways",
+        NodeRequest::Online { .. } => "online",
+        NodeRequest::ReloadRoom { .. } => "reload_room",
+        NodeRequest::ImportUsers { .. } => "import_users",
     }
 }

@@ -100,6 +100,10 @@ pub enum NodeResponse {
         /// and subscriptions, even if nobody saw it gone.
         #[serde(default)]
         incarnation: u64,
+        /// The node is shutting down: it is no longer part of the live ring, and answers
+        /// `not_owner` for the keys it handed over.
+        #[serde(default)]
+        draining: bool,
     },
     /// To `Connect`: the user's rooms and pending notifications.
     Connected {

@@ -1401,6 +1401,7 @@ fn dead_letter(n: u64, at: i64) -> DeadLetter {
             room_name: n.is_multiple_of(2).then(|| "the group".to_owned()),
             collapse_key: "room-77".into(),
             created_at: at - 10,
+            traceparent: None,
         },
         device_token: (!n.is_multiple_of(3)).then(|| format!("dl-token-{n}")),
         provider: if n.is_multiple_of(2) {

@@ -1389,6 +1389,17 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn ping(&self) -> StoreResult<()> {
+        if self.writer.lock().is_none() {
+            return Err(StoreError::Closed);
+        }
+        self.read(|c| {
+            c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map(|_| ())
+        })
+        .await
+    }
+
     async fn close(&self) -> StoreResult<()> {
         // Dropping the last sender lets the writer finish its queue, checkpoint and exit.
         drop(self.writer.lock().take());
@@ -1453,6 +1464,7 @@ mod tests {
                 room_name: None,
                 collapse_key: "room-1".into(),
                 created_at: 0,
+                traceparent: None,
             },
             device_token: None,
             provider: "fcm".into(),

@@ -5,10 +5,12 @@
 //! [`conformance`] suite.
 //!
 //! Backends: [`embedded`] (SQLite, the default for `palaver serve`). The PostgreSQL and ScyllaDB
-//! backends of the cluster implement the same trait.
+//! backends of the cluster implement the same trait. [`metered::MeteredStore`] wraps any of them
+//! and measures each call.
 
 pub mod conformance;
 pub mod embedded;
+pub mod metered;
 pub mod postgres;
 pub mod scylla;
 
@@ -312,6 +314,9 @@ pub trait Store: Send + Sync + 'static {
     async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>>;
 
     // ---- lifecycle ----
+
+    /// A round trip to the backend (a trivial read), for readiness checks.
+    async fn ping(&self) -> StoreResult<()>;
 
     /// Flushes everything written and releases the backend; later calls fail with `Closed`.
     async fn close(&self) -> StoreResult<()>;

@@ -1345,6 +1345,15 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn ping(&self) -> StoreResult<()> {
+        self.client()
+            .await?
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(pg_err)
+    }
+
     async fn close(&self) -> StoreResult<()> {
         self.pool.close();
         Ok(())

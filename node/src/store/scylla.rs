@@ -1732,6 +1732,14 @@ impl Store for ScyllaStore {
         Ok(out)
     }
 
+    async fn ping(&self) -> StoreResult<()> {
+        self.session
+            .query_unpaged("SELECT release_version FROM system.local", ())
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
     async fn close(&self) -> StoreResult<()> {
         Ok(())
     }

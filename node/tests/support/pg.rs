@@ -82,18 +82,30 @@ impl TestPostgres {
                 "UTF8",
             ],
         );
+        pg.restart();
+        pg
+    }
+
+    /// Starts the server (again, after [`TestPostgres::stop`]), on the same data.
+    pub fn restart(&self) {
+        let data = self.data();
         let opts = format!(
             "-k {} -c listen_addresses='' -c max_connections=300 -c fsync=on",
-            pg.dir.path().display()
+            self.dir.path().display()
         );
-        let log = format!("{}/server.log", pg.dir.path().display());
-        pg.run(
+        let log = format!("{}/server.log", self.dir.path().display());
+        self.run(
             "pg_ctl",
             &[
                 "-D", &data, "-o", &opts, "-l", &log, "-w", "-t", "60", "start",
             ],
         );
-        pg
+    }
+
+    /// Stops the server at once (`-m immediate`), as a crash would; the data stays.
+    pub fn stop(&self) {
+        let data = self.data();
+        self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
     }
 
     fn data(&self) -> String {

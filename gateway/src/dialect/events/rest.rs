@@ -456,6 +456,7 @@ async fn send(app: &App, req: Request) -> Result<codec::SentBody, Refusal> {
         client_ref: None,
         reply_to: None,
     };
+    app.hub.dialect_metrics("events-rest").command(&cmd);
     match app.node.execute(me, cmd).await {
         Ok(Reply::Message { message }) => {
             remember_message(app, message.id, message.room);

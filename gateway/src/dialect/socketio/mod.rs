@@ -97,7 +97,20 @@ pub fn layer(app: &Arc<App>) -> socketioxide::layer::SocketIoLayer {
     let (layer, io) = engine(&EngineSettings::from_config(&app.config)).build_layer();
     notifyhub::register(&io, app.clone());
     syarah::register(&io, app.clone());
+    if app.socketio.io.set(io).is_err() {
+        tracing::debug!("socket.io engine already built for this gateway");
+    }
     layer
+}
+
+/// On drain: closes every engine.io connection without a Socket.IO `disconnect` packet. The
+/// client sees "transport close", which socket.io-client answers by reconnecting (with its
+/// own backoff) — to another gateway behind the load balancer. A namespace `disconnect` would
+/// mean "the server sent you away" and stop its reconnection.
+pub async fn close_transports(app: &App) {
+    if let Some(io) = app.socketio.io.get() {
+        io.close().await;
+    }
 }
 
 /// State the Socket.IO dialects share per gateway.
@@ -105,6 +118,8 @@ pub fn layer(app: &Arc<App>) -> socketioxide::layer::SocketIoLayer {
 pub struct Shared {
     /// Direct rooms' pairs (`None`: a group), for NotifyHub's `receiver_id`.
     pub pairs: dashmap::DashMap<RoomId, Option<[UserId; 2]>>,
+    /// The engine, once built: drain closes its connections.
+    pub io: std::sync::OnceLock<SocketIo>,
 }
 
 /// A dialect's refusal of a connection: its message is the `connect_error` text.
@@ -285,6 +300,7 @@ impl Conn {
                 "access token not found: connect with a token or send accessToken",
             ));
         };
+        b.handle.metrics().command(&cmd);
         self.app.node.execute(&b.user, cmd).await
     }
 
@@ -444,7 +460,15 @@ async fn run<D: Dialect>(
         D::handle(&mut conn, inbound).await;
     }
     closed.cancel();
-    if conn.socket.connected() {
+    // Draining (1001): the engine closes the transport so the client reconnects elsewhere;
+    // a namespace disconnect would stop it from reconnecting.
+    let draining = conn
+        .bound
+        .as_ref()
+        .and_then(|b| b.handle.close_reason())
+        .is_some_and(|r| r.code == 1001)
+        || conn.app.draining.load(std::sync::atomic::Ordering::SeqCst);
+    if conn.socket.connected() && !draining {
         let _ = conn.socket.clone().disconnect();
     }
     if let Some(b) = conn.bound.take() {
@@ -502,6 +526,7 @@ async fn write(
         if !emit(&socket, &handle, &frame).await {
             break;
         }
+        handle.metrics().delivered(1);
     }
     if let Some(reason) = handle.close_reason()
         && reason.code != 1000
@@ -566,10 +591,7 @@ async fn emit(socket: &SocketRef, handle: &SessionHandle, frame: &Emit) -> bool 
                 socketioxide::SocketError::InternalChannelFull,
             )) => {
                 if started.elapsed() > WRITE_TIMEOUT {
-                    handle.kick(CloseReason {
-                        code: 1008,
-                        reason: "slow consumer: socket write timed out".into(),
-                    });
+                    handle.slow_consumer("slow consumer: socket write timed out".into());
                     let _ = socket.clone().disconnect();
                     return false;
                 }
