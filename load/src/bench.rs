@@ -772,10 +772,15 @@ fn render(
     let _ = writeln!(o, "| measure | target | measured | met? |");
     let _ = writeln!(o, "|---|---|---|---|");
     let idle = find(rows, "palaver", Workload::Idle);
+    let fd_limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft);
     let _ = writeln!(
         o,
-        "| idle sessions held | 250,000 now, 1,000,000 next | {} held | not measured at that size |",
-        idle.map_or("-".into(), |r| thousands(r.clients as f64))
+        "| idle sessions held | 250,000 now, 1,000,000 next | {} held | not measurable here: every \
+         process is capped at {} open files (hard limit, which root may not raise on this \
+         machine), so neither the server nor the load generator can hold more than that many \
+         sockets |",
+        idle.map_or("-".into(), |r| thousands(r.clients as f64)),
+        thousands(fd_limit as f64)
     );
     let rss = idle.and_then(|r| r.rss_per_session_bytes);
     let _ = writeln!(
@@ -842,7 +847,7 @@ fn render(
     );
     let _ = writeln!(
         o,
-        "| one room with 200,000 online members | broadcast complete <= 200 ms p99 | - | not measured |"
+        "| one room with 200,000 online members | broadcast complete <= 200 ms p99 | - | not measurable here: 200,000 online members need 200,000 sockets, over the per-process open-file cap above |"
     );
     let _ = writeln!(
         o,

@@ -405,7 +405,7 @@ async fn open_all(cfg: &RunConfig, n: usize) -> anyhow::Result<(Vec<Ws>, Histogr
     let mut sockets = Vec::with_capacity(n);
     for r in results {
         let (ws, us) = r?;
-        h.record(us)?;
+        h.saturating_record(us);
         sockets.push(ws);
     }
     Ok((sockets, h, secs))
@@ -692,11 +692,11 @@ async fn run_chat(cfg: RunConfig, progress: bool) -> anyhow::Result<Report> {
         deliver.add(&r.deliver)?;
         if let Some((us, at)) = r.reconnected {
             report.reconnected += 1;
-            reconnect.record(us)?;
+            reconnect.saturating_record(us);
             last_reconnect = Some(last_reconnect.map_or(at, |l| l.max(at)));
         }
         if let Some(us) = r.caught_up_us {
-            catchup.record(us)?;
+            catchup.saturating_record(us);
         }
     }
     // Loss: every member of a room should have every acknowledged message of every member,
@@ -947,7 +947,7 @@ impl Client {
             None => {
                 self.acked.push(seq);
                 if let Some(at) = sent_at {
-                    self.ack.record(micros(at.elapsed()))?;
+                    self.ack.saturating_record(micros(at.elapsed()));
                 }
             }
             Some(code) => self.error(code),
@@ -967,7 +967,8 @@ impl Client {
         }
         if s != self.me {
             let now = self.shared.start.elapsed().as_micros() as u64;
-            self.deliver.record(now.saturating_sub(at).max(1))?;
+            self.deliver
+                .saturating_record(now.saturating_sub(at).max(1));
         }
         Ok(())
     }

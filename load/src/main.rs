@@ -175,6 +175,15 @@ fn sizes(a: &BenchArgs) -> Sizes {
 fn check_bounds(clients: usize, seconds: u64) -> anyhow::Result<()> {
     anyhow::ensure!(clients <= 300_000, "at most 300,000 clients");
     anyhow::ensure!(seconds <= 600, "at most 600 s");
+    // One descriptor per client here (and one per session in the server): refuse up front
+    // rather than fail half-way with EMFILE.
+    let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft);
+    let need = clients as u64 + 64;
+    anyhow::ensure!(
+        limit >= need,
+        "{clients} clients need about {need} open files; the limit is {limit} and this process \
+         may not raise it (raise the hard limit, `ulimit -Hn`, as a privileged user)"
+    );
     Ok(())
 }
 
