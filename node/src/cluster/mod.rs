@@ -414,7 +414,16 @@ impl Cluster {
         let mut c = self
             .client(&addr)
             .map_err(|e| tonic::Status::unavailable(e.message))?;
+        // W3C trace context as gRPC metadata (what interceptors and meshes read), and in the
+        // body for peers that predate the header.
+        let traceparent = req
+            .traceparent
+            .as_deref()
+            .and_then(|t| tonic::metadata::MetadataValue::try_from(t).ok());
         let mut r = tonic::Request::new(req);
+        if let Some(t) = traceparent {
+            r.metadata_mut().insert("traceparent", t);
+        }
         r.set_timeout(timeout);
         match tokio::time::timeout(timeout, c.call(r)).await {
             Ok(res) => res.map(|r| r.into_inner().result),

@@ -27,7 +27,16 @@ impl NodeService {
 #[tonic::async_trait]
 impl ClusterService for NodeService {
     async fn call(&self, req: Request<CallRequest>) -> Result<Response<CallResponse>, Status> {
-        let req = req.into_inner();
+        // The trace context: the `traceparent` metadata header, else the body's copy.
+        let header = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut req = req.into_inner();
+        if header.is_some() {
+            req.traceparent = header;
+        }
         let span = if crate::trace::enabled() {
             // Exported: a child of the caller's span, in the caller's trace.
             let span = tracing::info_span!(
