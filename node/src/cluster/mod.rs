@@ -258,22 +258,27 @@ impl Cluster {
                 .collect()
         };
         let asks = addrs.iter().map(|addr| async move {
-            let mut c = self.client(addr).ok()?;
-            let mut req = tonic::Request::new(CallRequest {
-                ring_version: 0,
-                traceparent: None,
-                body: NodeRequest::Ping,
-            });
-            req.set_timeout(PING_TIMEOUT);
-            match tokio::time::timeout(PING_TIMEOUT, c.call(req)).await {
-                Ok(Ok(r)) => match r.into_inner().result {
-                    Ok(NodeResponse::Pong { ring_version, .. }) => Some(ring_version),
-                    _ => None,
-                },
+            match self.pong(addr).await {
+                Some(NodeResponse::Pong { ring_version, .. }) => Some(ring_version),
                 _ => None,
             }
         });
         futures::future::join_all(asks).await
+    }
+
+    /// The node at `addr`'s answer to a health ping, if it answers in time.
+    async fn pong(&self, addr: &str) -> Option<NodeResponse> {
+        let mut c = self.client(addr).ok()?;
+        let mut req = tonic::Request::new(CallRequest {
+            ring_version: 0,
+            traceparent: None,
+            body: NodeRequest::Ping,
+        });
+        req.set_timeout(PING_TIMEOUT);
+        match tokio::time::timeout(PING_TIMEOUT, c.call(req)).await {
+            Ok(Ok(r)) => r.into_inner().result.ok(),
+            _ => None,
+        }
     }
 
     /// True (and remembered) when no out-of-round refresh was asked for within `every`.
@@ -297,23 +302,13 @@ impl Cluster {
     /// Asks the node at `addr` who it is (id and incarnation); `None` if it does not answer or
     /// is draining (handing its keys over before it exits).
     async fn ping(&self, addr: &str) -> Option<(NodeId, u64)> {
-        let mut c = self.client(addr).ok()?;
-        let mut req = tonic::Request::new(CallRequest {
-            ring_version: 0,
-            traceparent: None,
-            body: NodeRequest::Ping,
-        });
-        req.set_timeout(PING_TIMEOUT);
-        match tokio::time::timeout(PING_TIMEOUT, c.call(req)).await {
-            Ok(Ok(r)) => match r.into_inner().result {
-                Ok(NodeResponse::Pong {
-                    node,
-                    incarnation,
-                    draining: false,
-                    ..
-                }) => Some((node, incarnation)),
-                _ => None,
-            },
+        match self.pong(addr).await? {
+            NodeResponse::Pong {
+                node,
+                incarnation,
+                draining: false,
+                ..
+            } => Some((node, incarnation)),
             _ => None,
         }
     }
