@@ -66,6 +66,13 @@ pub struct ConfigBuilder {
     pub max_frame_bytes: Option<usize>,
     /// Events queued for one session before it is disconnected as too slow. Default 1024.
     pub outbound_queue: Option<usize>,
+    /// Open TCP connections per client IP address on this gateway (0: no limit). Default 2000.
+    pub max_connections_per_ip: Option<usize>,
+    /// Sessions per user on this gateway, in all dialects together (0: no limit). Default 32.
+    pub max_connections_per_user: Option<usize>,
+    /// Seconds a client has to send a complete HTTP request head (and between requests of a
+    /// keep-alive connection). Default 30.
+    pub header_timeout_secs: Option<u64>,
     /// Seconds between server pings; a client silent for two intervals is disconnected.
     /// Default 25.
     pub ping_interval_secs: Option<u64>,
@@ -281,6 +288,12 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// Per-session outbound queue.
     pub outbound_queue: usize,
+    /// Open TCP connections per client address (0: no limit).
+    pub max_connections_per_ip: usize,
+    /// Sessions per user on this gateway (0: no limit).
+    pub max_connections_per_user: usize,
+    /// Longest wait for a complete HTTP request head.
+    pub header_timeout: Duration,
     /// Keepalive ping interval.
     pub ping_interval: Duration,
     /// Shutdown grace period.
@@ -380,6 +393,9 @@ impl ConfigBuilder {
         over!(node_id, "PALAVER_NODE_ID");
         over!(max_frame_bytes, "PALAVER_MAX_FRAME_BYTES");
         over!(outbound_queue, "PALAVER_OUTBOUND_QUEUE");
+        over!(max_connections_per_ip, "PALAVER_MAX_CONNECTIONS_PER_IP");
+        over!(max_connections_per_user, "PALAVER_MAX_CONNECTIONS_PER_USER");
+        over!(header_timeout_secs, "PALAVER_HEADER_TIMEOUT_SECS");
         over!(ping_interval_secs, "PALAVER_PING_INTERVAL_SECS");
         over!(shutdown_grace_secs, "PALAVER_SHUTDOWN_GRACE_SECS");
         over!(store_durability, "PALAVER_STORE_DURABILITY");
@@ -676,6 +692,9 @@ impl ConfigBuilder {
             max_frame_bytes,
             outbound_queue,
             ping_interval: secs(self.ping_interval_secs, 25, "PALAVER_PING_INTERVAL_SECS")?,
+            max_connections_per_ip: self.max_connections_per_ip.unwrap_or(2000),
+            max_connections_per_user: self.max_connections_per_user.unwrap_or(32),
+            header_timeout: secs(self.header_timeout_secs, 30, "PALAVER_HEADER_TIMEOUT_SECS")?,
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "PALAVER_SHUTDOWN_GRACE_SECS")?,
             durability,
             log_format,

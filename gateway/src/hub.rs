@@ -13,9 +13,11 @@ use futures::StreamExt;
 use node::api::NodeApi;
 use node::bus::DeliveryStream;
 use parking_lot::Mutex;
-use schema::{Delivery, Event, GatewayId, Profile, RoomId, SessionId, Target, UserId};
+use schema::{
+    Delivery, Error, ErrorCode, Event, GatewayId, Profile, RoomId, SessionId, Target, UserId,
+};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -232,6 +234,8 @@ pub struct Hub {
     by_user: DashMap<UserId, Vec<SessionId>>,
     by_room: DashMap<RoomId, Vec<SessionId>>,
     metrics: Dialects,
+    /// Most sessions one user may have here (0: no limit).
+    max_per_user: AtomicUsize,
     /// `palaver_fanout_seconds{stage="gateway"}`.
     fanout: metrics::Histogram,
 }
@@ -269,8 +273,14 @@ impl Hub {
             by_user: DashMap::new(),
             by_room: DashMap::new(),
             metrics: Dialects::default(),
+            max_per_user: AtomicUsize::new(0),
             fanout: metrics::histogram!("palaver_fanout_seconds", "stage" => "gateway"),
         })
+    }
+
+    /// Sets the most sessions one user may have on this gateway (0: no limit).
+    pub fn set_max_per_user(&self, max: usize) {
+        self.max_per_user.store(max, Ordering::Relaxed);
     }
 
     /// The instruments of `dialect` (sessions hold theirs; REST handlers ask here).
@@ -333,9 +343,29 @@ impl Hub {
         profile: Profile,
         dialect: String,
         rooms: Vec<RoomId>,
-    ) -> Registered {
-        let (tx, rx) = mpsc::channel(self.queue);
+    ) -> Result<Registered, Error> {
         let user = profile.id.clone();
+        // Counted and claimed under the user's entry lock: two sessions racing for the last
+        // place cannot both get it.
+        {
+            let max = self.max_per_user.load(Ordering::Relaxed);
+            let mut mine = self.by_user.entry(user.clone()).or_default();
+            if max != 0 && mine.len() >= max {
+                let open = mine.len();
+                drop(mine);
+                self.by_user.remove_if(&user, |_, v| v.is_empty());
+                crate::telemetry::metrics::limit_refused("conn_user");
+                return Err(Error::new(
+                    ErrorCode::TooManyConnections,
+                    format!(
+                        "user {user} already has {open} sessions on this gateway \
+                         (PALAVER_MAX_CONNECTIONS_PER_USER); close one and retry"
+                    ),
+                ));
+            }
+            mine.push(id);
+        }
+        let (tx, rx) = mpsc::channel(self.queue);
         let metrics = self.metrics.get(&dialect);
         metrics.opened();
         let handle = Arc::new(SessionHandle {
@@ -349,9 +379,8 @@ impl Hub {
             rooms: Mutex::new(Vec::new()),
         });
         self.sessions.insert(id, handle.clone());
-        self.by_user.entry(user).or_default().push(id);
         self.follow(id, &handle, &rooms).await;
-        Registered { id, handle, rx }
+        Ok(Registered { id, handle, rx })
     }
 
     /// Makes session `id` follow `rooms` (see [`Hub::register`]).

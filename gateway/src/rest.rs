@@ -91,7 +91,7 @@ fn int(name: &str, v: &str) -> Result<Value, Error> {
 }
 
 /// The JSON object of a request body (empty body: `{}`).
-fn body_object(body: &Bytes) -> Result<Map<String, Value>, Error> {
+pub(crate) fn body_object(body: &Bytes) -> Result<Map<String, Value>, Error> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
@@ -109,7 +109,7 @@ fn body_object(body: &Bytes) -> Result<Map<String, Value>, Error> {
 }
 
 /// The query string as a JSON object: integers and booleans as such, the rest as strings.
-fn query_object(q: Option<String>) -> Result<Map<String, Value>, Error> {
+pub(crate) fn query_object(q: Option<String>) -> Result<Map<String, Value>, Error> {
     let mut m = Map::new();
     let Some(q) = q else {
         return Ok(m);

@@ -17,7 +17,6 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use node::Node;
 use node::api::NodeApi;
 use node::bus::Bus;
@@ -131,6 +130,8 @@ pub struct App {
     pub ready: Arc<crate::ready::Readiness>,
     /// What the web console shows (busiest rooms, recent errors, ring shares).
     pub console: Arc<crate::console::Console>,
+    /// Open connections per client address, across this gateway's listeners.
+    pub conn_limits: Arc<crate::listen::ConnLimits>,
 }
 
 /// A running Palaver gateway: `serve` (with a local node) or `gateway` (cluster client).
@@ -256,6 +257,7 @@ impl Palaver {
             node.clone(),
             config.outbound_queue,
         );
+        hub.set_max_per_user(config.max_connections_per_user);
         console.set_hub(&hub);
         let deliveries = bus.subscribe(&config.gateway_id).await?;
         let hub_stop = CancellationToken::new();
@@ -271,6 +273,8 @@ impl Palaver {
         let ready = crate::ready::Readiness::start(checks, hub_stop.clone()).await;
         let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
         let addr = listener.local_addr()?;
+        let conn_limits =
+            crate::listen::ConnLimits::new(config.max_connections_per_ip, config.header_timeout);
         let app = Arc::new(App {
             config,
             auth,
@@ -283,6 +287,7 @@ impl Palaver {
             push_metrics: Default::default(),
             ready,
             console,
+            conn_limits,
         });
         if let Some(cluster) = cluster {
             cluster.spawn_health(HEALTH_EVERY, hub_stop.clone());
@@ -317,32 +322,18 @@ impl Palaver {
                 let stop = stop.clone();
                 async move { stop.cancelled().await }
             };
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                }
-            });
+            let limits = app.conn_limits.clone();
             compat.push((
                 bound,
-                tokio::spawn(async move {
-                    axum::serve(listener, router.into_make_service())
-                        .with_graceful_shutdown(signal)
-                        .await
-                }),
+                tokio::spawn(crate::listen::serve(listener, router, limits, signal)),
             ));
         }
-        let service = router(app.clone()).into_make_service();
-        // Chat frames are small and latency-bound: never let Nagle hold them back.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let serve = tokio::spawn(async move {
-            axum::serve(listener, service)
-                .with_graceful_shutdown(signal)
-                .await
-        });
+        let serve = tokio::spawn(crate::listen::serve(
+            listener,
+            router(app.clone()),
+            app.conn_limits.clone(),
+            signal,
+        ));
         Ok(Self {
             addr,
             app,
@@ -447,6 +438,7 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(
             app.config.max_frame_bytes,
         ))
+        .layer(axum::middleware::from_fn(count_too_large))
         .with_state(app.clone())
         .layer(crate::dialect::socketio::layer(&app))
 }
@@ -466,7 +458,23 @@ pub fn compat_router(app: Arc<App>, dialect: crate::config::CompatDialect) -> Ro
         .layer(axum::extract::DefaultBodyLimit::max(
             app.config.max_frame_bytes,
         ))
+        .layer(axum::middleware::from_fn(count_too_large))
         .with_state(app)
+}
+
+/// Counts every `413` a route answers in `palaver_limit_refusals_total`: `upload` on the
+/// upload routes (a file over its kind's limit), `payload` elsewhere (a body over
+/// `PALAVER_MAX_FRAME_BYTES`, refused by the body limit or by the route).
+async fn count_too_large(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let upload = request.uri().path().contains("upload");
+    let response = next.run(request).await;
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        crate::telemetry::metrics::limit_refused(if upload { "upload" } else { "payload" });
+    }
+    response
 }
 
 async fn healthz() -> &'static str {

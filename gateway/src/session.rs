@@ -135,7 +135,7 @@ pub async fn open_with(
     let reg = app
         .hub
         .register(id, profile.clone(), dialect.to_owned(), Vec::new())
-        .await;
+        .await?;
     let info = SessionInfo {
         gateway: app.hub.gateway().clone(),
         session: id,
@@ -273,6 +273,7 @@ pub async fn run_native<S>(
                 // Refused from its header; the connection goes on.
                 last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
                 let limit = app.config.max_frame_bytes;
+                crate::telemetry::metrics::limit_refused("frame");
                 let err = Error::new(
                     ErrorCode::FrameTooLarge,
                     format!("frame of {size} bytes exceeds the {limit}-byte limit; it was discarded"),
@@ -289,6 +290,7 @@ pub async fn run_native<S>(
             None => break,
             Some(Err(e)) => {
                 if let Some(limit) = too_large(&e) {
+                    crate::telemetry::metrics::limit_refused("frame");
                     let err = Error::new(
                         ErrorCode::FrameTooLarge,
                         format!("frame exceeds the {limit}-byte limit"),

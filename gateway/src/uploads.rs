@@ -573,7 +573,7 @@ fn accept(
 
 /// Checks what has been received so far of a body named as `kind`: refused early, before the
 /// rest is read, when its first bytes already say it is something else.
-fn check_head(kind: MediaKind, head: &[u8]) -> Result<(), UploadError> {
+pub(crate) fn check_head(kind: MediaKind, head: &[u8]) -> Result<(), UploadError> {
     accept(kind, sniff(head).as_ref(), None).map(|_| ())
 }
 
@@ -1064,7 +1064,7 @@ async fn put(blobs: &Blobs, mut temp: TempFile, key: &str) -> Result<(), UploadE
 }
 
 /// Refuses a relative stored path with traversal, hidden or odd segments.
-fn check_rel(rel: &str) -> Result<(), UploadError> {
+pub(crate) fn check_rel(rel: &str) -> Result<(), UploadError> {
     if rel.is_empty() {
         return Err(UploadError::InvalidPath("empty path"));
     }
@@ -1590,7 +1590,7 @@ async fn small_text(field: &mut Field<'_>) -> Result<Option<String>, MultipartEr
         .map(|s| s.trim().to_owned()))
 }
 
-fn parse_message_type(text: Option<&str>) -> Result<MediaKind, UploadError> {
+pub(crate) fn parse_message_type(text: Option<&str>) -> Result<MediaKind, UploadError> {
     let bad = || {
         form_error(format!(
             "messageType must be 1 (audio), 2 (image), 3 (file) or 4 (video); got {}",
@@ -1602,7 +1602,7 @@ fn parse_message_type(text: Option<&str>) -> Result<MediaKind, UploadError> {
 }
 
 /// `duration` in seconds: a non-negative number (a fraction is rounded); blank is none.
-fn parse_duration(text: Option<&str>) -> Result<Option<u32>, UploadError> {
+pub(crate) fn parse_duration(text: Option<&str>) -> Result<Option<u32>, UploadError> {
     let bad = || form_error("duration must be a non-negative number of seconds");
     let text = text.ok_or_else(bad)?;
     if text.is_empty() {
@@ -1760,7 +1760,7 @@ fn native_error(e: &UploadError) -> Error {
 
 /// A single `bytes=` range of a `len`-byte file as inclusive `(start, end)`; `Ok(None)` for a
 /// header to ignore (several ranges, other units), `Err` for an unsatisfiable range.
-fn parse_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
+pub(crate) fn parse_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
     let Some(spec) = header.trim().strip_prefix("bytes=") else {
         return Ok(None);
     };

@@ -300,6 +300,9 @@ pub async fn bench(cfg: BenchConfig) -> anyhow::Result<Vec<Row>> {
         .env("PALAVER_JWT_SECRET", &secret)
         // Throughput is under test, not the per-user rate limit (20/s by default).
         .env("PALAVER_MESSAGES_PER_SECOND", "100000")
+        // Every client connects from a handful of loopback addresses: the per-address
+        // connection limit (a protection against one host, not a capacity) is off.
+        .env("PALAVER_MAX_CONNECTIONS_PER_IP", "0")
         .env("RUST_LOG", "warn");
     eprintln!(
         "bench: starting {} serve on 127.0.0.1:{port}",

@@ -35,6 +35,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The caller is sending typing events faster than the configured rate.
     TypingRateLimited,
+    /// The user (or the client address) already holds the configured maximum of connections.
+    TooManyConnections,
     /// A message's text is longer than the configured maximum.
     TextTooLong,
     /// A media caption is longer than the configured maximum.
@@ -71,6 +73,7 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TypingRateLimited => "typing_rate_limited",
+            ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::TextTooLong => "text_too_long",
             ErrorCode::CaptionTooLong => "caption_too_long",
             ErrorCode::GroupFull => "group_full",
@@ -95,7 +98,9 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict => 409,
             ErrorCode::LimitExceeded => 422,
-            ErrorCode::RateLimited | ErrorCode::TypingRateLimited => 429,
+            ErrorCode::RateLimited
+            | ErrorCode::TypingRateLimited
+            | ErrorCode::TooManyConnections => 429,
             ErrorCode::NotOwner | ErrorCode::Unavailable => 503,
             ErrorCode::Timeout => 504,
             ErrorCode::Internal => 500,
@@ -112,6 +117,7 @@ impl ErrorCode {
             ErrorCode::Forbidden | ErrorCode::NotMember | ErrorCode::Blocked => 4003,
             ErrorCode::RateLimited
             | ErrorCode::TypingRateLimited
+            | ErrorCode::TooManyConnections
             | ErrorCode::LimitExceeded
             | ErrorCode::GroupFull
             | ErrorCode::TooManyRooms => 4029,

@@ -259,6 +259,7 @@ pub async fn run<S, D>(
             Some(size) = dropped.recv() => {
                 last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
                 let limit = app.config.max_frame_bytes;
+                crate::telemetry::metrics::limit_refused("frame");
                 let err = Error::new(
                     ErrorCode::FrameTooLarge,
                     format!("frame of {size} bytes exceeds the {limit}-byte limit; it was discarded"),
@@ -277,6 +278,7 @@ pub async fn run<S, D>(
             None => break,
             Some(Err(e)) => {
                 if let Some(limit) = crate::session::too_large(&e) {
+                    crate::telemetry::metrics::limit_refused("frame");
                     let err = Error::new(
                         ErrorCode::FrameTooLarge,
                         format!("frame exceeds the {limit}-byte limit"),

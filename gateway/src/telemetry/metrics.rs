@@ -25,7 +25,7 @@ use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use node::api::NodeApi;
 use node::user::{Connected, SessionInfo};
-use schema::{Command, Error, GatewayId, Profile, Reply, RoomId, SessionId, UserId};
+use schema::{Command, Error, ErrorCode, GatewayId, Profile, Reply, RoomId, SessionId, UserId};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -146,6 +146,10 @@ fn describe() {
     describe_counter!(
         "palaver_errors_total",
         "Error answers from the node to gateway requests, by error code (rate limits included)."
+    );
+    describe_counter!(
+        "palaver_limit_refusals_total",
+        "Requests, frames and connections refused by a configured limit, by limit (conn_ip, conn_user, frame, payload, message_rate, typing_rate, upload, text, group_size, rooms)."
     );
     describe_histogram!(
         "palaver_session_queue_depth",
@@ -287,6 +291,23 @@ impl Dialects {
     }
 }
 
+/// Counts one refusal by the configured limit `limit` (`palaver_limit_refusals_total`).
+pub fn limit_refused(limit: &'static str) {
+    metrics::counter!("palaver_limit_refusals_total", "limit" => limit).increment(1);
+}
+
+/// The limit a node error reports, if it is one.
+fn limit_of(code: ErrorCode) -> Option<&'static str> {
+    Some(match code {
+        ErrorCode::RateLimited => "message_rate",
+        ErrorCode::TypingRateLimited => "typing_rate",
+        ErrorCode::TextTooLong | ErrorCode::CaptionTooLong => "text",
+        ErrorCode::GroupFull => "group_size",
+        ErrorCode::TooManyRooms => "rooms",
+        _ => return None,
+    })
+}
+
 /// The gateway's [`NodeApi`], measured: the time from a send handed to the node to its answer
 /// (`palaver_send_ack_seconds`) and error answers by code (`palaver_errors_total`).
 pub struct MeteredNode {
@@ -306,6 +327,9 @@ impl MeteredNode {
     }
 
     fn error(&self, e: &Error) {
+        if let Some(limit) = limit_of(e.code) {
+            limit_refused(limit);
+        }
         let code = e.code.as_str();
         if let Some(c) = self.errors.get(code) {
             c.increment(1);

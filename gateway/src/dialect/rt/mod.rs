@@ -164,7 +164,15 @@ async fn serve(mut socket: Socket, mut dropped: Dropped, app: Arc<App>, feed: Fe
     let opened = match session::open(&app, profile.clone(), feed.name()).await {
         Ok(o) => o,
         Err(e) => {
-            refuse(&mut socket, &e.message, 1011, "service unavailable").await;
+            // The rt error frame with the node's message, then the close code of its error
+            // (4029 for too many connections, 1013 when the node is unavailable).
+            refuse(
+                &mut socket,
+                &e.message,
+                e.code.ws_close_code(),
+                e.code.as_str(),
+            )
+            .await;
             return;
         }
     };

@@ -69,28 +69,7 @@ impl Dialect for NotifyHub {
 
 /// Validates and sends; the error strings are the seed's.
 async fn send_message(conn: &Conn, data: &Result<Value, String>) -> Result<Value, String> {
-    let data = match data {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return Err("message property must be defined".into()),
-        Err(e) => return Err(format!("payload could not be decoded: {e}")),
-    };
-    let text = match data.get("message") {
-        None => return Err("message property must be defined".into()),
-        Some(Value::Null) => return Err("message must have a value".into()),
-        Some(Value::String(s)) if s.trim().is_empty() => {
-            return Err("message must have a value".into());
-        }
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err("message must be a string".into()),
-    };
-    let receiver = match data.get("receiver_id") {
-        None => return Err("receiver_id property must be defined".into()),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(n) => n,
-            None => return Err("receiver_id must be a number".into()),
-        },
-        Some(_) => return Err("receiver_id must be a number".into()),
-    };
+    let (text, receiver) = send_args(data)?;
     let peer = UserId::parse(&receiver.to_string())
         .map_err(|_| "receiver profile not found".to_owned())?;
     let room = match conn.execute(Command::OpenDirect { peer }).await {
@@ -120,6 +99,34 @@ async fn send_message(conn: &Conn, data: &Result<Value, String>) -> Result<Value
         Ok(other) => Err(format!("unexpected reply {}", other_name(&other))),
         Err(e) => Err(e.message),
     }
+}
+
+/// The text and receiver of a `send_message` payload, checked in the seed's order with its
+/// exact error strings.
+pub(crate) fn send_args(data: &Result<Value, String>) -> Result<(String, u64), String> {
+    let data = match data {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err("message property must be defined".into()),
+        Err(e) => return Err(format!("payload could not be decoded: {e}")),
+    };
+    let text = match data.get("message") {
+        None => return Err("message property must be defined".into()),
+        Some(Value::Null) => return Err("message must have a value".into()),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            return Err("message must have a value".into());
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err("message must be a string".into()),
+    };
+    let receiver = match data.get("receiver_id") {
+        None => return Err("receiver_id property must be defined".into()),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(n) => n,
+            None => return Err("receiver_id must be a number".into()),
+        },
+        Some(_) => return Err("receiver_id must be a number".into()),
+    };
+    Ok((text, receiver))
 }
 
 fn other_name(r: &Reply) -> String {

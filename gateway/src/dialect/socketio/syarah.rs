@@ -260,7 +260,7 @@ fn field<'a>(a: &'a Map<String, Value>, keys: &[&str]) -> Option<&'a Value> {
 }
 
 /// An id given as a JSON number or a decimal string.
-fn id_u64(v: &Value) -> Option<u64> {
+pub(crate) fn id_u64(v: &Value) -> Option<u64> {
     match v {
         Value::Number(n) => n.as_u64(),
         Value::String(s) => s.trim().parse().ok(),
@@ -269,7 +269,7 @@ fn id_u64(v: &Value) -> Option<u64> {
 }
 
 /// A user id given as a string or a number.
-fn id_string(v: &Value) -> Option<String> {
+pub(crate) fn id_string(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.trim().to_owned()),
         Value::Number(n) => Some(n.to_string()),
@@ -277,7 +277,7 @@ fn id_string(v: &Value) -> Option<String> {
     }
 }
 
-fn room_arg(a: &Map<String, Value>) -> Result<RoomId, Error> {
+pub(crate) fn room_arg(a: &Map<String, Value>) -> Result<RoomId, Error> {
     let v = field(a, &["chatHeaderId", "ChatHeaderId"])
         .ok_or_else(|| Error::invalid("chatHeaderId is required"))?;
     id_u64(v)
@@ -285,13 +285,13 @@ fn room_arg(a: &Map<String, Value>) -> Result<RoomId, Error> {
         .ok_or_else(|| Error::invalid("chatHeaderId must be a positive integer"))
 }
 
-fn message_id(v: &Value, name: &str) -> Result<MessageId, Error> {
+pub(crate) fn message_id(v: &Value, name: &str) -> Result<MessageId, Error> {
     id_u64(v)
         .and_then(|n| MessageId::parse(n).ok())
         .ok_or_else(|| Error::invalid(format!("{name} must be a positive integer")))
 }
 
-fn opt_u32(a: &Map<String, Value>, keys: &[&str]) -> Result<Option<u32>, Error> {
+pub(crate) fn opt_u32(a: &Map<String, Value>, keys: &[&str]) -> Result<Option<u32>, Error> {
     match field(a, keys) {
         None => Ok(None),
         Some(v) => id_u64(v)
@@ -301,7 +301,7 @@ fn opt_u32(a: &Map<String, Value>, keys: &[&str]) -> Result<Option<u32>, Error> 
     }
 }
 
-fn text_arg(a: &Map<String, Value>, keys: &[&str]) -> Result<Option<String>, Error> {
+pub(crate) fn text_arg(a: &Map<String, Value>, keys: &[&str]) -> Result<Option<String>, Error> {
     match field(a, keys) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
