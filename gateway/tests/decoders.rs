@@ -1,8 +1,11 @@
 //! Garbage in, a clear answer out: every decoder a client can reach (the native protocol, the
-//! Phoenix, type-tagged and event/data frames, Phoenix's `send_message` payload, JWTs, upload
-//! kinds) is fed random text, random JSON trees and random mutations of valid frames. Each must
+//! Phoenix, type-tagged and event/data frames, Phoenix's `send_message` payload, Socket.IO event
+//! arguments, REST bodies and queries, multipart forms, upload sniffing and form fields, JWTs,
+//! upload kinds) is fed random text, random JSON trees and random mutations of valid frames. Each must
 //! return (a value or an error) and never panic. A decoder that accepts something must accept
 //! the same input again identically (decoding is a pure function).
+//!
+//! This is the quick, nightly-free counterpart of the coverage-guided targets in `fuzz/`.
 //!
 //! The case count is `PROPTEST_CASES` (proptest's default, 256 per property; raise it for a
 //! longer run: 20,000 per property passed when this was written).
@@ -31,6 +34,21 @@ const RT: &[&str] = &[
     r#"{"type":"ONE_TO_ONE_CHAT","from":"ann","to":"bob","content":"hi"}"#,
     r#"{"type":"GROUP_CHAT","from":"ann","groupId":"7","content":"hi"}"#,
     r#"{"type":"HISTORY","groupId":"7","limit":20}"#,
+];
+const SOCKETIO: &[&str] = &[
+    r#"{"message":"hi","receiver_id":2}"#,
+    r#"{"chatHeaderId":7,"message":"hi","messageType":0,"clientRef":"r1"}"#,
+    r#"{"chatHeaderId":"7","ids":[1,2,"3"],"limit":20}"#,
+    r#"{"otherUserId":"42","id":"9"}"#,
+];
+const REST: &[&str] = &[
+    r#"{"name":"g","members":["2","3"]}"#,
+    "message=hi&receiver_id=2&type=text",
+    "limit=20&before=100&group_id=9",
+];
+const MULTIPART: &[&str] = &[
+    "--fuzz\r\nContent-Disposition: form-data; name=\"kind\"\r\n\r\nimage\r\n--fuzz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\nPNG\r\n--fuzz--\r\n",
+    "--fuzz\r\nContent-Disposition: form-data; name=\"messageType\"\r\n\r\n2\r\n--fuzz\r\nContent-Disposition: form-data; name=\"duration\"\r\n\r\n3.5\r\n--fuzz--\r\n",
 ];
 const EVENTS: &[&str] = &[
     r#"{"event":"chat:typing","data":{"receiver_id":2,"is_typing":true}}"#,
@@ -199,6 +217,33 @@ proptest! {
         if let Ok(profile) = common::auth().verify(&token) {
             prop_assert_eq!(profile.id.as_str(), "7");
         }
+    }
+
+    /// Socket.IO event arguments through both Socket.IO dialects' checks (the packet itself is
+    /// socketioxide's; `fuzz/` also fuzzes it through socketioxide's parser).
+    #[test]
+    fn socketio_arguments(event in "[a-zA-Z_]{0,16}", text in input(SOCKETIO)) {
+        let data = serde_json::from_str::<Value>(&text).map_err(|e| e.to_string());
+        let first = palaver_gateway::fuzzing::socketio_event(&event, &data);
+        prop_assert_eq!(first, palaver_gateway::fuzzing::socketio_event(&event, &data));
+    }
+
+    #[test]
+    fn rest_bodies(pick in 0u8..4, text in input(REST)) {
+        let ctype = [None, Some("application/json"), Some("application/x-www-form-urlencoded"), Some("text/plain")][usize::from(pick)];
+        let first = palaver_gateway::fuzzing::rest_body(ctype, text.as_bytes());
+        prop_assert_eq!(first, palaver_gateway::fuzzing::rest_body(ctype, text.as_bytes()));
+    }
+
+    #[test]
+    fn multipart_bodies(text in prop_oneof![".{0,200}", mutated(MULTIPART)]) {
+        let _ = palaver_gateway::fuzzing::multipart(text.as_bytes());
+    }
+
+    #[test]
+    fn upload_heads(kind in any::<u8>(), head in prop::collection::vec(any::<u8>(), 0..64), field in ".{0,40}") {
+        let first = palaver_gateway::fuzzing::upload_head(kind, &head, &field);
+        prop_assert_eq!(first, palaver_gateway::fuzzing::upload_head(kind, &head, &field));
     }
 
     #[test]
