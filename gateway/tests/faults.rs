@@ -16,10 +16,8 @@
 
 mod common;
 #[path = "../../node/tests/support/kafka.rs"]
-#[allow(dead_code)]
 mod kafka;
 #[path = "../../node/tests/support/pg.rs"]
-#[allow(dead_code)]
 mod pg;
 mod cluster {
     pub mod checker;
@@ -467,10 +465,7 @@ async fn run(seed: u64, tally: &mut Tally) {
             history.entry(room).or_insert(all);
         }
     }
-    let mut v = check(
-        &clients.iter().map(|c| take_log(c)).collect::<Vec<_>>(),
-        &history,
-    );
+    let mut v = check(&clients.iter().map(take_log).collect::<Vec<_>>(), &history);
     // One order per room for every reader: the group as a and c read it.
     let group_orders: Vec<&String> = orders
         .iter()
