@@ -25,19 +25,20 @@ mod cluster {
 }
 
 use cluster::checker::{Acked, ClientLog, Seen, check};
-use cluster::sandbox::{Proc, free_port, spawn};
+use cluster::sandbox::{Proc, Sandbox, free_port, spawn};
 use common::{SECRET, token};
 use futures::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
+
+/// The gateways clients may connect to (`ws://host:port`), kept current as processes restart.
+type Urls = Arc<std::sync::Mutex<Vec<String>>>;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -56,80 +57,209 @@ fn seen(m: &Value) -> Seen {
     }
 }
 
-/// The server under test: one `palaver serve` process, restarted on the same data dir and port.
-struct Server {
-    proc: Option<Proc>,
-    dir: tempfile::TempDir,
-    port: u16,
-    paused: bool,
+/// A process a fault can hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// The single `palaver serve` process.
+    Serve,
+    /// `palaver node` number i.
+    Node(usize),
+    /// The i-th running gateway.
+    Gateway(usize),
+    /// The Kafka-protocol broker.
+    Broker,
 }
 
-impl Server {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut s = Self {
+/// One fault of a schedule: at `at_ms` into the run, `role` is killed (`kill -9`) and started
+/// again `for_ms` later, or paused (`SIGSTOP`) for `for_ms`.
+#[derive(Clone, Copy, Debug)]
+struct Fault {
+    at_ms: u64,
+    kill: bool,
+    role: Role,
+    for_ms: u64,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.kill { "kill9" } else { "stop" };
+        write!(
+            f,
+            "{what}({:?})@{}ms+{}ms",
+            self.role, self.at_ms, self.for_ms
+        )
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args(["-s", sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -s {sig} {pid} failed");
+}
+
+/// What the runs are aimed at: one `palaver serve`, or a cluster (PostgreSQL, broker, three
+/// nodes, two gateways) kept up across runs.
+enum Target {
+    Serve {
+        proc: Option<Proc>,
+        dir: tempfile::TempDir,
+        port: u16,
+    },
+    Cluster(Box<Sandbox>),
+}
+
+impl Target {
+    async fn serve() -> Self {
+        let mut t = Target::Serve {
             proc: None,
-            dir,
-            port,
-            paused: false,
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
         };
-        s.spawn().await;
-        s
+        t.start(Role::Serve).await;
+        t
     }
 
-    async fn spawn(&mut self) {
-        let env = vec![
-            ("PALAVER_HTTP_ADDR", format!("127.0.0.1:{}", self.port)),
-            ("PALAVER_DATA_DIR", self.dir.path().display().to_string()),
-            ("PALAVER_JWT_SECRET", SECRET.to_owned()),
-            ("PALAVER_MESSAGES_PER_SECOND", "10000".to_owned()),
-        ];
-        self.proc = Some(spawn(&["serve"], env).await);
+    async fn cluster() -> Self {
+        Target::Cluster(Box::new(Sandbox::start(3, 3, 2).await))
     }
 
-    fn pid(&self) -> String {
-        self.proc.as_ref().unwrap().child.id().to_string()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args(["-s", sig, &self.pid()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -s {sig} failed");
-    }
-
-    async fn kill_and_restart(&mut self) {
-        if self.paused {
-            self.resume();
+    /// The gateways running now.
+    fn urls(&self) -> Vec<String> {
+        match self {
+            Target::Serve { port, .. } => vec![format!("ws://127.0.0.1:{port}")],
+            Target::Cluster(sb) => sb
+                .gateways
+                .iter()
+                .flatten()
+                .map(|g| format!("ws://{}", g.http))
+                .collect(),
         }
-        if let Some(mut p) = self.proc.take() {
+    }
+
+    fn pid(&self, role: Role) -> Option<u32> {
+        match (self, role) {
+            (Target::Serve { proc, .. }, Role::Serve) => proc.as_ref().map(|p| p.child.id()),
+            (Target::Cluster(sb), Role::Node(i)) => sb.nodes[i].as_ref().map(|p| p.child.id()),
+            (Target::Cluster(sb), Role::Gateway(i)) => {
+                sb.gateways.iter().flatten().nth(i).map(|p| p.child.id())
+            }
+            (Target::Cluster(sb), Role::Broker) => sb.broker.pid(),
+            _ => None,
+        }
+    }
+
+    fn kill(&mut self, role: Role) {
+        match (self, role) {
+            (Target::Serve { proc, .. }, Role::Serve) => {
+                if let Some(mut p) = proc.take() {
+                    p.kill9();
+                }
+            }
+            (Target::Cluster(sb), Role::Node(i)) => sb.kill_node(i),
+            (Target::Cluster(sb), Role::Gateway(i)) => {
+                let j = sb
+                    .gateways
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, g)| g.is_some())
+                    .nth(i)
+                    .map(|(j, _)| j);
+                if let Some(j) = j {
+                    sb.kill_gateway(j);
+                }
+            }
+            (Target::Cluster(sb), Role::Broker) => sb.broker.kill(),
+            (_, role) => panic!("no {role:?} here"),
+        }
+    }
+
+    async fn start(&mut self, role: Role) {
+        match (self, role) {
+            (Target::Serve { proc, dir, port }, Role::Serve) => {
+                let env = vec![
+                    ("PALAVER_HTTP_ADDR", format!("127.0.0.1:{port}")),
+                    ("PALAVER_DATA_DIR", dir.path().display().to_string()),
+                    ("PALAVER_JWT_SECRET", SECRET.to_owned()),
+                    ("PALAVER_MESSAGES_PER_SECOND", "10000".to_owned()),
+                ];
+                *proc = Some(spawn(&["serve"], env).await);
+            }
+            (Target::Cluster(sb), Role::Node(i)) => sb.start_node(i).await,
+            (Target::Cluster(sb), Role::Gateway(_)) => {
+                sb.start_gateway().await;
+            }
+            (Target::Cluster(sb), Role::Broker) => sb.broker.start_again().await,
+            (_, role) => panic!("no {role:?} here"),
+        }
+    }
+
+    /// A random fault for this target.
+    fn draw(&self, rng: &mut StdRng) -> Fault {
+        let role = match self {
+            Target::Serve { .. } => Role::Serve,
+            Target::Cluster(_) => match rng.random_range(0..10) {
+                0..5 => Role::Node(rng.random_range(0..3)),
+                5..8 => Role::Gateway(rng.random_range(0..2)),
+                _ => Role::Broker,
+            },
+        };
+        Fault {
+            at_ms: rng.random_range(0..3000),
+            kill: rng.random_bool(0.5),
+            role,
+            for_ms: rng.random_range(200..2000),
+        }
+    }
+
+    /// Applies `fault` (returns when the process is back).
+    async fn apply(&mut self, fault: Fault, urls: &Urls) {
+        if fault.kill {
+            self.kill(fault.role);
+            *urls.lock().unwrap() = self.urls();
+            tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+            self.start(fault.role).await;
+            *urls.lock().unwrap() = self.urls();
+        } else if let Some(pid) = self.pid(fault.role) {
+            signal(pid, "STOP");
+            tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+            signal(pid, "CONT");
+        }
+    }
+
+    /// After a run's faults: every process of the full set running again, the ring whole.
+    async fn settle(&mut self) {
+        if let Target::Cluster(sb) = self {
+            for i in 0..3 {
+                if sb.nodes[i].is_none() {
+                    sb.start_node(i).await;
+                }
+            }
+            while sb.gateways.iter().flatten().count() < 2 {
+                sb.start_gateway().await;
+            }
+            sb.wait_ring(3).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Target::Serve { proc, .. } = self
+            && let Some(mut p) = proc.take()
+        {
             p.kill9();
         }
-        self.spawn().await;
-    }
-
-    fn pause(&mut self) {
-        self.signal("STOP");
-        self.paused = true;
-    }
-
-    fn resume(&mut self) {
-        self.signal("CONT");
-        self.paused = false;
-    }
-
-    fn url(&self, user: &str) -> String {
-        format!("ws://127.0.0.1:{}/ws?token={}", self.port, token(user))
     }
 }
 
 /// A native client that survives its server: every operation reports a broken connection as an
 /// error, and the caller reconnects.
 struct Resilient {
-    url: String,
+    /// Where to connect: any of these gateways (`ws://host:port`), tried in turn.
+    urls: Urls,
+    user: String,
+    attempt: usize,
     ws: Option<Ws>,
     next: u64,
     log: ClientLog,
@@ -145,9 +275,11 @@ enum Failure {
 }
 
 impl Resilient {
-    fn new(name: &str, url: String) -> Self {
+    fn new(name: &str, urls: Urls) -> Self {
         Self {
-            url,
+            urls,
+            user: name.into(),
+            attempt: 0,
             ws: None,
             next: 0,
             log: ClientLog {
@@ -160,7 +292,19 @@ impl Resilient {
 
     async fn connected(&mut self) -> Result<&mut Ws, Failure> {
         if self.ws.is_none() {
-            let c = tokio::time::timeout(REPLY_WAIT, tokio_tungstenite::connect_async(&self.url))
+            let url = {
+                let urls = self.urls.lock().unwrap();
+                if urls.is_empty() {
+                    return Err(Failure::Connection("no gateway running".into()));
+                }
+                self.attempt += 1;
+                format!(
+                    "{}/ws?token={}",
+                    urls[self.attempt % urls.len()],
+                    token(&self.user)
+                )
+            };
+            let c = tokio::time::timeout(REPLY_WAIT, tokio_tungstenite::connect_async(&url))
                 .await
                 .map_err(|_| Failure::Connection("connect timed out".into()))?
                 .map_err(|e| Failure::Connection(format!("connect: {e}")))?;
@@ -325,97 +469,76 @@ impl Resilient {
 #[derive(Default)]
 struct Tally {
     runs: u64,
-    kills: u64,
-    pauses: u64,
+    /// Faults by kind and role.
+    faults: BTreeMap<String, u64>,
     acked: u64,
     retries: u64,
     violations: Vec<String>,
 }
 
 /// One run: set-up, concurrent senders and faults, then the checker's verdict.
-async fn run(seed: u64, tally: &mut Tally) {
+async fn run(target: &Arc<Mutex<Target>>, seed: u64, tally: &mut Tally) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let server = Arc::new(Mutex::new(Server::start().await));
-    let url = |u: &str| {
-        let s = server.clone();
-        let u = u.to_owned();
-        async move { s.lock().await.url(&u) }
-    };
-    let users = ["a", "b", "c"];
+    let urls: Urls = Arc::new(std::sync::Mutex::new(target.lock().await.urls()));
+    // Fresh users per run, so that even the direct room is new.
+    let users: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|u| format!("{u}{seed}"))
+        .collect();
     let mut clients = Vec::new();
-    for u in users {
-        let mut c = Resilient::new(u, url(u).await);
+    for u in &users {
+        let mut c = Resilient::new(u, urls.clone());
         c.must("ping", json!({})).await;
         clients.push(c);
     }
     let group = clients[0]
-        .must("create_group", json!({"name": "g", "members": ["b", "c"]}))
+        .must(
+            "create_group",
+            json!({"name": "g", "members": [users[1], users[2]]}),
+        )
         .await["room"]["id"]
         .as_u64()
         .unwrap();
-    let direct = clients[0].must("open_direct", json!({"user": "b"})).await["room"]["id"]
+    let direct = clients[0]
+        .must("open_direct", json!({"user": users[1]}))
+        .await["room"]["id"]
         .as_u64()
         .unwrap();
     let per_sender: Vec<u32> = users.iter().map(|_| rng.random_range(15..40)).collect();
     // 1 to 3 faults, at random moments of a ~3 s window.
-    let faults: Vec<(u64, bool, u64)> = (0..rng.random_range(1..=3))
-        .map(|_| {
-            (
-                rng.random_range(0..3000),
-                rng.random_bool(0.5),
-                rng.random_range(200..2000),
-            )
-        })
-        .collect();
-    let mut schedule = String::new();
-    for (at, kill, pause) in &faults {
-        if *kill {
-            let _ = write!(schedule, " kill9@{at}ms");
-        } else {
-            let _ = write!(schedule, " stop@{at}ms+{pause}ms");
-        }
-    }
-    eprintln!("fault run seed {seed}: senders {per_sender:?},{schedule}");
+    let mut faults: Vec<Fault> = {
+        let t = target.lock().await;
+        (0..rng.random_range(1..=3))
+            .map(|_| t.draw(&mut rng))
+            .collect()
+    };
+    faults.sort_by_key(|f| f.at_ms);
+    let schedule: Vec<String> = faults.iter().map(Fault::to_string).collect();
+    eprintln!(
+        "fault run seed {seed}: senders {per_sender:?}, {}",
+        schedule.join(" ")
+    );
 
-    let done = Arc::new(AtomicBool::new(false));
     let fault_task = {
-        let server = server.clone();
+        let target = target.clone();
+        let urls = urls.clone();
         let faults = faults.clone();
-        let done = done.clone();
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
-            let mut sorted = faults;
-            sorted.sort();
-            let (mut kills, mut pauses) = (0u64, 0u64);
-            for (at, kill, pause) in sorted {
-                tokio::time::sleep_until(start + Duration::from_millis(at)).await;
-                if done.load(Ordering::SeqCst) && at > 0 {
-                    // Senders finished early: still apply the fault, the reads must survive it.
-                }
-                let mut s = server.lock().await;
-                if kill {
-                    s.kill_and_restart().await;
-                    kills += 1;
-                } else {
-                    s.pause();
-                    drop(s);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                    server.lock().await.resume();
-                    pauses += 1;
-                }
+            for f in faults {
+                tokio::time::sleep_until(start + Duration::from_millis(f.at_ms)).await;
+                target.lock().await.apply(f, &urls).await;
             }
-            (kills, pauses)
         })
     };
-    let counter = Arc::new(AtomicU64::new(0));
     let mut senders = Vec::new();
     for (i, mut c) in clients.into_iter().enumerate() {
         let n = per_sender[i];
-        let counter = counter.clone();
         let mut rng = StdRng::seed_from_u64(seed * 31 + i as u64);
         senders.push(tokio::spawn(async move {
             for k in 0..n {
-                // a and b also talk in their direct room; c only in the group.
+                // The first two users also talk in their direct room; the third only in the
+                // group.
                 let room = if i < 2 && rng.random_bool(0.3) {
                     direct
                 } else {
@@ -423,8 +546,7 @@ async fn run(seed: u64, tally: &mut Tally) {
                 };
                 let cref = format!("s{seed}-{}-{k}", c.log.name);
                 c.send(room, &cref).await;
-                counter.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(10..140))).await;
             }
             c
         }));
@@ -438,44 +560,40 @@ async fn run(seed: u64, tally: &mut Tally) {
                 .unwrap(),
         );
     }
-    done.store(true, Ordering::SeqCst);
-    let (kills, pauses) = tokio::time::timeout(RUN_LIMIT, fault_task)
+    tokio::time::timeout(RUN_LIMIT, fault_task)
         .await
         .unwrap_or_else(|_| panic!("seed {seed}: faults stuck"))
         .unwrap();
+    {
+        let mut t = target.lock().await;
+        t.settle().await;
+        *urls.lock().unwrap() = t.urls();
+    }
 
-    // Every reader catches up from history; the final history is read once per reader and
+    // Every reader catches up from history; the final history is read by every member and
     // must be the same for all.
     let mut history: BTreeMap<u64, Vec<Seen>> = BTreeMap::new();
-    let mut orders: Vec<String> = Vec::new();
-    for c in &mut clients {
-        let rooms: &[u64] = if c.log.name == "c" {
-            &[group]
-        } else {
-            &[group, direct]
-        };
+    let mut v = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let rooms: &[u64] = if i == 2 { &[group] } else { &[group, direct] };
         for &room in rooms {
             let all = c.resume(room).await;
-            if c.log.name == "a" || (room == group && c.log.name == "c") {
-                orders.push(format!(
-                    "{room}:{:?}",
-                    all.iter().map(|s| s.id).collect::<Vec<_>>()
-                ));
+            match history.get(&room) {
+                Some(first) if *first != all => v.push(format!(
+                    "{} reads room {room} differently from the first reader",
+                    c.log.name
+                )),
+                Some(_) => {}
+                None => {
+                    history.insert(room, all);
+                }
             }
-            history.entry(room).or_insert(all);
         }
     }
-    let mut v = check(&clients.iter().map(take_log).collect::<Vec<_>>(), &history);
-    // One order per room for every reader: the group as a and c read it.
-    let group_orders: Vec<&String> = orders
-        .iter()
-        .filter(|o| o.starts_with(&format!("{group}:")))
-        .collect();
-    if group_orders.windows(2).any(|w| w[0] != w[1]) {
-        v.push(format!(
-            "readers disagree on the group's order: {group_orders:?}"
-        ));
-    }
+    v.extend(check(
+        &clients.iter().map(take_log).collect::<Vec<_>>(),
+        &history,
+    ));
     let acked: u64 = clients.iter().map(|c| c.log.acked.len() as u64).sum();
     let expected: u64 = per_sender.iter().map(|&n| u64::from(n)).sum();
     if acked != expected {
@@ -489,20 +607,30 @@ async fn run(seed: u64, tally: &mut Tally) {
         eprintln!("seed {seed}: VIOLATION {violation}");
     }
     tally.runs += 1;
-    tally.kills += kills;
-    tally.pauses += pauses;
+    for f in &faults {
+        *tally
+            .faults
+            .entry(format!(
+                "{} {}",
+                if f.kill {
+                    "kill -9 + restart"
+                } else {
+                    "SIGSTOP/SIGCONT"
+                },
+                match f.role {
+                    Role::Serve => "serve",
+                    Role::Node(_) => "node",
+                    Role::Gateway(_) => "gateway",
+                    Role::Broker => "broker",
+                }
+            ))
+            .or_default() += 1;
+    }
     tally.acked += acked;
     tally.retries += clients.iter().map(|c| c.retries).sum::<u64>();
     tally
         .violations
         .extend(v.into_iter().map(|x| format!("seed {seed}: {x}")));
-    let mut s = server.lock().await;
-    if s.paused {
-        s.resume();
-    }
-    if let Some(mut p) = s.proc.take() {
-        p.kill9();
-    }
 }
 
 fn take_log(c: &Resilient) -> ClientLog {
@@ -521,24 +649,29 @@ fn env_u64(key: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn randomized_faults_against_serve_lose_and_duplicate_nothing() {
-    let runs = env_u64("PALAVER_FAULT_RUNS", 4);
+/// Runs `PALAVER_FAULT_RUNS` seeds against `target` and fails on any violation.
+async fn campaign(name: &str, target: Target, default_runs: u64) {
+    let runs = env_u64("PALAVER_FAULT_RUNS", default_runs);
     let first = env_u64("PALAVER_FAULT_SEED", 1);
     let started = Instant::now();
+    let target = Arc::new(Mutex::new(target));
     let mut tally = Tally::default();
     for k in 0..runs {
-        run(first + k, &mut tally).await;
+        run(&target, first + k, &mut tally).await;
     }
+    target.lock().await.stop();
+    let mix: Vec<String> = tally
+        .faults
+        .iter()
+        .map(|(k, n)| format!("  {k}: {n}"))
+        .collect();
     let summary = format!(
-        "fault runs against `palaver serve`: seeds {first}..{}\n\
-         runs: {}\nfaults: {} kill -9 + restart, {} SIGSTOP/SIGCONT pauses\n\
+        "fault runs against {name}: seeds {first}..{}\nruns: {}\nfaults:\n{}\n\
          messages acknowledged: {}\nretries (same client_ref): {}\nviolations: {}\n\
          wall time: {:.0} s\n{}",
-        first + runs - 1,
+        first + runs.max(1) - 1,
         tally.runs,
-        tally.kills,
-        tally.pauses,
+        mix.join("\n"),
         tally.acked,
         tally.retries,
         tally.violations.len(),
@@ -546,7 +679,26 @@ async fn randomized_faults_against_serve_lose_and_duplicate_nothing() {
         tally.violations.join("\n")
     );
     eprintln!("{summary}");
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fault-runs.txt");
+    let file = format!("../target/fault-runs-{}.txt", name.replace(' ', "-"));
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
     let _ = std::fs::write(out, &summary);
     assert!(tally.violations.is_empty(), "{summary}");
+}
+
+fn wanted(mode: &str) -> bool {
+    std::env::var("PALAVER_FAULT_MODE").map_or(true, |m| m == mode || m == "both")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_faults_against_serve_lose_and_duplicate_nothing() {
+    if wanted("serve") {
+        campaign("serve", Target::serve().await, 4).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn randomized_faults_against_a_cluster_lose_and_duplicate_nothing() {
+    if wanted("cluster") {
+        campaign("cluster", Target::cluster().await, 4).await;
+    }
 }

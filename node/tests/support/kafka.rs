@@ -93,6 +93,16 @@ impl TestBroker {
 
     /// Kills it, keeps it down for `outage` (a real broker takes seconds to come back; clients
     /// see the connection fail in the meantime), and starts it again on the same port.
+    /// The broker's process id while it runs (to pause it with SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts it again after [`TestBroker::kill`], on the same port.
+    pub async fn start_again(&mut self) {
+        self.spawn().await;
+    }
+
     pub async fn restart(&mut self, outage: Duration) {
         self.kill();
         tokio::time::sleep(outage).await;
