@@ -33,12 +33,12 @@ fn auth() -> &'static (Auth, String) {
 fuzz_target!(|data: &[u8]| {
     let (auth, valid) = auth();
     // As given.
-    if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(profile) = auth.verify(text) {
-            // Only a real signature passes: the fuzzer cannot forge one, so this must be the
-            // minted token (or an equivalent encoding of it).
-            assert_eq!(profile.id.as_str(), "7", "a forged token was accepted");
-        }
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(profile) = auth.verify(text)
+    {
+        // Only a real signature passes: the fuzzer cannot forge one, so this must be the
+        // minted token (or an equivalent encoding of it).
+        assert_eq!(profile.id.as_str(), "7", "a forged token was accepted");
     }
     // As edits of the valid token: pairs (position, byte).
     let mut t = valid.clone().into_bytes();
@@ -46,13 +46,13 @@ fuzz_target!(|data: &[u8]| {
         let at = usize::from(pair[0]) * t.len() / 256;
         t[at] = pair[1];
     }
-    if let Ok(edited) = std::str::from_utf8(&t) {
-        if let Ok(profile) = auth.verify(edited) {
-            assert_eq!(
-                profile.id.as_str(),
-                "7",
-                "an edited token named another user"
-            );
-        }
+    if let Ok(edited) = std::str::from_utf8(&t)
+        && let Ok(profile) = auth.verify(edited)
+    {
+        assert_eq!(
+            profile.id.as_str(),
+            "7",
+            "an edited token named another user"
+        );
     }
 });
