@@ -788,6 +788,18 @@ impl Node {
                 created: false,
             });
         }
+        // No new conversation across a block, either way (an existing one stays readable, and
+        // refuses messages): the blocker is not even told a room was attempted.
+        if self
+            .ctx
+            .store
+            .blocks_of(caller)
+            .await?
+            .iter()
+            .any(|(a, b)| (a == caller && b == &peer) || (a == &peer && b == caller))
+        {
+            return Err(crate::room::blocked_error());
+        }
         for u in [caller, &peer] {
             self.check_room_count(u).await?;
         }
