@@ -31,7 +31,7 @@ use futures::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -264,6 +264,19 @@ struct Resilient {
     next: u64,
     log: ClientLog,
     retries: u64,
+    /// `log.received.len()` at each new connection (for diagnostics).
+    reconnects: Vec<usize>,
+    /// The last seq applied per room, across connections: the protocol's rule is that after a
+    /// reconnect an event may arrive again (another gateway may still deliver what this client
+    /// already saw through the previous one), and a client applies events by `seq`.
+    applied: HashMap<u64, u64>,
+    /// The last seq per room on the current connection: within one connection the stream must be
+    /// strictly increasing (no resume is sent mid-run).
+    on_connection: HashMap<u64, u64>,
+    /// Violations of that.
+    order: Vec<String>,
+    /// Events that arrived again after a reconnect (ignored by seq, as the protocol says).
+    redelivered: u64,
 }
 
 #[derive(Debug)]
@@ -287,6 +300,11 @@ impl Resilient {
                 ..Default::default()
             },
             retries: 0,
+            reconnects: Vec::new(),
+            applied: HashMap::new(),
+            on_connection: HashMap::new(),
+            order: Vec::new(),
+            redelivered: 0,
         }
     }
 
@@ -309,6 +327,8 @@ impl Resilient {
                 .map_err(|_| Failure::Connection("connect timed out".into()))?
                 .map_err(|e| Failure::Connection(format!("connect: {e}")))?;
             self.ws = Some(c.0);
+            self.reconnects.push(self.log.received.len());
+            self.on_connection.clear();
         }
         Ok(self.ws.as_mut().unwrap())
     }
@@ -346,7 +366,7 @@ impl Resilient {
             let v: Value = serde_json::from_str(frame.as_str()).unwrap();
             if v["type"] == "event" {
                 if v["event"] == "message" {
-                    self.log.received.push(seen(&v["data"]["message"]));
+                    self.live(seen(&v["data"]["message"]));
                 }
                 continue;
             }
@@ -358,6 +378,26 @@ impl Resilient {
                 };
             }
         }
+    }
+
+    /// A live message event: checked against this connection's order, applied by seq.
+    fn live(&mut self, m: Seen) {
+        if let Some(&prev) = self.on_connection.get(&m.room)
+            && m.seq <= prev
+        {
+            self.order.push(format!(
+                "{}: room {} seq {} after {prev} on one connection",
+                self.log.name, m.room, m.seq
+            ));
+        }
+        self.on_connection.insert(m.room, m.seq);
+        let applied = self.applied.entry(m.room).or_insert(0);
+        if m.seq <= *applied {
+            self.redelivered += 1;
+            return;
+        }
+        *applied = m.seq;
+        self.log.received.push(m);
     }
 
     /// Sends `cref` to `room` until it is acknowledged, retrying with the same `client_ref`.
@@ -471,6 +511,7 @@ struct Tally {
     runs: u64,
     /// Faults by kind and role.
     faults: BTreeMap<String, u64>,
+    redelivered: u64,
     acked: u64,
     retries: u64,
     violations: Vec<String>,
@@ -594,6 +635,9 @@ async fn run(target: &Arc<Mutex<Target>>, seed: u64, tally: &mut Tally) {
         &clients.iter().map(take_log).collect::<Vec<_>>(),
         &history,
     ));
+    for c in &clients {
+        v.extend(c.order.iter().cloned());
+    }
     let acked: u64 = clients.iter().map(|c| c.log.acked.len() as u64).sum();
     let expected: u64 = per_sender.iter().map(|&n| u64::from(n)).sum();
     if acked != expected {
@@ -605,6 +649,29 @@ async fn run(target: &Arc<Mutex<Target>>, seed: u64, tally: &mut Tally) {
     }
     for violation in &v {
         eprintln!("seed {seed}: VIOLATION {violation}");
+    }
+    if !v.is_empty() {
+        // What each reader saw live, per room, in arrival order ("|" marks a reconnect).
+        for c in &clients {
+            for &room in history.keys() {
+                let seqs: Vec<String> = c
+                    .log
+                    .received
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.room == room)
+                    .map(|(i, s)| {
+                        let mark = if c.reconnects.contains(&i) { "| " } else { "" };
+                        format!("{mark}{}", s.seq)
+                    })
+                    .collect();
+                eprintln!(
+                    "seed {seed}: {} room {room} live: {}",
+                    c.log.name,
+                    seqs.join(" ")
+                );
+            }
+        }
     }
     tally.runs += 1;
     for f in &faults {
@@ -628,6 +695,7 @@ async fn run(target: &Arc<Mutex<Target>>, seed: u64, tally: &mut Tally) {
     }
     tally.acked += acked;
     tally.retries += clients.iter().map(|c| c.retries).sum::<u64>();
+    tally.redelivered += clients.iter().map(|c| c.redelivered).sum::<u64>();
     tally
         .violations
         .extend(v.into_iter().map(|x| format!("seed {seed}: {x}")));
@@ -667,13 +735,15 @@ async fn campaign(name: &str, target: Target, default_runs: u64) {
         .collect();
     let summary = format!(
         "fault runs against {name}: seeds {first}..{}\nruns: {}\nfaults:\n{}\n\
-         messages acknowledged: {}\nretries (same client_ref): {}\nviolations: {}\n\
+         messages acknowledged: {}\nretries (same client_ref): {}\n\
+         events delivered again after a reconnect (applied once, by seq): {}\nviolations: {}\n\
          wall time: {:.0} s\n{}",
         first + runs.max(1) - 1,
         tally.runs,
         mix.join("\n"),
         tally.acked,
         tally.retries,
+        tally.redelivered,
         tally.violations.len(),
         started.elapsed().as_secs_f64(),
         tally.violations.join("\n")
