@@ -925,6 +925,22 @@ impl Sequencer {
                     tracing::debug!(room = %self.room, %why, "retried send: looking its key up");
                     return Ok(None);
                 }
+                // Another node wrote this room's next seq: during a ring change two nodes can
+                // hold the room for a moment, and the store fences the second writer. Nothing
+                // of this batch was stored; the actor stops and the room restarts from the
+                // store, so the senders must retry (same client_ref): a retryable error, not
+                // an internal one.
+                Err(crate::store::StoreError::Conflict(why)) => {
+                    return Err(fail_all(
+                        self.room,
+                        batch,
+                        Error::unavailable(format!(
+                            "room {} was written by another node during a ring change; \
+                             retry: {why}",
+                            self.room
+                        )),
+                    ));
+                }
                 Err(e) => return Err(fail_all(self.room, batch, e.into())),
             }
         }
