@@ -39,13 +39,10 @@ function mint(sub) {
 /** A native-protocol client: requests with replies, and a queue of events. */
 async function nativeClient(sub) {
   const ws = new WebSocket(`${URL.replace(/^http/, "ws")}/ws?token=${mint(sub)}`);
-  await new Promise((resolve, reject) => {
-    ws.once("open", resolve);
-    ws.once("error", reject);
-  });
   const replies = new Map();
   const events = [];
   const waiters = [];
+  // Listening before `open` resolves: frames sent at once can be emitted before it does.
   ws.on("message", (raw) => {
     const f = JSON.parse(raw.toString());
     if (f.type === "reply") {
@@ -55,6 +52,10 @@ async function nativeClient(sub) {
       events.push(f);
       for (const w of waiters.splice(0)) w();
     }
+  });
+  await new Promise((resolve, reject) => {
+    ws.once("open", resolve);
+    ws.once("error", reject);
   });
   let next = 0;
   return {

@@ -199,6 +199,10 @@ export class Native {
 
   static async connect(token, label = "native") {
     const ws = new WebSocket(`${WS_URL}/ws?token=${encodeURIComponent(token)}`);
+    // Recording starts before the handshake completes: frames the server sends at once (pending
+    // notifications) can arrive in the same read as the 101 and be emitted before `open`'s
+    // awaiter resumes.
+    const native = new Native(ws, label);
     await within(
       new Promise((resolve, reject) => {
         ws.once("open", resolve);
@@ -210,7 +214,7 @@ export class Native {
       WAIT,
       `${label} connect`,
     );
-    return new Native(ws, label);
+    return native;
   }
 
   /** Sends a request; resolves its reply frame. */
