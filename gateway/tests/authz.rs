@@ -95,8 +95,8 @@ fn bad_tokens() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// One row: in `dialect`, user `actor` sends `frame` (`$G` the group, `$M` user 1's message in
-/// it, `$D` the direct room of users 1 and 2), and the answer must contain `expect`.
+/// One row: in `dialect`, user `actor` sends `frame` (placeholders: see [`fill`]), and the answer
+/// must contain `expect`. A `rest` row's `op` is `METHOD /path` and its `frame` the body.
 struct Row {
     dialect: &'static str,
     actor: &'static str,
@@ -124,8 +124,9 @@ const fn row(
     }
 }
 
-// Users: 1 owns group $G (members 1, 2) and wrote $M in it; 2 is a plain member; 3 is a
-// stranger; 4 is blocked by 1.
+// Users: 1 owns group $G (members 1, 2), wrote $M in it and posted the file $U there; 2 is a
+// plain member; 3 is a stranger; 4 is blocked by 1; 5 too, after a direct room $B with 1 was
+// opened. REST rows: `op` is exactly `METHOD /path`.
 const NON_MEMBER: &str = "non-member";
 const MEMBER: &str = "member without the role";
 const BLOCKED: &str = "blocked";
@@ -145,11 +146,23 @@ const MATRIX: &[Row] = &[
     row("native", "3", NON_MEMBER, "update_group", r#"{"op":"update_group","room":$G,"name":"pwned"}"#, "\"ok\":false"),
     row("native", "3", NON_MEMBER, "send to a direct room", r#"{"op":"send","room":$D,"text":"x"}"#, "not_member"),
     row("native", "3", NON_MEMBER, "history of a direct room", r#"{"op":"history","room":$D}"#, "not_member"),
+    row("native", "3", NON_MEMBER, "edit", r#"{"op":"edit","room":$G,"message":$M,"text":"pwned"}"#, "not_member"),
+    row("native", "3", NON_MEMBER, "delete", r#"{"op":"delete","room":$G,"messages":[$M]}"#, "not_member"),
+    row("native", "3", NON_MEMBER, "remove_member", r#"{"op":"remove_member","room":$G,"user":"2"}"#, "\"ok\":false"),
+    row("native", "3", NON_MEMBER, "set_role", r#"{"op":"set_role","room":$G,"user":"3","role":"admin"}"#, "\"ok\":false"),
+    row("native", "3", NON_MEMBER, "join a private group", r#"{"op":"join","room":$G}"#, "\"ok\":false"),
+    row("native", "3", NON_MEMBER, "room", r#"{"op":"room","room":$G}"#, "not_member"),
+    row("native", "3", NON_MEMBER, "replay", r#"{"op":"replay","room":$G,"after_seq":0}"#, "not_member"),
+    row("native", "3", NON_MEMBER, "resume", r#"{"op":"resume","rooms":{"$G":0}}"#, "not_member"),
+    row("native", "3", NON_MEMBER, "mute", r#"{"op":"mute","room":$G,"muted":true}"#, "not_member"),
     row("native", "2", MEMBER, "add_members", r#"{"op":"add_members","room":$G,"users":["3"]}"#, "forbidden"),
     row("native", "2", MEMBER, "remove_member", r#"{"op":"remove_member","room":$G,"user":"1"}"#, "forbidden"),
     row("native", "2", MEMBER, "set_role", r#"{"op":"set_role","room":$G,"user":"2","role":"admin"}"#, "forbidden"),
     row("native", "2", MEMBER, "update_group", r#"{"op":"update_group","room":$G,"name":"pwned"}"#, "forbidden"),
     row("native", "2", MEMBER, "edit another's message", r#"{"op":"edit","room":$G,"message":$M,"text":"pwned"}"#, "forbidden"),
+    row("native", "2", MEMBER, "delete another's message", r#"{"op":"delete","room":$G,"messages":[$M]}"#, "forbidden"),
+    row("native", "5", BLOCKED, "send in a direct room opened before the block", r#"{"op":"send","room":$B,"text":"x"}"#, "blocked"),
+    row("native", "5", BLOCKED, "typing in a direct room opened before the block", r#"{"op":"typing","room":$B,"typing":true}"#, "\"ok\":false"),
     row("native", "4", BLOCKED, "open_direct", r#"{"op":"open_direct","user":"1"}"#, "blocked"),
     row("native", "3", SPOOFED, "send as another", r#"{"op":"send","room":$G,"text":"x","sender":"1"}"#, "invalid_field"),
     // Type-tagged.
@@ -175,21 +188,41 @@ const MATRIX: &[Row] = &[
     row("syarah", "3", NON_MEMBER, "joinRoom", r#"["joinRoom",{"chatHeaderId":$G}]"#, "error"),
     row("syarah", "3", NON_MEMBER, "roomTyping", r#"["roomTyping",{"chatHeaderId":$G,"isTyping":true}]"#, "error"),
     row("syarah", "3", NON_MEMBER, "readMessage", r#"["readMessage",{"chatHeaderId":$G}]"#, "error"),
+    row("syarah", "3", NON_MEMBER, "removeMessage", r#"["removeMessage",{"chatHeaderId":$G,"id":$M}]"#, "error"),
     row("syarah", "2", MEMBER, "updateMessage of another", r#"["updateMessage",{"chatHeaderId":$G,"id":$M,"message":"pwned"}]"#, "error"),
     row("syarah", "2", MEMBER, "removeMessage of another", r#"["removeMessage",{"chatHeaderId":$G,"id":$M}]"#, "error"),
     row("syarah", "3", SPOOFED, "createMessage with another's accessToken", r#"["createMessage",{"chatHeaderId":$G,"message":"x","accessToken":"$T1"}]"#, "error"),
     // Native REST.
     row("rest", "3", NON_MEMBER, "POST /v1/rooms/$G/messages", r#"{"text":"x"}"#, "403"),
     row("rest", "3", NON_MEMBER, "GET /v1/rooms/$G/messages", "", "403"),
+    row("rest", "3", NON_MEMBER, "GET /v1/rooms/$G/members", "", "403"),
+    row("rest", "3", NON_MEMBER, "POST /v1/rooms/$G/members", r#"{"users":["3"]}"#, "403"),
+    row("rest", "3", NON_MEMBER, "GET /v1/rooms/$G/events?after_seq=0", "", "403"),
+    row("rest", "3", NON_MEMBER, "PATCH /v1/rooms/$G/messages/$M", r#"{"text":"pwned"}"#, "403"),
+    row("rest", "3", NON_MEMBER, "DELETE /v1/rooms/$G/messages/$M", "", "403"),
+    row("rest", "3", NON_MEMBER, "PUT /v1/rooms/$G/messages/$M/reactions/x", "", "403"),
+    row("rest", "3", NON_MEMBER, "POST /v1/rooms/$G/read", "{}", "403"),
+    row("rest", "3", NON_MEMBER, "POST /v1/rooms/$G/join", "", "403"),
+    row("rest", "3", NON_MEMBER, "GET $U", "", "403"),
     row("rest", "2", MEMBER, "PATCH /v1/rooms/$G", r#"{"name":"pwned"}"#, "403"),
+    row("rest", "2", MEMBER, "DELETE /v1/rooms/$G/members/1", "", "403"),
+    row("rest", "2", MEMBER, "PUT /v1/rooms/$G/members/2/role", r#"{"role":"admin"}"#, "403"),
+    row("rest", "2", MEMBER, "DELETE /v1/rooms/$G/messages/$M", "", "403"),
+    row("rest", "2", MEMBER, "PUT /v1/admin/users", r#"[{"id":"2","name":"admin"}]"#, "401"),
+    row("rest", "2", MEMBER, "GET /v1/admin/overview", "", "401"),
+    row("rest", "2", MEMBER, "POST /v1/admin/token", r#"{"user":"1"}"#, "401"),
     // Event/data REST.
     row("rest", "3", SPOOFED, "POST /send_chat_message.php", r#"{"sender_id":1,"receiver_id":2,"message":"x"}"#, "403"),
     row("rest", "4", BLOCKED, "POST /send_chat_message.php", r#"{"receiver_id":1,"message":"x"}"#, "403"),
 ];
 
-/// Fills `$G`, `$M`, `$D` and `$T1` (a valid token of user 1, for the spoofing rows).
-fn fill(s: &str, ids: &HashMap<&str, u64>) -> String {
+/// Fills `$G`, `$M`, `$D`, `$B` (the direct room of users 1 and 5, opened before the block), `$U`
+/// (the path of a file user 1 posted in the group) and `$T1` (a valid token of user 1, for the
+/// spoofing rows).
+fn fill(s: &str, ids: &HashMap<&str, u64>, upload: &str) -> String {
     s.replace("$G", &ids["G"].to_string())
+        .replace("$B", &ids["B"].to_string())
+        .replace("$U", upload)
         .replace("$M", &ids["M"].to_string())
         .replace("$D", &ids["D"].to_string())
         .replace("$T1", &valid("1"))
@@ -302,6 +335,7 @@ async fn every_unauthorized_operation_is_refused_in_every_dialect() {
         b.jwt_public_key = Some(fixture("rsa_public.pem"));
         b.messages_per_second = Some(1000);
         b.typing_per_second = Some(1000);
+        b.admin_token = Some("authz-admin-token-0123456789abcdef".into());
     })
     .await;
     let connect = |u: &str| {
@@ -312,7 +346,8 @@ async fn every_unauthorized_operation_is_refused_in_every_dialect() {
     let mut two = connect("2").await;
     let mut three = connect("3").await;
     let mut four = connect("4").await;
-    for c in [&mut two, &mut three, &mut four] {
+    let mut five = connect("5").await;
+    for c in [&mut two, &mut three, &mut four, &mut five] {
         c.ok("ping", json!({})).await;
     }
     let g = common::group(&mut one, "private", &["2"]).await;
@@ -322,17 +357,31 @@ async fn every_unauthorized_operation_is_refused_in_every_dialect() {
     let d = one.ok("open_direct", json!({"user": "2"})).await["room"]["id"]
         .as_u64()
         .unwrap();
-    one.ok("friend", json!({"user": "4", "action": "block"}))
-        .await;
-    let ids = HashMap::from([("G", g), ("M", m), ("D", d)]);
+    let b = one.ok("open_direct", json!({"user": "5"})).await["room"]["id"]
+        .as_u64()
+        .unwrap();
+    for blocked in ["4", "5"] {
+        one.ok("friend", json!({"user": blocked, "action": "block"}))
+            .await;
+    }
+    // The stranger has rooms of his own (so "a member of some room" is not "a member of its room").
+    three.ok("open_direct", json!({"user": "2"})).await;
+    let upload = upload_file(&server, &valid("1")).await;
+    one.ok(
+        "send",
+        json!({"room": g, "type": "file", "media": upload, "caption": "secret file"}),
+    )
+    .await;
+    let ids = HashMap::from([("G", g), ("M", m), ("D", d), ("B", b)]);
+    one.events.clear();
 
     let mut failures = Vec::new();
     let mut sessions: HashMap<(String, String), Ws> = HashMap::new();
     let http = reqwest::Client::new();
     for (n, r) in MATRIX.iter().enumerate() {
-        let frame = fill(r.frame, &ids);
+        let frame = fill(r.frame, &ids, &upload);
         let answer = if r.dialect == "rest" {
-            let op = fill(r.op, &ids);
+            let op = fill(r.op, &ids, &upload);
             let (method, path) = op.split_once(' ').unwrap();
             let resp = http
                 .request(method.parse().unwrap(), server.http(path))
@@ -356,7 +405,9 @@ async fn every_unauthorized_operation_is_refused_in_every_dialect() {
             attempt(sessions.get_mut(&key).unwrap(), r.dialect, frame, n).await
         };
         match answer {
-            Some(a) if a.contains(r.expect) && !a.contains("\"ok\":true") => {}
+            // `resume` answers per room: the refusal is that room's `error` in an ok reply.
+            Some(a) if a.contains(r.expect) && (!a.contains("\"ok\":true") || r.op == "resume") => {
+            }
             other => failures.push(format!(
                 "{} / {} / {}: expected {:?}, got {:?}",
                 r.dialect, r.case, r.op, r.expect, other
@@ -393,9 +444,20 @@ async fn every_unauthorized_operation_is_refused_in_every_dialect() {
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|m| m["text"].as_str())
+        .filter_map(|m| m["text"].as_str().or(m["caption"].as_str()))
         .collect();
-    assert_eq!(texts, ["secret"], "group history changed: {history}");
+    assert_eq!(
+        texts,
+        ["secret file", "secret"],
+        "group history changed: {history}"
+    );
+    assert!(
+        history["messages"][1]["reactions"]
+            .as_object()
+            .is_none_or(|r| r.is_empty())
+            && history["messages"][1]["edited_at"].is_null(),
+        "the message was reacted to or edited: {history}"
+    );
     let members = one.ok("members", json!({"room": g})).await;
     let mut ids: Vec<&str> = members["members"]
         .as_array()
@@ -412,7 +474,18 @@ async fn every_unauthorized_operation_is_refused_in_every_dialect() {
     );
     let direct = one.ok("history", json!({"room": d, "limit": 50})).await;
     assert_eq!(direct["messages"].as_array().unwrap().len(), 0, "{direct}");
-    three.no_event_within(Duration::from_millis(300)).await;
+    // The blocker heard nothing from the blocked user (no typing, no presence, no new room).
+    let mut heard: Vec<Value> = one.events.drain(..).collect();
+    while let Ok(f) = tokio::time::timeout(Duration::from_millis(300), one.frame()).await {
+        heard.push(f);
+    }
+    assert!(
+        !heard.iter().any(|e| {
+            let e = e.to_string();
+            e.contains("\"4\"") || e.contains("\"5\"")
+        }),
+        "the blocker heard from the blocked user: {heard:?}"
+    );
     assert!(
         !three.events.iter().any(|e| e["event"] == "message"),
         "a stranger received a group message: {:?}",
@@ -431,6 +504,30 @@ async fn every_unauthorized_operation_is_refused_in_every_dialect() {
         failures.join("\n")
     );
     server.shutdown().await;
+}
+
+/// Uploads a small file as `token`'s user; its path.
+async fn upload_file(server: &TestServer, token: &str) -> String {
+    const BOUNDARY: &str = "authz-boundary";
+    let body = format!(
+        "--{BOUNDARY}\r\ncontent-disposition: form-data; name=\"kind\"\r\n\r\nfile\r\n\
+         --{BOUNDARY}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"secret.txt\"\r\n\
+         content-type: text/plain\r\n\r\nthe secret\r\n--{BOUNDARY}--\r\n"
+    );
+    let r = reqwest::Client::new()
+        .post(server.http("/v1/uploads"))
+        .bearer_auth(token)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "upload refused");
+    let v: Value = r.json().await.unwrap();
+    v["upload"]["path"].as_str().unwrap().to_owned()
 }
 
 /// Connecting at `entry` with token `t` is refused in that entry point's shape: `Ok`, or what
