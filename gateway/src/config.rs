@@ -73,6 +73,9 @@ pub struct ConfigBuilder {
     /// Seconds a client has to send a complete HTTP request head (and between requests of a
     /// keep-alive connection). Default 30.
     pub header_timeout_secs: Option<u64>,
+    /// Milliseconds a room's live event may wait at the gateway for a missing predecessor
+    /// before it is delivered past the gap (0: never wait). Default 500.
+    pub reorder_hold_ms: Option<u64>,
     /// Seconds between server pings; a client silent for two intervals is disconnected.
     /// Default 25.
     pub ping_interval_secs: Option<u64>,
@@ -294,6 +297,8 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Longest wait for a complete HTTP request head.
     pub header_timeout: Duration,
+    /// Longest wait of a live room event for its missing predecessor.
+    pub reorder_hold: Duration,
     /// Keepalive ping interval.
     pub ping_interval: Duration,
     /// Shutdown grace period.
@@ -396,6 +401,7 @@ impl ConfigBuilder {
         over!(max_connections_per_ip, "PALAVER_MAX_CONNECTIONS_PER_IP");
         over!(max_connections_per_user, "PALAVER_MAX_CONNECTIONS_PER_USER");
         over!(header_timeout_secs, "PALAVER_HEADER_TIMEOUT_SECS");
+        over!(reorder_hold_ms, "PALAVER_REORDER_HOLD_MS");
         over!(ping_interval_secs, "PALAVER_PING_INTERVAL_SECS");
         over!(shutdown_grace_secs, "PALAVER_SHUTDOWN_GRACE_SECS");
         over!(store_durability, "PALAVER_STORE_DURABILITY");
@@ -695,6 +701,7 @@ impl ConfigBuilder {
             max_connections_per_ip: self.max_connections_per_ip.unwrap_or(2000),
             max_connections_per_user: self.max_connections_per_user.unwrap_or(32),
             header_timeout: secs(self.header_timeout_secs, 30, "PALAVER_HEADER_TIMEOUT_SECS")?,
+            reorder_hold: Duration::from_millis(self.reorder_hold_ms.unwrap_or(500)),
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "PALAVER_SHUTDOWN_GRACE_SECS")?,
             durability,
             log_format,

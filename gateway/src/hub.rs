@@ -7,6 +7,7 @@
 //! room. The hub subscribes a room at the node when its first local session follows it and
 //! unsubscribes when the last one leaves.
 
+use crate::reorder::{Outcome, Reorder};
 use crate::telemetry::metrics::{DialectMetrics, Dialects};
 use dashmap::DashMap;
 use futures::StreamExt;
@@ -238,6 +239,8 @@ pub struct Hub {
     max_per_user: AtomicUsize,
     /// `palaver_fanout_seconds{stage="gateway"}`.
     fanout: metrics::Histogram,
+    /// Each room's live stream handed out in `seq` order (see [`crate::reorder`]).
+    order: Mutex<Reorder>,
 }
 
 /// A session registered with the hub: its id, handle and the receiving end of its queue.
@@ -275,7 +278,14 @@ impl Hub {
             metrics: Dialects::default(),
             max_per_user: AtomicUsize::new(0),
             fanout: metrics::histogram!("palaver_fanout_seconds", "stage" => "gateway"),
+            order: Mutex::new(Reorder::new(crate::reorder::DEFAULT_HOLD)),
         })
+    }
+
+    /// How long a room's event may wait for a missing predecessor before it is delivered past
+    /// the gap (`PALAVER_REORDER_HOLD_MS`; zero: never wait, only drop duplicates).
+    pub fn set_reorder_hold(&self, hold: std::time::Duration) {
+        *self.order.lock() = Reorder::new(hold);
     }
 
     /// Sets the most sessions one user may have on this gateway (0: no limit).
@@ -434,6 +444,12 @@ impl Hub {
             }
         }
         if !gone.is_empty() {
+            {
+                let mut order = self.order.lock();
+                for room in &gone {
+                    order.forget(*room);
+                }
+            }
             self.change(SubChange::Unsubscribe(gone)).await;
         }
     }
@@ -471,6 +487,12 @@ impl Hub {
             }
         }
         if !gone.is_empty() {
+            {
+                let mut order = self.order.lock();
+                for room in &gone {
+                    order.forget(*room);
+                }
+            }
             self.change(SubChange::Unsubscribe(gone)).await;
         }
     }
@@ -520,8 +542,45 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// Delivers one envelope to the local sessions it targets.
+    /// Delivers one envelope to the local sessions it targets; a room's sequenced events in
+    /// `seq` order ([`crate::reorder`]), so one may be held for a moment or dropped as stale.
     pub async fn deliver(&self, d: Delivery) {
+        if let (Target::Room { room }, Some(seq)) = (&d.target, d.event.seq()) {
+            let room = *room;
+            let mut ready = Vec::new();
+            let outcome =
+                self.order
+                    .lock()
+                    .accept(room, seq, d, std::time::Instant::now(), &mut ready);
+            match outcome {
+                Outcome::InOrder => {}
+                Outcome::Held => crate::telemetry::metrics::reordered("held"),
+                Outcome::Stale => crate::telemetry::metrics::reordered("stale"),
+            }
+            for d in ready {
+                self.deliver_now(d).await;
+            }
+        } else {
+            self.deliver_now(d).await;
+        }
+    }
+
+    /// Delivers, past their gaps, the held events whose hold expired.
+    async fn release_expired(&self) {
+        let mut ready = Vec::new();
+        let gaps = self
+            .order
+            .lock()
+            .expire(std::time::Instant::now(), &mut ready);
+        for _ in 0..gaps {
+            crate::telemetry::metrics::reordered("gap_skipped");
+        }
+        for d in ready {
+            self.deliver_now(d).await;
+        }
+    }
+
+    async fn deliver_now(&self, d: Delivery) {
         let received = std::time::Instant::now();
         let event = SharedEvent::new(d.event);
         match d.target {
@@ -559,8 +618,10 @@ impl Hub {
     /// Runs the delivery loop until the stream ends or `stop` fires.
     pub async fn run(self: Arc<Self>, mut stream: DeliveryStream, stop: CancellationToken) {
         loop {
+            let deadline = self.order.lock().next_deadline();
             tokio::select! {
                 _ = stop.cancelled() => break,
+                () = sleep_until_some(deadline) => self.release_expired().await,
                 d = stream.next() => match d {
                     Some(d) => {
                         // Joins the trace of the publish that sent it (when tracing is on).
@@ -575,6 +636,14 @@ impl Hub {
                 },
             }
         }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -30,6 +30,7 @@ pub mod node_process;
 pub mod people;
 pub mod push;
 pub mod ready;
+pub mod reorder;
 pub mod rest;
 pub mod server;
 pub mod session;

@@ -258,6 +258,7 @@ impl Palaver {
             config.outbound_queue,
         );
         hub.set_max_per_user(config.max_connections_per_user);
+        hub.set_reorder_hold(config.reorder_hold);
         console.set_hub(&hub);
         let deliveries = bus.subscribe(&config.gateway_id).await?;
         let hub_stop = CancellationToken::new();

@@ -296,6 +296,13 @@ pub fn limit_refused(limit: &'static str) {
     metrics::counter!("palaver_limit_refusals_total", "limit" => limit).increment(1);
 }
 
+/// Counts one live room event the hub held for a missing predecessor (`held`), dropped as
+/// already delivered (`stale`), or one gap it delivered past when a hold expired
+/// (`gap_skipped`): `palaver_reordered_events_total{outcome}`.
+pub fn reordered(outcome: &'static str) {
+    metrics::counter!("palaver_reordered_events_total", "outcome" => outcome).increment(1);
+}
+
 /// The limit a node error reports, if it is one.
 fn limit_of(code: ErrorCode) -> Option<&'static str> {
     Some(match code {
