@@ -118,19 +118,19 @@ pub struct Row {
 }
 
 /// A server process the bench started; killed if dropped.
-struct Server {
+pub(crate) struct Server {
     child: tokio::process::Child,
-    pid: u32,
+    pub(crate) pid: u32,
     port: u16,
     log: PathBuf,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
 
-fn random_secret() -> anyhow::Result<String> {
+pub(crate) fn random_secret() -> anyhow::Result<String> {
     use std::io::Read as _;
     let mut b = [0u8; 24];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
@@ -138,7 +138,7 @@ fn random_secret() -> anyhow::Result<String> {
 }
 
 impl Server {
-    async fn start(
+    pub(crate) async fn start(
         mut cmd: tokio::process::Command,
         port: u16,
         log: PathBuf,
@@ -179,7 +179,7 @@ impl Server {
     }
 
     /// SIGTERM, then SIGKILL after 10 s.
-    async fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         let _sent = tokio::process::Command::new("kill")
             .arg("-TERM")
             .arg(self.pid.to_string())
@@ -216,7 +216,7 @@ fn shell(cmd: &str, args: &[&str]) -> Option<String> {
 }
 
 /// The machine, as a sentence.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cores = shell("nproc", &[]).unwrap_or_else(|| "?".into());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()

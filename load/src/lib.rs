@@ -23,6 +23,7 @@
 //! per-client counters and histograms) -> merged into a [`Report`]. [`bench`] runs a suite of
 //! these against a freshly started server and writes `load/RESULTS.md`.
 
+pub mod abuse;
 pub mod bench;
 mod socketio;
 

@@ -4,6 +4,7 @@
 //! `load/RESULTS.md`.
 
 use clap::{Args, Parser, Subcommand};
+use palaver_load::abuse::{AbuseConfig, abuse, render};
 use palaver_load::bench::{BenchConfig, Sizes, bench};
 use palaver_load::{Protocol, RoomKind, RunConfig, Workload, raise_fd_limit, run, table};
 use std::path::PathBuf;
@@ -33,6 +34,47 @@ enum Command {
     /// Start a fresh `palaver serve` (and the Node.js peer), run the standard suite, write the
     /// results table.
     Bench(BenchArgs),
+    /// Start a fresh `palaver serve`, run a probe of ordinary chat, and add one attack per
+    /// phase (clients that never read, slowloris, a connect-and-reset storm, a huge group
+    /// flooded by one sender); print the probe's latency and the server's memory per phase.
+    Abuse(AbuseArgs),
+}
+
+#[derive(Args)]
+struct AbuseArgs {
+    /// The release server binary.
+    #[arg(long, default_value = "target/release/palaver")]
+    palaver: PathBuf,
+    /// Loopback source addresses to spread connections over.
+    #[arg(long, default_value_t = 16)]
+    sources: u8,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 15)]
+    phase_seconds: u64,
+    /// Direct rooms of the probe.
+    #[arg(long, default_value_t = 20)]
+    probe_pairs: usize,
+    /// Messages per second per probe sender.
+    #[arg(long, default_value_t = 10.0)]
+    probe_rate: f64,
+    /// never-read: members that never read.
+    #[arg(long, default_value_t = 500)]
+    silent: usize,
+    /// slowloris: connections dribbling a request head (half as many dribble a frame).
+    #[arg(long, default_value_t = 1000)]
+    slowloris: usize,
+    /// connect-drop: sessions opened and reset at once.
+    #[arg(long, default_value_t = 10_000)]
+    storm: usize,
+    /// big-group: members of the group.
+    #[arg(long, default_value_t = 200_000)]
+    group_members: usize,
+    /// big-group: members online and reading.
+    #[arg(long, default_value_t = 5_000)]
+    group_online: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -217,6 +259,35 @@ fn main() -> anyhow::Result<()> {
                 command,
             };
             rt.block_on(bench(cfg))?;
+            Ok(())
+        }
+        Some(Command::Abuse(a)) => {
+            check_bounds(
+                a.storm.max(a.group_online + a.silent) + a.slowloris * 2,
+                a.phase_seconds,
+            )?;
+            anyhow::ensure!(
+                a.group_members <= 1_000_000,
+                "at most 1,000,000 group members"
+            );
+            let cfg = AbuseConfig {
+                palaver: a.palaver,
+                sources: a.sources,
+                phase: Duration::from_secs(a.phase_seconds),
+                probe_pairs: a.probe_pairs,
+                probe_rate: a.probe_rate,
+                silent: a.silent,
+                slowloris: a.slowloris,
+                storm: a.storm,
+                group_members: a.group_members.max(2),
+                group_online: a.group_online.min(a.group_members.saturating_sub(1)),
+            };
+            let report = rt.block_on(abuse(cfg))?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", render(&report));
+            }
             Ok(())
         }
         Some(Command::Run(a)) => run_one(&rt, a),

@@ -1,0 +1,756 @@
+//! `palaver-load abuse`: hostile clients and overload against a freshly started release
+//! `palaver serve`, while a probe of ordinary chat runs throughout.
+//!
+//! The probe is `probe_pairs` direct rooms, one member of each sending at `probe_rate`; its
+//! send-to-deliver latency is recorded per phase. The first phase is the baseline (nothing but
+//! the probe); each later phase adds one attack:
+//!
+//! - `never-read`: `silent` members of a group never read their sockets while its owner floods
+//!   the group with 1 KB messages as fast as acknowledgements come back. The server must cut
+//!   them loose (slow consumer, close 1008) instead of buffering without bound.
+//! - `slowloris`: `slowloris` connections send an HTTP upgrade request one byte every 250 ms,
+//!   and half as many WebSocket sessions send a 4 KB frame one byte every 250 ms, never answering
+//!   a ping. The first must be closed by the request-head timeout, the second by the keepalive
+//!   (no complete frame for two ping intervals). The server runs with short bounds (5 s heads,
+//!   3 s pings) so that both show within a phase.
+//! - `connect-drop`: `storm` WebSocket sessions opened, then all dropped at once with a TCP reset;
+//!   the time until the server counts them gone.
+//! - `big-group`: a group of `group_members` members (imported with the admin API, added in
+//!   batches before anyone connects), `group_online` of them online and reading, and one sender
+//!   flooding it: messages acknowledged and delivered per second.
+//!
+//! Each phase reports the probe's p50/p99/max, the probe messages lost, and the server's peak RSS
+//! (sampled every 50 ms from `/proc/<pid>/status`) and RSS after the phase.
+
+use crate::bench::{Server, free_port, machine, random_secret};
+use crate::{Latency, Protocol, RunConfig, Ws, connect, histogram, micros, proc_stats, request};
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Settings of an abuse run.
+#[derive(Clone, Debug)]
+pub struct AbuseConfig {
+    /// The release server binary.
+    pub palaver: PathBuf,
+    /// Loopback source addresses.
+    pub sources: u8,
+    /// Seconds per phase.
+    pub phase: Duration,
+    /// Direct rooms of the probe.
+    pub probe_pairs: usize,
+    /// Messages per second per probe sender.
+    pub probe_rate: f64,
+    /// `never-read`: members that never read.
+    pub silent: usize,
+    /// `slowloris`: connections dribbling a request head (and half as many dribbling a frame).
+    pub slowloris: usize,
+    /// `connect-drop`: sessions opened and dropped at once.
+    pub storm: usize,
+    /// `big-group`: members of the group.
+    pub group_members: usize,
+    /// `big-group`: members online and reading.
+    pub group_online: usize,
+}
+
+/// One phase's numbers.
+#[derive(Clone, Debug, Serialize)]
+pub struct Phase {
+    /// Phase name.
+    pub name: &'static str,
+    /// What the attack did and what the server did about it.
+    pub attack: String,
+    /// The probe's send-to-deliver latency during the phase (microseconds).
+    pub probe: Latency,
+    /// Peak server RSS during the phase.
+    pub peak_rss: u64,
+    /// Server RSS after the phase (attackers gone).
+    pub rss_after: u64,
+}
+
+/// Latency of the probe, reset per phase.
+struct Probe {
+    start: Instant,
+    hist: parking_lot::Mutex<Histogram<u64>>,
+    /// Over the whole run (a phase's last sends are delivered in the next).
+    sent: AtomicU64,
+    delivered: AtomicU64,
+    stop: AtomicBool,
+    tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Probe {
+    fn take(&self) -> Latency {
+        let mut h = self.hist.lock();
+        let lat = Latency::of(&h);
+        h.reset();
+        lat
+    }
+}
+
+/// Peak RSS sampler, reset per phase.
+struct Rss {
+    pid: u32,
+    peak: AtomicU64,
+}
+
+impl Rss {
+    fn now(&self) -> u64 {
+        proc_stats(self.pid).map_or(0, |s| s.0)
+    }
+
+    fn take(&self) -> u64 {
+        self.peak.swap(self.now(), Ordering::SeqCst)
+    }
+}
+
+/// What an abuse run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct AbuseReport {
+    /// The phases, baseline first.
+    pub phases: Vec<Phase>,
+    /// Probe messages sent over the whole run.
+    pub probe_sent: u64,
+    /// Probe messages sent and never delivered (after a 3 s drain at the end).
+    pub probe_lost: u64,
+    /// The machine, as a sentence.
+    pub machine: String,
+}
+
+/// A server to abuse: where it listens, its process, its secrets.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// HTTP port on 127.0.0.1.
+    pub port: u16,
+    /// Its process (RSS is read from `/proc/<pid>`).
+    pub pid: u32,
+    /// `PALAVER_JWT_SECRET`.
+    pub secret: String,
+    /// `PALAVER_ADMIN_TOKEN` (the big group's users are imported with it).
+    pub admin: String,
+}
+
+/// Starts a fresh release `palaver serve` with the bounds the phases need, and runs every phase
+/// against it.
+pub async fn abuse(cfg: AbuseConfig) -> anyhow::Result<AbuseReport> {
+    let port = free_port()?;
+    let secret = random_secret()?;
+    let admin = random_secret()?;
+    let data = tempfile::tempdir()?;
+    let mut cmd = tokio::process::Command::new(&cfg.palaver);
+    cmd.arg("serve")
+        .env("PALAVER_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("PALAVER_DATA_DIR", data.path())
+        .env("PALAVER_JWT_SECRET", &secret)
+        .env("PALAVER_ADMIN_TOKEN", &admin)
+        .env("PALAVER_LOG", "warn");
+    for (k, v) in server_env(&cfg) {
+        cmd.env(k, v);
+    }
+    let log = data.path().join("server.log");
+    let server = Server::start(cmd, port, log).await?;
+    let target = Target {
+        port,
+        pid: server.pid,
+        secret,
+        admin,
+    };
+    let report = abuse_against(&cfg, &target).await;
+    server.stop().await?;
+    report
+}
+
+/// The settings the phases need beyond the defaults, as environment variables.
+pub fn server_env(cfg: &AbuseConfig) -> Vec<(&'static str, String)> {
+    vec![
+        // The flood is the point: no per-user rate limit in its way.
+        ("PALAVER_MESSAGES_PER_SECOND", "100000".into()),
+        (
+            "PALAVER_GROUP_MAX_MEMBERS",
+            cfg.group_members.max(10).to_string(),
+        ),
+        ("PALAVER_MAX_ROOMS_PER_USER", "100000".into()),
+        // Short enough to be seen within a phase.
+        ("PALAVER_HEADER_TIMEOUT_SECS", "5".into()),
+        ("PALAVER_PING_INTERVAL_SECS", "3".into()),
+    ]
+}
+
+/// Runs every phase against a running server.
+pub async fn abuse_against(cfg: &AbuseConfig, target: &Target) -> anyhow::Result<AbuseReport> {
+    let (port, admin) = (target.port, target.admin.clone());
+    let rss = Arc::new(Rss {
+        pid: target.pid,
+        peak: AtomicU64::new(0),
+    });
+    let sampler = {
+        let rss = rss.clone();
+        tokio::spawn(async move {
+            loop {
+                rss.peak.fetch_max(rss.now(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let run = RunConfig {
+        url: format!("ws://127.0.0.1:{port}/ws"),
+        secret: target.secret.clone(),
+        sources: cfg.sources,
+        protocol: Protocol::Native,
+        ..RunConfig::default()
+    };
+    let probe = start_probe(&run, cfg.probe_pairs, cfg.probe_rate).await?;
+    let mut phases = Vec::new();
+    let settle = Duration::from_secs(2);
+
+    // Baseline.
+    rss.take();
+    probe.take();
+    tokio::time::sleep(cfg.phase).await;
+    phases.push(
+        finish(
+            "baseline",
+            "nothing but the probe".into(),
+            &probe,
+            &rss,
+            settle,
+        )
+        .await,
+    );
+
+    let attack = never_read(&run, cfg.silent, cfg.phase).await?;
+    phases.push(finish("never-read", attack, &probe, &rss, settle).await);
+
+    let attack = slowloris(&run, port, cfg.slowloris, cfg.phase).await?;
+    phases.push(finish("slowloris", attack, &probe, &rss, settle).await);
+
+    let attack = connect_drop(&run, port, cfg.storm, cfg.phase).await?;
+    phases.push(finish("connect-drop", attack, &probe, &rss, settle).await);
+
+    let attack = big_group(
+        &run,
+        port,
+        &admin,
+        cfg.group_members,
+        cfg.group_online,
+        cfg.phase,
+        &probe,
+        &rss,
+    )
+    .await?;
+    phases.push(finish("big-group", attack, &probe, &rss, settle).await);
+
+    probe.stop.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let probe_sent = probe.sent.load(Ordering::SeqCst);
+    let probe_lost = probe_sent.saturating_sub(probe.delivered.load(Ordering::SeqCst));
+    for t in probe.tasks.lock().drain(..) {
+        t.abort();
+    }
+    sampler.abort();
+    Ok(AbuseReport {
+        phases,
+        probe_sent,
+        probe_lost,
+        machine: machine(),
+    })
+}
+
+async fn finish(
+    name: &'static str,
+    attack: String,
+    probe: &Probe,
+    rss: &Rss,
+    settle: Duration,
+) -> Phase {
+    // Late probe deliveries of the phase still count as delivered.
+    tokio::time::sleep(settle).await;
+    let lat = probe.take();
+    let peak = rss.take();
+    Phase {
+        name,
+        attack,
+        probe: lat,
+        peak_rss: peak,
+        rss_after: rss.now(),
+    }
+}
+
+/// Starts the probe pairs; each pair's task runs until `stop`.
+async fn start_probe(run: &RunConfig, pairs: usize, rate: f64) -> anyhow::Result<Arc<Probe>> {
+    let probe = Arc::new(Probe {
+        start: Instant::now(),
+        hist: parking_lot::Mutex::new(histogram()?),
+        sent: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        tasks: parking_lot::Mutex::new(Vec::new()),
+    });
+    for p in 0..pairs {
+        let (a, b) = (format!("probe-a{p}"), format!("probe-b{p}"));
+        let mut wa = connect(run, p, &a).await?;
+        let wb = connect(run, p + 1, &b).await?;
+        let room = request(&mut wa, "open", json!({"op": "open_direct", "user": b})).await?["room"]
+            ["id"]
+            .clone();
+        let period = Duration::from_secs_f64(1.0 / rate.max(0.1));
+        // Spread the pairs' sends over the period.
+        let offset = period.mul_f64(p as f64 / pairs.max(1) as f64);
+        let task = tokio::spawn({
+            let probe = probe.clone();
+            async move {
+                let _ = probe_pair(wa, wb, room, period, offset, probe).await;
+            }
+        });
+        probe.tasks.lock().push(task);
+    }
+    Ok(probe)
+}
+
+async fn probe_pair(
+    mut wa: Ws,
+    mut wb: Ws,
+    room: Value,
+    period: Duration,
+    offset: Duration,
+    probe: Arc<Probe>,
+) -> anyhow::Result<std::convert::Infallible> {
+    let mut tick = tokio::time::interval_at((Instant::now() + offset).into(), period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick(), if !probe.stop.load(Ordering::Relaxed) => {
+                n += 1;
+                let at = micros(probe.start.elapsed());
+                let text = format!("probe:{n}:{at}:");
+                let frame = json!({"id": n, "op": "send", "room": room, "text": text});
+                wa.send(Message::text(frame.to_string())).await?;
+                probe.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            m = wa.next() => { m.ok_or_else(|| anyhow::anyhow!("probe sender closed"))??; }
+            m = wb.next() => {
+                let m = m.ok_or_else(|| anyhow::anyhow!("probe reader closed"))??;
+                if let Message::Text(t) = m {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                    if v["event"] == "message"
+                        && let Some(at) = v["data"]["message"]["text"]
+                            .as_str()
+                            .and_then(|s| s.split(':').nth(2))
+                            .and_then(|s| s.parse::<u64>().ok())
+                    {
+                        let now = micros(probe.start.elapsed());
+                        probe.hist.lock().saturating_record(now.saturating_sub(at).max(1));
+                        probe.delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Opens `n` sessions for users `{prefix}{i}`, at most 256 handshakes at a time.
+async fn open_many(run: &RunConfig, prefix: &str, n: usize) -> anyhow::Result<Vec<Ws>> {
+    futures::stream::iter(0..n)
+        .map(|i| async move { connect(run, i, &format!("{prefix}{i}")).await })
+        .buffered(256)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Sends 1 KB messages into `room` for `phase`, up to `window` unanswered; (acked, errors).
+async fn flood(
+    ws: &mut Ws,
+    room: &Value,
+    phase: Duration,
+    window: u64,
+) -> anyhow::Result<(u64, HashMap<String, u64>)> {
+    let until = Instant::now() + phase;
+    let text = "f".repeat(1024);
+    let (mut sent, mut answered, mut acked) = (0u64, 0u64, 0u64);
+    let mut errors: HashMap<String, u64> = HashMap::new();
+    loop {
+        while sent - answered < window && Instant::now() < until {
+            sent += 1;
+            let f = json!({"id": sent, "op": "send", "room": room, "text": text});
+            ws.send(Message::text(f.to_string())).await?;
+        }
+        if answered == sent {
+            break;
+        }
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("flooder closed"))??;
+        if let Message::Text(t) = m {
+            let v: Value = serde_json::from_str(t.as_str())?;
+            if v["type"] == "reply" && v["id"].is_u64() {
+                answered += 1;
+                if v["ok"] == true {
+                    acked += 1;
+                } else {
+                    let code = v["error"]["code"].as_str().unwrap_or("unknown").to_owned();
+                    *errors.entry(code).or_default() += 1;
+                }
+            }
+        }
+    }
+    Ok((acked, errors))
+}
+
+fn errors_text(errors: &HashMap<String, u64>) -> String {
+    if errors.is_empty() {
+        return "no errors".into();
+    }
+    let mut v: Vec<_> = errors.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    v.sort();
+    v.join(", ")
+}
+
+async fn never_read(run: &RunConfig, silent: usize, phase: Duration) -> anyhow::Result<String> {
+    let mut owner = connect(run, 0, "nr-owner").await?;
+    let readers = open_many(run, "nr-silent-", silent).await?;
+    let members: Vec<String> = (0..silent).map(|i| format!("nr-silent-{i}")).collect();
+    let room = request(
+        &mut owner,
+        "g",
+        json!({"op": "create_group", "name": "never read", "members": members}),
+    )
+    .await?["room"]["id"]
+        .clone();
+    let (acked, errors) = flood(&mut owner, &room, phase, 64).await?;
+    // What did the server do with the silent ones? Read what they were sent, to the end.
+    let cut = Arc::new(AtomicU64::new(0));
+    let open = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = readers
+        .into_iter()
+        .map(|mut ws| {
+            let (cut, open) = (cut.clone(), open.clone());
+            tokio::spawn(async move {
+                loop {
+                    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+                        Ok(Some(Ok(Message::Close(Some(f))))) if u16::from(f.code) == 1008 => {
+                            cut.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Ok(Some(Ok(_))) => {}
+                        Ok(_) => return,
+                        Err(_) => {
+                            open.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = owner.close(None).await;
+    Ok(format!(
+        "{silent} members never read while the owner sent {acked} × 1 KB ({}/s; {}); \
+         {} cut off as slow consumers (1008), {} still open",
+        acked / phase.as_secs().max(1),
+        errors_text(&errors),
+        cut.load(Ordering::Relaxed),
+        open.load(Ordering::Relaxed)
+    ))
+}
+
+async fn slowloris(
+    run: &RunConfig,
+    port: u16,
+    n: usize,
+    phase: Duration,
+) -> anyhow::Result<String> {
+    let started = Instant::now();
+    let until = started + phase;
+    let closed_at = Arc::new(parking_lot::Mutex::new(Vec::<Duration>::new()));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let closed_at = closed_at.clone();
+        let token = crate::token(&run.secret, &format!("sl-{i}"))?;
+        let sources = run.sources.max(1);
+        tasks.push(tokio::spawn(async move {
+            let req = format!(
+                "GET /ws?token={token} HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n\
+                 connection: upgrade\r\nsec-websocket-version: 13\r\n\
+                 sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            );
+            let sock = tokio::net::TcpSocket::new_v4().ok()?;
+            let src = std::net::IpAddr::from([127, 0, 0, 1 + (i % usize::from(sources)) as u8]);
+            sock.bind(std::net::SocketAddr::new(src, 0)).ok()?;
+            let mut s = sock
+                .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .await
+                .ok()?;
+            let mut buf = [0u8; 512];
+            for b in req.bytes() {
+                if Instant::now() >= until {
+                    return None;
+                }
+                if s.write_all(&[b]).await.is_err() {
+                    break;
+                }
+                // A closed connection shows as a read of 0 (or an error) within the pause.
+                let read = tokio::time::timeout(Duration::from_millis(250), s.read(&mut buf)).await;
+                if let Ok(Ok(0) | Err(_)) = read {
+                    break;
+                }
+            }
+            closed_at.lock().push(started.elapsed());
+            Some(())
+        }));
+    }
+    // Half as many sessions dribbling one WebSocket frame.
+    let frames = n / 2;
+    let sessions = open_many(run, "sl-frame-", frames).await?;
+    let frame_closed = Arc::new(parking_lot::Mutex::new(Vec::<Duration>::new()));
+    let frames_from = Instant::now();
+    let mut frame_tasks = Vec::new();
+    for ws in sessions {
+        let frame_closed = frame_closed.clone();
+        frame_tasks.push(tokio::spawn(async move {
+            let mut ws = ws;
+            // A masked 4 KB text frame: FIN|text, MASK|126, length, mask key, payload. The
+            // client never answers the server's pings either (a pong is a frame).
+            let mut frame = vec![0x81, 0x80 | 126, 0x10, 0x00, 1, 2, 3, 4];
+            frame.extend(std::iter::repeat_n(b'x' ^ 1, 4096));
+            let mut buf = [0u8; 512];
+            for b in frame {
+                if Instant::now() >= until {
+                    return;
+                }
+                let s = ws.get_mut();
+                if s.write_all(&[b]).await.is_err() {
+                    break;
+                }
+                let read = tokio::time::timeout(Duration::from_millis(250), s.read(&mut buf)).await;
+                if let Ok(Ok(0) | Err(_)) = read {
+                    break;
+                }
+            }
+            frame_closed.lock().push(frames_from.elapsed());
+        }));
+    }
+    let mut times = Vec::new();
+    for t in tasks {
+        let _ = t.await;
+    }
+    for t in frame_tasks {
+        let _ = t.await;
+    }
+    times.extend(closed_at.lock().iter().copied());
+    let (closed, median) = median_of(times);
+    let (fclosed, fmedian) = median_of(frame_closed.lock().clone());
+    Ok(format!(
+        "{n} request heads sent a byte per 250 ms: {closed} closed by the server (median after \
+         {median:.1} s; PALAVER_HEADER_TIMEOUT_SECS=5); {frames} sessions sending a 4 KB frame \
+         a byte per 250 ms and never answering pings: {fclosed} closed (median after \
+         {fmedian:.1} s; PALAVER_PING_INTERVAL_SECS=3)"
+    ))
+}
+
+/// How many, and the median in seconds.
+fn median_of(mut times: Vec<Duration>) -> (usize, f64) {
+    times.sort();
+    let n = times.len();
+    (n, times.get(n / 2).map_or(0.0, Duration::as_secs_f64))
+}
+
+/// Sessions the server counts now (`palaver_connections`, all dialects).
+async fn server_sessions(port: u16) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let mut total = None;
+    for line in text.lines() {
+        if line.starts_with("palaver_connections{")
+            && let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok())
+        {
+            *total.get_or_insert(0.0) += v;
+        }
+    }
+    total
+}
+
+async fn connect_drop(
+    run: &RunConfig,
+    port: u16,
+    n: usize,
+    phase: Duration,
+) -> anyhow::Result<String> {
+    let before = server_sessions(port).await.unwrap_or(0.0);
+    let t = Instant::now();
+    let sessions = open_many(run, "cd-", n).await?;
+    let opened = t.elapsed();
+    for ws in &sessions {
+        // A reset, not a goodbye.
+        let _ = ws.get_ref().set_zero_linger();
+    }
+    let dropped = Instant::now();
+    drop(sessions);
+    let mut gone = None;
+    while dropped.elapsed() < phase {
+        if server_sessions(port).await.is_some_and(|s| s <= before) {
+            gone = Some(dropped.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(rest) = phase.checked_sub(dropped.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    Ok(format!(
+        "{n} sessions opened in {:.1} s ({:.0}/s), then reset at once: {}",
+        opened.as_secs_f64(),
+        n as f64 / opened.as_secs_f64().max(1e-9),
+        gone.map_or("still counted at the end of the phase".into(), |g| format!(
+            "the server counted them gone after {:.0} ms",
+            g.as_secs_f64() * 1000.0
+        ))
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn big_group(
+    run: &RunConfig,
+    port: u16,
+    admin: &str,
+    members: usize,
+    online: usize,
+    phase: Duration,
+    probe: &Probe,
+    rss: &Rss,
+) -> anyhow::Result<String> {
+    let set_up = Instant::now();
+    let http = reqwest::Client::new();
+    let name = |i: usize| format!("bg-{i}");
+    // Import the users (the admin API takes bodies up to the frame limit: 1,000 at a time).
+    for chunk in (0..members).collect::<Vec<_>>().chunks(1000) {
+        let users: Vec<Value> = chunk.iter().map(|&i| json!({"id": name(i)})).collect();
+        let r = http
+            .put(format!("http://127.0.0.1:{port}/v1/admin/users"))
+            .bearer_auth(admin)
+            .json(&users)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "import refused: {}", r.status());
+    }
+    let mut owner = connect(run, 0, &name(0)).await?;
+    let room = request(
+        &mut owner,
+        "g",
+        json!({"op": "create_group", "name": "big", "members": []}),
+    )
+    .await?["room"]["id"]
+        .clone();
+    for (k, chunk) in (1..members).collect::<Vec<_>>().chunks(1000).enumerate() {
+        let users: Vec<String> = chunk.iter().map(|&i| name(i)).collect();
+        request(
+            &mut owner,
+            &format!("add{k}"),
+            json!({"op": "add_members", "room": room, "users": users}),
+        )
+        .await?;
+    }
+    let readers = futures::stream::iter(1..=online)
+        .map(|i| async move { connect(run, i, &name(i)).await })
+        .buffered(256)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<Ws>>>()?;
+    let set_up = set_up.elapsed();
+    // The set-up (imports, member events) is not the attack: measure from here.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    probe.take();
+    rss.take();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = readers
+        .into_iter()
+        .map(|mut ws| {
+            let (delivered, stop) = (delivered.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+                        Ok(Some(Ok(Message::Text(t)))) => {
+                            if t.as_str().contains("\"event\":\"message\"") {
+                                delivered.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(Some(Ok(_))) | Err(_) => {}
+                        Ok(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    let (acked, errors) = flood(&mut owner, &room, phase, 16).await?;
+    let secs = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = owner.close(None).await;
+    let d = delivered.load(Ordering::Relaxed);
+    Ok(format!(
+        "{members} members ({online} online, set up in {:.0} s); one sender: {acked} messages \
+         acknowledged in {secs:.1} s ({:.0}/s; {}), {d} delivered ({:.0}/s, {:.1}% of \
+         acknowledged × online)",
+        set_up.as_secs_f64(),
+        acked as f64 / secs.max(1e-9),
+        errors_text(&errors),
+        d as f64 / secs.max(1e-9),
+        100.0 * d as f64 / (acked as f64 * online as f64).max(1.0)
+    ))
+}
+
+/// The phases as a Markdown table.
+pub fn render(report: &AbuseReport) -> String {
+    let (phases, machine) = (&report.phases, &report.machine);
+    let mb = |b: u64| format!("{:.0} MB", b as f64 / 1_048_576.0);
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
+    let base = phases.first().map_or(0, |p| p.probe.p99);
+    let mut out = format!(
+        "Machine: {machine}. Probe latency is send-to-deliver in ms; ratio is the phase's p99 \
+         over the baseline's.\n\n\
+         | phase | probe p50 / p99 / max | p99 ratio | samples | server peak RSS | RSS after | what happened |\n\
+         |---|---|---|---|---|---|---|\n"
+    );
+    for p in phases {
+        out.push_str(&format!(
+            "| {} | {} / {} / {} | {:.2} | {} | {} | {} | {} |\n",
+            p.name,
+            ms(p.probe.p50),
+            ms(p.probe.p99),
+            ms(p.probe.max),
+            p.probe.p99 as f64 / base.max(1) as f64,
+            p.probe.count,
+            mb(p.peak_rss),
+            mb(p.rss_after),
+            p.attack
+        ));
+    }
+    out.push_str(&format!(
+        "\nProbe messages over the whole run: {} sent, {} never delivered.\n",
+        report.probe_sent, report.probe_lost
+    ));
+    out
+}
