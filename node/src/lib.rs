@@ -943,8 +943,17 @@ impl Node {
 
     /// [`Node::announce`] to some of the members only (those who just joined).
     async fn announce_to(&self, summary: &RoomSummary, users: &[UserId]) {
-        let room = summary.room.id;
         let by_gateway = self.gateways_of_users(users).await;
+        self.announce_at(summary, by_gateway).await;
+    }
+
+    /// [`Node::announce_to`], with the users' gateways already known.
+    async fn announce_at(
+        &self,
+        summary: &RoomSummary,
+        by_gateway: BTreeMap<GatewayId, Vec<UserId>>,
+    ) {
+        let room = summary.room.id;
         if by_gateway.is_empty() {
             return;
         }

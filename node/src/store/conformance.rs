@@ -167,6 +167,9 @@ async fn rooms(store: &dyn Store) {
     assert_eq!(stored.last_seq, 0);
     let members = store.members(r).await.unwrap();
     assert_eq!(members.len(), 2);
+    assert_eq!(store.member_count_up_to(r, 10).await.unwrap(), 2);
+    assert_eq!(store.member_count_up_to(r, 1).await.unwrap(), 1);
+    assert_eq!(store.member_count_up_to(RoomId(404), 10).await.unwrap(), 0);
     assert!(
         members
             .iter()

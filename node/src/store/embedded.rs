@@ -978,6 +978,18 @@ impl Store for EmbeddedStore {
         self.read(move |c| members_of(c, room)).await
     }
 
+    async fn member_count_up_to(&self, room: RoomId, limit: usize) -> StoreResult<usize> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM members WHERE room = ?1 LIMIT ?2)",
+            )?
+            .query_row(params![room.0 as i64, limit], |r| r.get::<_, i64>(0))
+            .map(|n| usize::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
     async fn room_ids_of(&self, user: &UserId) -> StoreResult<Vec<RoomId>> {
         let user = user.clone();
         self.read(move |c| {

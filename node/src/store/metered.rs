@@ -204,6 +204,13 @@ impl Store for MeteredStore {
         self.ops.members.time(self.inner.members(room)).await
     }
 
+    async fn member_count_up_to(&self, room: RoomId, limit: usize) -> StoreResult<usize> {
+        self.ops
+            .members
+            .time(self.inner.member_count_up_to(room, limit))
+            .await
+    }
+
     async fn room_ids_of(&self, user: &UserId) -> StoreResult<Vec<RoomId>> {
         self.ops
             .room_ids_of

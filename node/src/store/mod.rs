@@ -154,6 +154,12 @@ pub trait Store: Send + Sync + 'static {
     /// Reads a room's members.
     async fn members(&self, room: RoomId) -> StoreResult<Vec<Member>>;
 
+    /// How many members a room has, counting no further than `limit` (so the answer is
+    /// `min(members, limit)`, in time bounded by `limit` where the backend can count).
+    async fn member_count_up_to(&self, room: RoomId, limit: usize) -> StoreResult<usize> {
+        Ok(self.members(room).await?.len().min(limit))
+    }
+
     /// The ids of the rooms `user` belongs to.
     async fn room_ids_of(&self, user: &UserId) -> StoreResult<Vec<RoomId>>;
 

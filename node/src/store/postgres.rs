@@ -564,6 +564,19 @@ impl Store for PostgresStore {
         rows.iter().map(member_row).collect()
     }
 
+    async fn member_count_up_to(&self, room: RoomId, limit: usize) -> StoreResult<usize> {
+        let c = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let row = c
+            .query_one(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM members WHERE room = $1 LIMIT $2) AS m",
+                &[&super::i64_of(room.0), &limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
     async fn room_ids_of(&self, user: &UserId) -> StoreResult<Vec<RoomId>> {
         let c = self.client().await?;
         let rows = c
