@@ -1,17 +1,36 @@
 //! Randomized fault runs against the single-process `palaver serve` (the real binary, embedded
-//! store): concurrent senders in a group and a direct room, each retrying with its `client_ref`
-//! whenever its connection breaks or a reply does not come, while faults drawn from a seeded RNG
-//! hit the process: `kill -9` and a restart on the same data directory and port, or a pause
-//! (`SIGSTOP`, then `SIGCONT` after 0.2 to 2 s). After each run every user reconnects, resumes
-//! its rooms from history, and the history checker (`cluster/checker.rs`) judges the run: no
-//! acknowledged message lost, none stored twice, one order per room identical for all readers,
-//! every resume gap-free.
+//! store) and against a cluster (PostgreSQL, a tansu broker, three `palaver node`s, two
+//! `palaver gateway`s, see `cluster/sandbox.rs`): concurrent senders in a group and a direct
+//! room, each retrying with its `client_ref` whenever its connection breaks or a reply does not
+//! come, while faults drawn from a seeded RNG hit the processes: `kill -9` and a restart on the
+//! same data directory and port, or a pause (`SIGSTOP`, then `SIGCONT` after 0.2 to 2 s).
 //!
-//! - `PALAVER_FAULT_RUNS` (default 4: what CI runs), `PALAVER_FAULT_SEED` (first seed, default
-//!   1; run `k` uses seed + k). A failing run prints its seed and schedule; rerun it alone with
+//! In the cluster, a node or a gateway can also be partitioned away for 0.5 to 4 s while it keeps
+//! running: every node and gateway dials the other nodes and PostgreSQL through test-side TCP
+//! proxies, one per (process, destination) pair (`cluster/links.rs`), and a partition stops
+//! forwarding on every link from or to that process (a node: node<->node both ways,
+//! gateways->node, node->PostgreSQL; a gateway: gateway->every node and ->PostgreSQL). Its peers
+//! see silence, not a reset, as if packets were dropped. That is long enough for the health
+//! pings to drop a partitioned node from the ring while it still runs (it then sees a ring of
+//! itself alone and the others a ring without it: the split-brain case). Its store connections
+//! are cut too, so what the old owner sequenced stalls and lands only after the heal, when a new
+//! owner has sequenced the room meanwhile: the store's unique `(room, seq)` must fence it.
+//! Partitions do not cover Kafka traffic (a Kafka client dials the broker address the broker
+//! advertises, so a proxy in front of the bootstrap address would be bypassed; a partitioned node
+//! still produces to and consumes from the broker), nor the clients' WebSocket connections to
+//! the gateways (the test's clients dial the gateways directly), nor the broker itself (it gets
+//! only kills and pauses).
+//!
+//! After each run every link is healed, every user reconnects, resumes its rooms from history,
+//! and the history checker (`cluster/checker.rs`) judges the run: no acknowledged message lost,
+//! none stored twice, one order per room identical for all readers, every resume gap-free.
+//!
+//! - `PALAVER_FAULT_MODE` (`serve`, `cluster`, or `both`, the default), `PALAVER_FAULT_RUNS`
+//!   (default 4 per mode: what CI runs), `PALAVER_FAULT_SEED` (first seed, default 1; run `k`
+//!   uses seed + k). A failing run prints its seed and schedule; rerun it alone with
 //!   `PALAVER_FAULT_SEED=<seed> PALAVER_FAULT_RUNS=1`.
-//! - The summary (runs, fault mix, messages, retries, violations) is printed and written to
-//!   `target/fault-runs.txt`.
+//! - The summary (runs, fault mix by kind and role, messages, retries, violations) is printed
+//!   and written to `target/fault-runs-<mode>.txt`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -25,7 +44,7 @@ mod cluster {
 }
 
 use cluster::checker::{Acked, ClientLog, Seen, check};
-use cluster::sandbox::{Proc, Sandbox, free_port, spawn};
+use cluster::sandbox::{Proc, Sandbox, free_port, get_json, spawn};
 use common::{SECRET, token};
 use futures::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
@@ -70,19 +89,51 @@ enum Role {
     Broker,
 }
 
+/// What a fault does to its process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// `kill -9`, started again `for_ms` later.
+    Kill9,
+    /// `SIGSTOP`, `SIGCONT` `for_ms` later.
+    Stop,
+    /// Cut off from its peers and the store for `for_ms` while it keeps running (cluster only:
+    /// see [`Sandbox::start_with_links`]).
+    Partition,
+}
+
+impl Kind {
+    /// The name in a schedule.
+    fn short(self) -> &'static str {
+        match self {
+            Kind::Kill9 => "kill9",
+            Kind::Stop => "stop",
+            Kind::Partition => "partition",
+        }
+    }
+
+    /// The name in the summary.
+    fn long(self) -> &'static str {
+        match self {
+            Kind::Kill9 => "kill -9 + restart",
+            Kind::Stop => "SIGSTOP/SIGCONT",
+            Kind::Partition => "network partition",
+        }
+    }
+}
+
 /// One fault of a schedule: at `at_ms` into the run, `role` is killed (`kill -9`) and started
-/// again `for_ms` later, or paused (`SIGSTOP`) for `for_ms`.
+/// again `for_ms` later, paused (`SIGSTOP`) for `for_ms`, or partitioned away for `for_ms`.
 #[derive(Clone, Copy, Debug)]
 struct Fault {
     at_ms: u64,
-    kill: bool,
+    kind: Kind,
     role: Role,
     for_ms: u64,
 }
 
 impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let what = if self.kill { "kill9" } else { "stop" };
+        let what = self.kind.short();
         write!(
             f,
             "{what}({:?})@{}ms+{}ms",
@@ -123,7 +174,7 @@ impl Target {
     }
 
     async fn cluster() -> Self {
-        Target::Cluster(Box::new(Sandbox::start(3, 3, 2).await))
+        Target::Cluster(Box::new(Sandbox::start_with_links(3, 3, 2).await))
     }
 
     /// The gateways running now.
@@ -151,6 +202,16 @@ impl Target {
         }
     }
 
+    /// The entry in `sb.gateways` of the i-th running gateway.
+    fn gateway_entry(sb: &Sandbox, i: usize) -> Option<usize> {
+        sb.gateways
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.is_some())
+            .nth(i)
+            .map(|(j, _)| j)
+    }
+
     fn kill(&mut self, role: Role) {
         match (self, role) {
             (Target::Serve { proc, .. }, Role::Serve) => {
@@ -160,14 +221,7 @@ impl Target {
             }
             (Target::Cluster(sb), Role::Node(i)) => sb.kill_node(i),
             (Target::Cluster(sb), Role::Gateway(i)) => {
-                let j = sb
-                    .gateways
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, g)| g.is_some())
-                    .nth(i)
-                    .map(|(j, _)| j);
-                if let Some(j) = j {
+                if let Some(j) = Self::gateway_entry(sb, i) {
                     sb.kill_gateway(j);
                 }
             }
@@ -196,42 +250,130 @@ impl Target {
         }
     }
 
-    /// A random fault for this target.
+    /// A random fault for this target: against `palaver serve`, kill -9 or a pause (50/50);
+    /// against the cluster, kill -9 (40%), a pause (30%) or, for a node or a gateway, a network
+    /// partition (30%; the broker gets kill -9 or a pause, 50/50). A partition lasts 0.5 to 4 s,
+    /// long enough for the health pings (every ~0.5 s) to drop a cut-off node from the ring while
+    /// it keeps running.
     fn draw(&self, rng: &mut StdRng) -> Fault {
-        let role = match self {
-            Target::Serve { .. } => Role::Serve,
-            Target::Cluster(_) => match rng.random_range(0..10) {
-                0..5 => Role::Node(rng.random_range(0..3)),
-                5..8 => Role::Gateway(rng.random_range(0..2)),
-                _ => Role::Broker,
-            },
+        let at_ms = rng.random_range(0..3000);
+        let (role, kind) = match self {
+            Target::Serve { .. } => {
+                let kind = if rng.random_bool(0.5) {
+                    Kind::Kill9
+                } else {
+                    Kind::Stop
+                };
+                (Role::Serve, kind)
+            }
+            Target::Cluster(_) => {
+                let role = match rng.random_range(0..10) {
+                    0..5 => Role::Node(rng.random_range(0..3)),
+                    5..8 => Role::Gateway(rng.random_range(0..2)),
+                    _ => Role::Broker,
+                };
+                let kind = if role == Role::Broker {
+                    if rng.random_bool(0.5) {
+                        Kind::Kill9
+                    } else {
+                        Kind::Stop
+                    }
+                } else {
+                    match rng.random_range(0..10) {
+                        0..4 => Kind::Kill9,
+                        4..7 => Kind::Stop,
+                        _ => Kind::Partition,
+                    }
+                };
+                (role, kind)
+            }
+        };
+        let for_ms = match kind {
+            Kind::Partition => rng.random_range(500..4000),
+            _ => rng.random_range(200..2000),
         };
         Fault {
-            at_ms: rng.random_range(0..3000),
-            kill: rng.random_bool(0.5),
+            at_ms,
+            kind,
             role,
-            for_ms: rng.random_range(200..2000),
+            for_ms,
         }
     }
 
-    /// Applies `fault` (returns when the process is back).
-    async fn apply(&mut self, fault: Fault, urls: &Urls) {
-        if fault.kill {
-            self.kill(fault.role);
-            *urls.lock().unwrap() = self.urls();
-            tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
-            self.start(fault.role).await;
-            *urls.lock().unwrap() = self.urls();
-        } else if let Some(pid) = self.pid(fault.role) {
-            signal(pid, "STOP");
-            tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
-            signal(pid, "CONT");
+    /// Cuts `role` off from its peers and the store (`cut`), or heals it.
+    fn partition(&mut self, role: Role, cut: bool) {
+        match (self, role) {
+            (Target::Cluster(sb), Role::Node(i)) => sb.partition_node(i, cut),
+            (Target::Cluster(sb), Role::Gateway(i)) => {
+                if let Some(j) = Self::gateway_entry(sb, i) {
+                    sb.partition_gateway(j, cut);
+                }
+            }
+            (_, role) => panic!("no partition of {role:?}"),
         }
     }
 
-    /// After a run's faults: every process of the full set running again, the ring whole.
+    /// Every running node's view of the ring (`n0:[n0] n1:[n1,n2] ...`), read from its `/ring`.
+    async fn rings(&self) -> String {
+        let Target::Cluster(sb) = self else {
+            return String::new();
+        };
+        let mut out = Vec::new();
+        for (i, n) in sb.nodes.iter().enumerate() {
+            if let Some(n) = n {
+                let ring = get_json(&n.http, "/ring").await;
+                let ids: Vec<&str> = ring["nodes"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                out.push(format!("n{i}:[{}]", ids.join(",")));
+            }
+        }
+        out.join(" ")
+    }
+
+    /// Applies `fault` (returns when the process is back). For a partition of a node: whether
+    /// the other nodes had dropped it from their ring by the end of the partition.
+    async fn apply(&mut self, fault: Fault, urls: &Urls) -> Option<bool> {
+        match fault.kind {
+            Kind::Kill9 => {
+                self.kill(fault.role);
+                *urls.lock().unwrap() = self.urls();
+                tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+                self.start(fault.role).await;
+                *urls.lock().unwrap() = self.urls();
+            }
+            Kind::Stop => {
+                if let Some(pid) = self.pid(fault.role) {
+                    signal(pid, "STOP");
+                    tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+                    signal(pid, "CONT");
+                }
+            }
+            Kind::Partition => {
+                self.partition(fault.role, true);
+                tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+                let rings = self.rings().await;
+                self.partition(fault.role, false);
+                eprintln!("applied {fault}; rings just before healing: {rings}");
+                if let Role::Node(i) = fault.role {
+                    let me = format!("n{i}");
+                    let dropped = rings
+                        .split(' ')
+                        .filter(|r| !r.starts_with(&format!("{me}:")))
+                        .all(|r| !r.split(['[', ',', ']']).any(|id| id == me));
+                    return Some(dropped);
+                }
+            }
+        }
+        None
+    }
+
+    /// After a run's faults: every link up, every process of the full set running again, the
+    /// ring whole.
     async fn settle(&mut self) {
         if let Target::Cluster(sb) = self {
+            sb.heal();
             for i in 0..3 {
                 if sb.nodes[i].is_none() {
                     sb.start_node(i).await;
@@ -292,7 +434,9 @@ impl Resilient {
         Self {
             urls,
             user: name.into(),
-            attempt: 0,
+            // Spread the first connections over the gateways (a, b, c alternate), so that a
+            // fault of either gateway hits clients.
+            attempt: usize::from(name.bytes().next().unwrap_or(0)),
             ws: None,
             next: 0,
             log: ClientLog {
@@ -514,6 +658,10 @@ struct Tally {
     redelivered: u64,
     acked: u64,
     retries: u64,
+    /// Partitions of a node, and those by the end of which the other nodes had dropped it from
+    /// their ring.
+    node_partitions: u64,
+    dropped_from_ring: u64,
     violations: Vec<String>,
 }
 
@@ -566,10 +714,17 @@ async fn run(target: &Arc<Mutex<Target>>, seed: u64, tally: &mut Tally) {
         let faults = faults.clone();
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
+            // Node partitions, and those by the end of which the other nodes had dropped the
+            // node from their ring (while it kept running).
+            let (mut node_partitions, mut dropped_from_ring) = (0u64, 0u64);
             for f in faults {
                 tokio::time::sleep_until(start + Duration::from_millis(f.at_ms)).await;
-                target.lock().await.apply(f, &urls).await;
+                if let Some(dropped) = target.lock().await.apply(f, &urls).await {
+                    node_partitions += 1;
+                    dropped_from_ring += u64::from(dropped);
+                }
             }
+            (node_partitions, dropped_from_ring)
         })
     };
     let mut senders = Vec::new();
@@ -601,7 +756,7 @@ async fn run(target: &Arc<Mutex<Target>>, seed: u64, tally: &mut Tally) {
                 .unwrap(),
         );
     }
-    tokio::time::timeout(RUN_LIMIT, fault_task)
+    let (node_partitions, dropped_from_ring) = tokio::time::timeout(RUN_LIMIT, fault_task)
         .await
         .unwrap_or_else(|_| panic!("seed {seed}: faults stuck"))
         .unwrap();
@@ -679,11 +834,7 @@ async fn run(target: &Arc<Mutex<Target>>, seed: u64, tally: &mut Tally) {
             .faults
             .entry(format!(
                 "{} {}",
-                if f.kill {
-                    "kill -9 + restart"
-                } else {
-                    "SIGSTOP/SIGCONT"
-                },
+                f.kind.long(),
                 match f.role {
                     Role::Serve => "serve",
                     Role::Node(_) => "node",
@@ -694,6 +845,8 @@ async fn run(target: &Arc<Mutex<Target>>, seed: u64, tally: &mut Tally) {
             .or_default() += 1;
     }
     tally.acked += acked;
+    tally.node_partitions += node_partitions;
+    tally.dropped_from_ring += dropped_from_ring;
     tally.retries += clients.iter().map(|c| c.retries).sum::<u64>();
     tally.redelivered += clients.iter().map(|c| c.redelivered).sum::<u64>();
     tally
@@ -733,8 +886,16 @@ async fn campaign(name: &str, target: Target, default_runs: u64) {
         .iter()
         .map(|(k, n)| format!("  {k}: {n}"))
         .collect();
+    let split = if tally.node_partitions > 0 {
+        format!(
+            "node partitions that dropped the node from the others' ring: {} of {}\n",
+            tally.dropped_from_ring, tally.node_partitions
+        )
+    } else {
+        String::new()
+    };
     let summary = format!(
-        "fault runs against {name}: seeds {first}..{}\nruns: {}\nfaults:\n{}\n\
+        "fault runs against {name}: seeds {first}..{}\nruns: {}\nfaults:\n{}\n{split}\
          messages acknowledged: {}\nretries (same client_ref): {}\n\
          events delivered again after a reconnect (applied once, by seq): {}\nviolations: {}\n\
          wall time: {:.0} s\n{}",
@@ -771,4 +932,86 @@ async fn randomized_faults_against_a_cluster_lose_and_duplicate_nothing() {
     if wanted("cluster") {
         campaign("cluster", Target::cluster().await, 4).await;
     }
+}
+
+/// The proxy a partition is made of: it forwards while up; while down it holds the bytes (the
+/// peer sees silence, no reset) and holds new connections; up again, everything goes through; a
+/// dead upstream closes the accepted connection; a closed client ends the upstream connection.
+#[tokio::test]
+async fn a_link_holds_traffic_while_down_and_forwards_it_when_up() {
+    use cluster::sandbox::links::{Link, Upstream};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // An echo server that counts the bytes it got and its open connections.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap().to_string();
+    let got = Arc::new(AtomicU64::new(0));
+    let open = Arc::new(AtomicU64::new(0));
+    {
+        let (got, open) = (got.clone(), open.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = echo.accept().await.unwrap();
+                let (got, open) = (got.clone(), open.clone());
+                open.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        got.fetch_add(n as u64, Ordering::SeqCst);
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+    }
+    async fn read_one(s: &mut tokio::net::TcpStream, wait: Duration) -> Option<u8> {
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(wait, s.read(&mut b)).await {
+            Ok(Ok(1)) => Some(b[0]),
+            Ok(_) => Some(0),
+            Err(_) => None,
+        }
+    }
+    let silence = Duration::from_millis(300);
+    let link = Link::start(Upstream::Tcp(echo_addr), true).await;
+    let mut a = tokio::net::TcpStream::connect(link.addr()).await.unwrap();
+    a.write_all(b"a").await.unwrap();
+    assert_eq!(read_one(&mut a, REPLY_WAIT).await, Some(b'a'));
+
+    link.set_up(false);
+    a.write_all(b"b").await.unwrap();
+    assert_eq!(read_one(&mut a, silence).await, None, "silence while down");
+    assert_eq!(
+        got.load(Ordering::SeqCst),
+        1,
+        "nothing reached the upstream"
+    );
+    // A connection made while down is held, not connected upstream.
+    let mut c = tokio::net::TcpStream::connect(link.addr()).await.unwrap();
+    c.write_all(b"c").await.unwrap();
+    assert_eq!(read_one(&mut c, silence).await, None);
+    assert_eq!(open.load(Ordering::SeqCst), 1);
+
+    link.set_up(true);
+    assert_eq!(read_one(&mut a, REPLY_WAIT).await, Some(b'b'));
+    assert_eq!(read_one(&mut c, REPLY_WAIT).await, Some(b'c'));
+    assert_eq!(open.load(Ordering::SeqCst), 2);
+
+    // Closing the clients ends their upstream connections.
+    drop(a);
+    drop(c);
+    let deadline = Instant::now() + REPLY_WAIT;
+    while open.load(Ordering::SeqCst) > 0 {
+        assert!(Instant::now() < deadline, "upstream connections left open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // An upstream that is gone: the accepted connection is closed.
+    let dead = Link::start(Upstream::Tcp(format!("127.0.0.1:{}", free_port())), true).await;
+    let mut d = tokio::net::TcpStream::connect(dead.addr()).await.unwrap();
+    assert_eq!(read_one(&mut d, REPLY_WAIT).await, Some(0), "closed");
 }

@@ -1,6 +1,8 @@
 //! A real cluster on loopback: PostgreSQL, a Kafka-protocol broker (tansu), `palaver node` and
 //! `palaver gateway` processes. Ports are picked free; readiness is awaited (the processes print
 //! their address once serving, nodes report their live ring on `/ring`); teardown is explicit.
+//! [`Sandbox::start_with_links`] puts a proxy on every path between processes (see
+//! [`links::Links`]), so that a test can cut one process off while it keeps running.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use super::super::common::{Client, SECRET, token};
@@ -8,6 +10,9 @@ use super::super::{kafka::TestBroker, pg::TestPostgres};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+#[path = "links.rs"]
+pub mod links;
 
 pub struct Proc {
     pub child: Child,
@@ -133,6 +138,9 @@ pub struct Sandbox {
     pub gateways: Vec<Option<Proc>>,
     /// Added to every process's environment.
     extra: Vec<(&'static str, String)>,
+    /// With [`Sandbox::start_with_links`]: the proxies every node and gateway dials its peers
+    /// and PostgreSQL through. They live as long as the sandbox, across process restarts.
+    pub links: Option<links::Links>,
 }
 
 impl Sandbox {
@@ -148,18 +156,43 @@ impl Sandbox {
         gateways: usize,
         extra: Vec<(&'static str, String)>,
     ) -> Self {
+        Self::start_inner(slots, nodes, gateways, extra, false).await
+    }
+
+    /// [`Sandbox::start`], with every node and gateway reaching the other nodes and PostgreSQL
+    /// through its own [`links::Link`]s, so that [`Sandbox::partition_node`] and
+    /// [`Sandbox::partition_gateway`] can cut one off. Kafka and the clients' WebSocket
+    /// connections are not proxied (see [`links::Links`]).
+    pub async fn start_with_links(slots: usize, nodes: usize, gateways: usize) -> Self {
+        Self::start_inner(slots, nodes, gateways, Vec::new(), true).await
+    }
+
+    async fn start_inner(
+        slots: usize,
+        nodes: usize,
+        gateways: usize,
+        extra: Vec<(&'static str, String)>,
+        with_links: bool,
+    ) -> Self {
         let pg = TestPostgres::start();
         let db = pg.database();
         let broker = TestBroker::start().await;
+        let ports: Vec<u16> = (0..slots).map(|_| free_port()).collect();
+        let links = if with_links {
+            Some(links::Links::start(&ports, &db).await)
+        } else {
+            None
+        };
         let mut s = Self {
             pg,
             broker,
             db,
             data: tempfile::tempdir().unwrap(),
-            ports: (0..slots).map(|_| free_port()).collect(),
+            ports,
             nodes: (0..slots).map(|_| None).collect(),
             gateways: Vec::new(),
             extra,
+            links,
         };
         for i in 0..nodes {
             s.start_node(i).await;
@@ -194,8 +227,30 @@ impl Sandbox {
         env
     }
 
+    /// `env` with `key` set to `value` (replacing what it had).
+    fn set(env: &mut Vec<(&'static str, String)>, key: &'static str, value: String) {
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value));
+    }
+
     pub async fn start_node(&mut self, i: usize) {
         let mut env = self.common_env();
+        if let Some(links) = &self.links {
+            // Itself at its real address, every other node through the link i -> j.
+            let nodes = self
+                .ports
+                .iter()
+                .enumerate()
+                .map(|(j, p)| match &links.nodes[i][j] {
+                    Some(link) => format!("n{j}@{}", link.addr()),
+                    None => format!("n{j}@127.0.0.1:{p}"),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            Self::set(&mut env, "PALAVER_NODES", nodes);
+            let pg = links.pg_url(&links.node_pg[i]);
+            Self::set(&mut env, "PALAVER_POSTGRES_URL", pg);
+        }
         env.push(("PALAVER_NODE_ID", format!("n{i}")));
         env.push((
             "PALAVER_CLUSTER_ADDR",
@@ -207,6 +262,19 @@ impl Sandbox {
     pub async fn start_gateway(&mut self) -> usize {
         let j = self.gateways.len();
         let mut env = self.common_env();
+        if let Some(links) = &mut self.links {
+            links.add_gateway(j, &self.ports).await;
+            let (to_nodes, pg) = links.gateways[j].as_ref().unwrap();
+            let nodes = to_nodes
+                .iter()
+                .enumerate()
+                .map(|(n, link)| format!("n{n}@{}", link.addr()))
+                .collect::<Vec<_>>()
+                .join(",");
+            let pg = links.pg_url(pg);
+            Self::set(&mut env, "PALAVER_NODES", nodes);
+            Self::set(&mut env, "PALAVER_POSTGRES_URL", pg);
+        }
         env.push(("PALAVER_GATEWAY_ID", format!("g{j}")));
         self.gateways.push(Some(spawn(&["gateway"], env).await));
         j
@@ -221,6 +289,35 @@ impl Sandbox {
     pub fn kill_gateway(&mut self, j: usize) {
         if let Some(mut p) = self.gateways[j].take() {
             p.kill9();
+        }
+        // Entries are not reused: a new gateway gets a new entry and new links.
+        if let Some(links) = &mut self.links {
+            links.remove_gateway(j);
+        }
+    }
+
+    /// Cuts node `i` off from every other node, every gateway and PostgreSQL (`cut`), or heals
+    /// it. Needs [`Sandbox::start_with_links`].
+    pub fn partition_node(&mut self, i: usize, cut: bool) {
+        self.links
+            .as_mut()
+            .expect("a sandbox started with links")
+            .partition_node(i, cut);
+    }
+
+    /// Cuts gateway entry `j` off from every node and PostgreSQL (`cut`), or heals it. Its
+    /// clients' WebSocket connections stay up. Needs [`Sandbox::start_with_links`].
+    pub fn partition_gateway(&mut self, j: usize, cut: bool) {
+        self.links
+            .as_mut()
+            .expect("a sandbox started with links")
+            .partition_gateway(j, cut);
+    }
+
+    /// Heals every partition (nothing without links).
+    pub fn heal(&mut self) {
+        if let Some(links) = &mut self.links {
+            links.heal();
         }
     }
 
