@@ -19,8 +19,12 @@
 //!   batches before anyone connects), `group_online` of them online and reading, and one sender
 //!   flooding it: messages acknowledged and delivered per second.
 //!
-//! Each phase reports the probe's p50/p99/max, the probe messages lost, and the server's peak RSS
-//! (sampled every 50 ms from `/proc/<pid>/status`) and RSS after the phase.
+//! The flooders meet the server's per-user message rate (`--flood-limit`, default the server's
+//! own default, 20 messages per second): an abusive client is one that sends as fast as it can
+//! and is refused (`rate_limited`); with a high limit the phases measure raw fan-out instead.
+//!
+//! Each phase reports the probe's p50/p99/max and the server's peak RSS (sampled every 50 ms
+//! from `/proc/<pid>/status`) and RSS after the phase; the run, the probe messages lost.
 
 use crate::bench::{Server, free_port, machine, random_secret};
 use crate::{Latency, Protocol, RunConfig, Ws, connect, histogram, micros, proc_stats, request};
@@ -59,6 +63,9 @@ pub struct AbuseConfig {
     pub group_members: usize,
     /// `big-group`: members online and reading.
     pub group_online: usize,
+    /// The server's per-user message rate (`PALAVER_MESSAGES_PER_SECOND`) for the run: the
+    /// flooders meet it. `None`: the server's default.
+    pub flood_limit: Option<u32>,
 }
 
 /// One phase's numbers.
@@ -170,9 +177,7 @@ pub async fn abuse(cfg: AbuseConfig) -> anyhow::Result<AbuseReport> {
 
 /// The settings the phases need beyond the defaults, as environment variables.
 pub fn server_env(cfg: &AbuseConfig) -> Vec<(&'static str, String)> {
-    vec![
-        // The flood is the point: no per-user rate limit in its way.
-        ("PALAVER_MESSAGES_PER_SECOND", "100000".into()),
+    let mut env = vec![
         (
             "PALAVER_GROUP_MAX_MEMBERS",
             cfg.group_members.max(10).to_string(),
@@ -181,7 +186,11 @@ pub fn server_env(cfg: &AbuseConfig) -> Vec<(&'static str, String)> {
         // Short enough to be seen within a phase.
         ("PALAVER_HEADER_TIMEOUT_SECS", "5".into()),
         ("PALAVER_PING_INTERVAL_SECS", "3".into()),
-    ]
+    ];
+    if let Some(limit) = cfg.flood_limit {
+        env.push(("PALAVER_MESSAGES_PER_SECOND", limit.to_string()));
+    }
+    env
 }
 
 /// Runs every phase against a running server.
@@ -357,15 +366,37 @@ async fn probe_pair(
     }
 }
 
-/// Opens `n` sessions for users `{prefix}{i}`, at most 256 handshakes at a time.
-async fn open_many(run: &RunConfig, prefix: &str, n: usize) -> anyhow::Result<Vec<Ws>> {
-    futures::stream::iter(0..n)
+/// Opens sessions for users `{prefix}{i}`, `i` in `range`, at most 128 handshakes at a time;
+/// the sessions, and the failures by kind.
+async fn open_many(
+    run: &RunConfig,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) -> (Vec<Ws>, HashMap<String, u64>) {
+    let results = futures::stream::iter(range)
         .map(|i| async move { connect(run, i, &format!("{prefix}{i}")).await })
-        .buffered(256)
+        .buffered(128)
         .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect()
+        .await;
+    let mut sessions = Vec::with_capacity(results.len());
+    let mut failed: HashMap<String, u64> = HashMap::new();
+    for r in results {
+        match r {
+            Ok(ws) => sessions.push(ws),
+            Err(e) => *failed.entry(crate::error_kind(&e)).or_default() += 1,
+        }
+    }
+    (sessions, failed)
+}
+
+/// ", N failed to connect (kinds)" or nothing.
+fn failed_text(failed: &HashMap<String, u64>) -> String {
+    if failed.is_empty() {
+        String::new()
+    } else {
+        let n: u64 = failed.values().sum();
+        format!(", {n} failed to connect ({})", errors_text(failed))
+    }
 }
 
 /// Sends 1 KB messages into `room` for `phase`, up to `window` unanswered; (acked, errors).
@@ -418,7 +449,12 @@ fn errors_text(errors: &HashMap<String, u64>) -> String {
 
 async fn never_read(run: &RunConfig, silent: usize, phase: Duration) -> anyhow::Result<String> {
     let mut owner = connect(run, 0, "nr-owner").await?;
-    let readers = open_many(run, "nr-silent-", silent).await?;
+    let (readers, failed) = open_many(run, "nr-silent-", 0..silent).await;
+    anyhow::ensure!(
+        !readers.is_empty() || silent == 0,
+        "no silent member connected{}",
+        failed_text(&failed)
+    );
     let members: Vec<String> = (0..silent).map(|i| format!("nr-silent-{i}")).collect();
     let room = request(
         &mut owner,
@@ -430,20 +466,27 @@ async fn never_read(run: &RunConfig, silent: usize, phase: Duration) -> anyhow::
     let (acked, errors) = flood(&mut owner, &room, phase, 64).await?;
     // What did the server do with the silent ones? Read what they were sent, to the end.
     let cut = Arc::new(AtomicU64::new(0));
+    let framed = Arc::new(AtomicU64::new(0));
     let open = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = readers
         .into_iter()
         .map(|mut ws| {
-            let (cut, open) = (cut.clone(), open.clone());
+            let (cut, framed, open) = (cut.clone(), framed.clone(), open.clone());
             tokio::spawn(async move {
                 loop {
                     match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
                         Ok(Some(Ok(Message::Close(Some(f))))) if u16::from(f.code) == 1008 => {
+                            framed.fetch_add(1, Ordering::Relaxed);
                             cut.fetch_add(1, Ordering::Relaxed);
                             return;
                         }
                         Ok(Some(Ok(_))) => {}
-                        Ok(_) => return,
+                        // Closed without a close frame: the server could not write one into a
+                        // socket that was full.
+                        Ok(_) => {
+                            cut.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
                         Err(_) => {
                             open.fetch_add(1, Ordering::Relaxed);
                             return;
@@ -459,11 +502,14 @@ async fn never_read(run: &RunConfig, silent: usize, phase: Duration) -> anyhow::
     let _ = owner.close(None).await;
     Ok(format!(
         "{silent} members never read while the owner sent {acked} × 1 KB ({}/s; {}); \
-         {} cut off as slow consumers (1008), {} still open",
+         {} cut off by the server ({} of them got the 1008 close frame, the others' sockets \
+         were full), {} still open{}",
         acked / phase.as_secs().max(1),
         errors_text(&errors),
         cut.load(Ordering::Relaxed),
-        open.load(Ordering::Relaxed)
+        framed.load(Ordering::Relaxed),
+        open.load(Ordering::Relaxed),
+        failed_text(&failed)
     ))
 }
 
@@ -514,7 +560,7 @@ async fn slowloris(
     }
     // Half as many sessions dribbling one WebSocket frame.
     let frames = n / 2;
-    let sessions = open_many(run, "sl-frame-", frames).await?;
+    let (sessions, failed) = open_many(run, "sl-frame-", 0..frames).await;
     let frame_closed = Arc::new(parking_lot::Mutex::new(Vec::<Duration>::new()));
     let frames_from = Instant::now();
     let mut frame_tasks = Vec::new();
@@ -557,7 +603,8 @@ async fn slowloris(
         "{n} request heads sent a byte per 250 ms: {closed} closed by the server (median after \
          {median:.1} s; PALAVER_HEADER_TIMEOUT_SECS=5); {frames} sessions sending a 4 KB frame \
          a byte per 250 ms and never answering pings: {fclosed} closed (median after \
-         {fmedian:.1} s; PALAVER_PING_INTERVAL_SECS=3)"
+         {fmedian:.1} s; PALAVER_PING_INTERVAL_SECS=3){}",
+        failed_text(&failed)
     ))
 }
 
@@ -595,8 +642,9 @@ async fn connect_drop(
 ) -> anyhow::Result<String> {
     let before = server_sessions(port).await.unwrap_or(0.0);
     let t = Instant::now();
-    let sessions = open_many(run, "cd-", n).await?;
+    let (sessions, failed) = open_many(run, "cd-", 0..n).await;
     let opened = t.elapsed();
+    let n = sessions.len();
     for ws in &sessions {
         // A reset, not a goodbye.
         let _ = ws.get_ref().set_zero_linger();
@@ -615,9 +663,10 @@ async fn connect_drop(
         tokio::time::sleep(rest).await;
     }
     Ok(format!(
-        "{n} sessions opened in {:.1} s ({:.0}/s), then reset at once: {}",
+        "{n} sessions opened in {:.1} s ({:.0}/s{}), then reset at once: {}",
         opened.as_secs_f64(),
         n as f64 / opened.as_secs_f64().max(1e-9),
+        failed_text(&failed),
         gone.map_or("still counted at the end of the phase".into(), |g| format!(
             "the server counted them gone after {:.0} ms",
             g.as_secs_f64() * 1000.0
@@ -667,13 +716,10 @@ async fn big_group(
         )
         .await?;
     }
-    let readers = futures::stream::iter(1..=online)
-        .map(|i| async move { connect(run, i, &name(i)).await })
-        .buffered(256)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<Vec<Ws>>>()?;
+    let connecting = Instant::now();
+    let (readers, failed) = open_many(run, "bg-", 1..online + 1).await;
+    let connecting = connecting.elapsed();
+    let online = readers.len();
     let set_up = set_up.elapsed();
     // The set-up (imports, member events) is not the attack: measure from here.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -711,9 +757,11 @@ async fn big_group(
     let _ = owner.close(None).await;
     let d = delivered.load(Ordering::Relaxed);
     Ok(format!(
-        "{members} members ({online} online, set up in {:.0} s); one sender: {acked} messages \
-         acknowledged in {secs:.1} s ({:.0}/s; {}), {d} delivered ({:.0}/s, {:.1}% of \
-         acknowledged × online)",
+        "{members} members ({online} online, connected in {:.1} s{}; set up in {:.0} s); one \
+         sender: {acked} messages acknowledged in {secs:.1} s ({:.0}/s; {}), {d} delivered \
+         ({:.0}/s, {:.1}% of acknowledged × online)",
+        connecting.as_secs_f64(),
+        failed_text(&failed),
         set_up.as_secs_f64(),
         acked as f64 / secs.max(1e-9),
         errors_text(&errors),

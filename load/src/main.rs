@@ -72,6 +72,10 @@ struct AbuseArgs {
     /// big-group: members online and reading.
     #[arg(long, default_value_t = 5_000)]
     group_online: usize,
+    /// The server's per-user message rate for the run (the flooders meet it); default: the
+    /// server's default (20/s, bursts of 40).
+    #[arg(long)]
+    flood_limit: Option<u32>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -281,6 +285,7 @@ fn main() -> anyhow::Result<()> {
                 storm: a.storm,
                 group_members: a.group_members.max(2),
                 group_online: a.group_online.min(a.group_members.saturating_sub(1)),
+                flood_limit: a.flood_limit,
             };
             let report = rt.block_on(abuse(cfg))?;
             if a.json {

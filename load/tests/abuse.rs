@@ -23,6 +23,7 @@ async fn every_phase_runs_and_the_probe_loses_nothing() {
         storm: 300,
         group_members: 2_500,
         group_online: 100,
+        flood_limit: Some(100_000),
     };
     let dir = tempfile::tempdir().unwrap();
     let env: std::collections::HashMap<_, _> =
