@@ -76,6 +76,9 @@ pub struct ConfigBuilder {
     /// Milliseconds a room's live event may wait at the gateway for a missing predecessor
     /// before it is delivered past the gap (0: never wait). Default 500.
     pub reorder_hold_ms: Option<u64>,
+    /// Local sessions of one room above which the room's events are handed on by a delivery
+    /// lane of their own (0: never). Default 256.
+    pub fanout_lane_sessions: Option<usize>,
     /// Seconds between server pings; a client silent for two intervals is disconnected.
     /// Default 25.
     pub ping_interval_secs: Option<u64>,
@@ -299,6 +302,8 @@ pub struct Config {
     pub header_timeout: Duration,
     /// Longest wait of a live room event for its missing predecessor.
     pub reorder_hold: Duration,
+    /// Local sessions of one room above which it gets a delivery lane (0: never).
+    pub fanout_lane_sessions: usize,
     /// Keepalive ping interval.
     pub ping_interval: Duration,
     /// Shutdown grace period.
@@ -402,6 +407,7 @@ impl ConfigBuilder {
         over!(max_connections_per_user, "PALAVER_MAX_CONNECTIONS_PER_USER");
         over!(header_timeout_secs, "PALAVER_HEADER_TIMEOUT_SECS");
         over!(reorder_hold_ms, "PALAVER_REORDER_HOLD_MS");
+        over!(fanout_lane_sessions, "PALAVER_FANOUT_LANE_SESSIONS");
         over!(ping_interval_secs, "PALAVER_PING_INTERVAL_SECS");
         over!(shutdown_grace_secs, "PALAVER_SHUTDOWN_GRACE_SECS");
         over!(store_durability, "PALAVER_STORE_DURABILITY");
@@ -702,6 +708,7 @@ impl ConfigBuilder {
             max_connections_per_user: self.max_connections_per_user.unwrap_or(32),
             header_timeout: secs(self.header_timeout_secs, 30, "PALAVER_HEADER_TIMEOUT_SECS")?,
             reorder_hold: Duration::from_millis(self.reorder_hold_ms.unwrap_or(500)),
+            fanout_lane_sessions: self.fanout_lane_sessions.unwrap_or(256),
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "PALAVER_SHUTDOWN_GRACE_SECS")?,
             durability,
             log_format,

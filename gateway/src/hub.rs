@@ -18,7 +18,7 @@ use schema::{
     Delivery, Error, ErrorCode, Event, GatewayId, Profile, RoomId, SessionId, Target, UserId,
 };
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -152,7 +152,14 @@ pub struct SessionHandle {
     close: CancellationToken,
     reason: Mutex<Option<CloseReason>>,
     rooms: Mutex<Vec<RoomId>>,
+    /// Commands refused for rate in a row (see [`SessionHandle::tarpit`]).
+    refusals: AtomicU32,
 }
+
+/// First pause of a client refused for rate; it doubles with each refusal in a row.
+const TARPIT_FIRST: std::time::Duration = std::time::Duration::from_millis(25);
+/// Longest pause of a client refused for rate.
+const TARPIT_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl SessionHandle {
     /// Asks the session to close with `reason` (the first reason wins).
@@ -178,6 +185,37 @@ impl SessionHandle {
             self.metrics.slow_consumer();
         }
         self.close.cancel();
+    }
+
+    /// How long the session stops listening after a command answered `result`: a client
+    /// refused for its rate (`rate_limited`, `typing_rate_limited`) is a tarpit's, 25 ms after
+    /// the first refusal, doubling with each refusal in a row up to 1 s; any other answer ends
+    /// the streak. While the reader waits, the client's frames stay in the socket buffers, so a
+    /// flood costs the server nothing (TCP holds the sender back) instead of a decode, a node
+    /// round trip and an error per frame. Counted by `palaver_tarpit_pauses_total`.
+    pub fn tarpit<T>(&self, result: &Result<T, Error>) -> Option<std::time::Duration> {
+        let refused = matches!(
+            result,
+            Err(e) if matches!(e.code, ErrorCode::RateLimited | ErrorCode::TypingRateLimited)
+        );
+        if !refused {
+            self.refusals.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let n = self.refusals.fetch_add(1, Ordering::Relaxed).min(16);
+        crate::telemetry::metrics::tarpit_pause();
+        Some(TARPIT_FIRST.saturating_mul(1 << n).min(TARPIT_MAX))
+    }
+
+    /// Waits the pause [`SessionHandle::tarpit`] sets for `result`, or until the session is
+    /// asked to close.
+    pub async fn tarpit_wait<T>(&self, result: &Result<T, Error>) {
+        if let Some(pause) = self.tarpit(result) {
+            tokio::select! {
+                () = self.closed() => {}
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
     }
 
     /// The instruments of this session's dialect.
@@ -225,6 +263,31 @@ enum SubChange {
 /// Pending subscription changes before `follow` waits.
 const SUB_QUEUE: usize = 4096;
 
+/// A room with more local sessions than this gets a delivery lane of its own (see
+/// [`Hub::to_lane`]); `PALAVER_FANOUT_LANE_SESSIONS` sets it.
+pub const LANE_SESSIONS: usize = 256;
+/// Sessions a lane hands an event to before it lets the other tasks run.
+const LANE_CHUNK: usize = 64;
+/// A lane with nothing to deliver for this long ends (the room goes back to the hub loop).
+const LANE_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Events waiting in one lane beyond which the hub loop waits for it: a big room that cannot
+/// keep up holds every delivery back (and through the bus, the senders) instead of queueing
+/// without bound. Large, because holding the hub loop is what the lane is there to avoid: a
+/// lane falls behind only while the gateway is saturated, and 4096 shared events are a few
+/// megabytes; `palaver-load abuse` measured a bound of 64 reached within seconds of a flood,
+/// and every room's p99 going from 42 ms to 6 s.
+const LANE_BACKLOG: usize = 4096;
+
+/// An event on its way to a room's lane, with the moment the hub received it.
+type LaneItem = (Arc<SharedEvent>, std::time::Instant);
+
+/// A big room's delivery lane: its queue and how many events wait in it.
+struct Lane {
+    tx: mpsc::UnboundedSender<LaneItem>,
+    depth: Arc<AtomicUsize>,
+}
+
 /// Local sessions of this gateway.
 pub struct Hub {
     gateway: GatewayId,
@@ -241,6 +304,12 @@ pub struct Hub {
     fanout: metrics::Histogram,
     /// Each room's live stream handed out in `seq` order (see [`crate::reorder`]).
     order: Mutex<Reorder>,
+    /// The delivery lanes of big rooms, by room.
+    lanes: DashMap<RoomId, Lane>,
+    /// Local sessions of a room above which it gets a lane (0: never).
+    lane_sessions: AtomicUsize,
+    /// This hub, for the lanes it spawns.
+    me: std::sync::Weak<Hub>,
 }
 
 /// A session registered with the hub: its id, handle and the receiving end of its queue.
@@ -267,7 +336,7 @@ impl Hub {
                 }
             }
         });
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             gateway,
             subs,
             queue,
@@ -279,6 +348,9 @@ impl Hub {
             max_per_user: AtomicUsize::new(0),
             fanout: metrics::histogram!("palaver_fanout_seconds", "stage" => "gateway"),
             order: Mutex::new(Reorder::new(crate::reorder::DEFAULT_HOLD)),
+            lanes: DashMap::new(),
+            lane_sessions: AtomicUsize::new(LANE_SESSIONS),
+            me: me.clone(),
         })
     }
 
@@ -286,6 +358,11 @@ impl Hub {
     /// the gap (`PALAVER_REORDER_HOLD_MS`; zero: never wait, only drop duplicates).
     pub fn set_reorder_hold(&self, hold: std::time::Duration) {
         *self.order.lock() = Reorder::new(hold);
+    }
+
+    /// Sets the local sessions of a room above which it gets a delivery lane (0: never).
+    pub fn set_lane_sessions(&self, sessions: usize) {
+        self.lane_sessions.store(sessions, Ordering::Relaxed);
     }
 
     /// Sets the most sessions one user may have on this gateway (0: no limit).
@@ -387,6 +464,7 @@ impl Hub {
             close: CancellationToken::new(),
             reason: Mutex::new(None),
             rooms: Mutex::new(Vec::new()),
+            refusals: AtomicU32::new(0),
         });
         self.sessions.insert(id, handle.clone());
         self.follow(id, &handle, &rooms).await;
@@ -585,6 +663,16 @@ impl Hub {
         let event = SharedEvent::new(d.event);
         match d.target {
             Target::Room { room } => {
+                while self
+                    .lanes
+                    .get(&room)
+                    .is_some_and(|l| l.depth.load(Ordering::Relaxed) >= LANE_BACKLOG)
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                if self.to_lane(room, &event, received) {
+                    return;
+                }
                 for s in self.sessions_of_room(room) {
                     s.offer(Outbound::Event(event.clone()));
                 }
@@ -615,6 +703,58 @@ impl Hub {
         self.fanout.record(received.elapsed());
     }
 
+    /// Hands a room event to the room's lane when the room has one or is big (more than
+    /// [`LANE_SESSIONS`] local sessions by default); false when the hub loop should deliver it itself.
+    ///
+    /// Handing an event to thousands of sessions wakes thousands of writer tasks at once, and
+    /// an event of a small room that comes next would wait behind all of them: a big room in
+    /// full flow would set every other room's latency. A lane delivers its room's events in
+    /// order, [`LANE_CHUNK`] sessions at a time, yielding in between, so the hub loop goes on
+    /// with other rooms' events and their writers run between a big room's chunks: a big room's
+    /// delivery costs the same but no longer comes first. A lane more than [`LANE_BACKLOG`]
+    /// events behind holds the hub loop back until it catches up. While a room has a lane, all its
+    /// events go through it (so they stay in order); the lane ends after [`LANE_IDLE`] with
+    /// nothing to deliver. Counted by `palaver_hub_lane_events_total`.
+    fn to_lane(
+        &self,
+        room: RoomId,
+        event: &Arc<SharedEvent>,
+        received: std::time::Instant,
+    ) -> bool {
+        if let Some(lane) = self.lanes.get(&room) {
+            // Sent under the map's lock: the lane cannot end in between (see `run_lane`).
+            lane.depth.fetch_add(1, Ordering::Relaxed);
+            if lane.tx.send((event.clone(), received)).is_ok() {
+                metrics::counter!("palaver_hub_lane_events_total").increment(1);
+                return true;
+            }
+            drop(lane);
+            self.lanes.remove(&room);
+            return false;
+        }
+        let threshold = self.lane_sessions.load(Ordering::Relaxed);
+        if threshold == 0 || self.by_room.get(&room).map_or(0, |ids| ids.len()) <= threshold {
+            return false;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return false;
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Cannot fail: `rx` is alive.
+        let _sent = tx.send((event.clone(), received));
+        metrics::counter!("palaver_hub_lane_events_total").increment(1);
+        let depth = Arc::new(AtomicUsize::new(1));
+        self.lanes.insert(
+            room,
+            Lane {
+                tx,
+                depth: depth.clone(),
+            },
+        );
+        tokio::spawn(run_lane(me, room, rx, depth));
+        true
+    }
+
     /// Runs the delivery loop until the stream ends or `stop` fires.
     pub async fn run(self: Arc<Self>, mut stream: DeliveryStream, stop: CancellationToken) {
         loop {
@@ -634,6 +774,39 @@ impl Hub {
                         break;
                     }
                 },
+            }
+        }
+    }
+}
+
+/// A big room's delivery lane (see [`Hub::to_lane`]): its events in order, a chunk of sessions
+/// at a time.
+async fn run_lane(
+    hub: Arc<Hub>,
+    room: RoomId,
+    mut rx: mpsc::UnboundedReceiver<LaneItem>,
+    depth: Arc<AtomicUsize>,
+) {
+    loop {
+        match tokio::time::timeout(LANE_IDLE, rx.recv()).await {
+            Ok(Some((event, received))) => {
+                let sessions = hub.sessions_of_room(room);
+                for chunk in sessions.chunks(LANE_CHUNK) {
+                    for s in chunk {
+                        s.offer(Outbound::Event(event.clone()));
+                    }
+                    tokio::task::yield_now().await;
+                }
+                depth.fetch_sub(1, Ordering::Relaxed);
+                hub.fanout.record(received.elapsed());
+            }
+            Ok(None) => return,
+            Err(_idle) => {
+                // The hub sends while holding the entry, so an empty queue here means nothing
+                // is on its way: the next event of the room goes to the hub loop or a new lane.
+                if hub.lanes.remove_if(&room, |_, _| rx.is_empty()).is_some() {
+                    return;
+                }
             }
         }
     }

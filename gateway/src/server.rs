@@ -132,6 +132,24 @@ pub struct App {
     pub console: Arc<crate::console::Console>,
     /// Open connections per client address, across this gateway's listeners.
     pub conn_limits: Arc<crate::listen::ConnLimits>,
+    /// Session teardowns (hub, node, store) running at once; see [`App::teardown`].
+    pub teardowns: tokio::sync::Semaphore,
+}
+
+/// Session teardowns that may run at once.
+pub const TEARDOWNS: usize = 128;
+
+impl App {
+    /// Waits for a teardown slot. Ten thousand connections reset at once end ten thousand
+    /// sessions in the same instant; each then unregisters from the hub, tells its user's
+    /// actor and, for a user's last session, writes the last-seen time. Run all at once, those
+    /// steps fill the runtime's queues and every other session's next step waits behind them
+    /// (the storm of `palaver-load abuse` held ordinary chat for half a second). Waiting for a
+    /// slot parks a session instead, so at most [`TEARDOWNS`] run and the rest of the server
+    /// keeps its pace; the storm takes as long as before to clear.
+    pub async fn teardown(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.teardowns.acquire().await.ok()
+    }
 }
 
 /// A running Palaver gateway: `serve` (with a local node) or `gateway` (cluster client).
@@ -259,6 +277,7 @@ impl Palaver {
         );
         hub.set_max_per_user(config.max_connections_per_user);
         hub.set_reorder_hold(config.reorder_hold);
+        hub.set_lane_sessions(config.fanout_lane_sessions);
         console.set_hub(&hub);
         let deliveries = bus.subscribe(&config.gateway_id).await?;
         let hub_stop = CancellationToken::new();
@@ -289,6 +308,7 @@ impl Palaver {
             ready,
             console,
             conn_limits,
+            teardowns: tokio::sync::Semaphore::new(TEARDOWNS),
         });
         if let Some(cluster) = cluster {
             cluster.spawn_health(HEALTH_EVERY, hub_stop.clone());

@@ -323,6 +323,7 @@ pub async fn run_native<S>(
             Some(Ok(WsMessage::Close(_))) => break,
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
         };
+        let mut pause = None;
         let out = match native::decode(text.as_str()) {
             Err(de) => {
                 app.console
@@ -353,7 +354,9 @@ pub async fn run_native<S>(
                             viewing.remove(room);
                         }
                     }
-                    match app.node.execute(&user, cmd).await {
+                    let r = app.node.execute(&user, cmd).await;
+                    pause = handle.tarpit(&r);
+                    match r {
                         Ok(r) => native::encode_ok(&req.id, &r),
                         Err(e) => native::encode_error(&req.id, &e),
                     }
@@ -362,6 +365,13 @@ pub async fn run_native<S>(
         };
         if !reply(&handle, out) {
             break;
+        }
+        if let Some(pause) = pause.take() {
+            // Over its rate: answered at once, heard again after the pause.
+            tokio::select! {
+                () = handle.closed() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
         }
     }
 
@@ -378,6 +388,7 @@ pub async fn run_native<S>(
         writer.abort();
         tracing::debug!(%user, "session writer aborted");
     }
+    let _slot = app.teardown().await;
     app.hub.unregister(id).await;
     stop_viewing(&app, &user, id, viewing).await;
     app.node.disconnect(&user, app.hub.gateway(), id).await;

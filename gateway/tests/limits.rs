@@ -387,3 +387,71 @@ async fn close_code(ws: &mut Ws) -> Option<u16> {
         }
     }
 }
+
+/// `palaver_tarpit_pauses_total` now.
+async fn tarpit_pauses(server: &TestServer) -> f64 {
+    let text = reqwest::get(server.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("palaver_tarpit_pauses_total "))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// A client flooding past its rate is answered `rate_limited` and then heard again only after
+/// a pause that doubles with each refusal in a row: 40 sends written at once get their first
+/// two accepted and the third refused at once, but the rest trickle (25 + 50 + 100 + 200 ms
+/// of pauses before the 8th answer), so the flood costs the server a handful of answers, not
+/// 40. Other clients are not held back, and the flooder is answered normally once its bucket
+/// has refilled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_past_the_rate_is_tarpitted() {
+    let server = TestServer::start_with(|b| {
+        b.messages_per_second = Some(1); // burst 2
+    })
+    .await;
+    let pauses0 = tarpit_pauses(&server).await;
+    let mut a = server.connect("flooder").await;
+    let mut b = server.connect("bystander").await;
+    let room = group(&mut a, "g", &["bystander"]).await;
+    for i in 0..40 {
+        a.send_text(
+            json!({"id": i, "op": "send", "room": room, "text": format!("f{i}")}).to_string(),
+        )
+        .await;
+    }
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    while answers.len() < 40 {
+        let Ok(r) = tokio::time::timeout(Duration::from_millis(300), a.next_reply()).await else {
+            break;
+        };
+        answers.push((started.elapsed(), r));
+    }
+    let ok = answers.iter().filter(|(_, r)| r["ok"] == true).count();
+    let refused: Vec<_> = answers.iter().filter(|(_, r)| r["ok"] == false).collect();
+    assert!(ok >= 2, "the burst is accepted: {answers:?}");
+    assert!(!refused.is_empty(), "{answers:?}");
+    for (_, r) in &refused {
+        assert_eq!(r["error"]["code"], "rate_limited", "{r}");
+    }
+    // Pauses of 25, 50, 100 and 200 ms come before the 8th answer, so at most 2 accepted and
+    // 5 refused arrive in the first 300 ms (without the pauses, all 40 would).
+    let early = answers
+        .iter()
+        .filter(|(at, _)| *at < Duration::from_millis(300))
+        .count();
+    assert!(
+        early <= 8,
+        "the flood was not held back: {early} answers in 300 ms"
+    );
+    assert!(tarpit_pauses(&server).await - pauses0 >= 3.0);
+    // A bystander is not held back meanwhile.
+    b.ok("ping", json!({})).await;
+    b.ok("send", json!({"room": room, "text": "hello"})).await;
+    drop(a);
+    server.shutdown().await;
+}

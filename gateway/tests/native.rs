@@ -686,3 +686,76 @@ async fn shutdown_closes_sockets_with_going_away() {
     let (code, _) = closing.await.unwrap().expect("close frame");
     assert_eq!(code, 1001);
 }
+
+/// `palaver_hub_lane_events_total` now.
+async fn lane_events(s: &TestServer) -> f64 {
+    let text = reqwest::get(s.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("palaver_hub_lane_events_total "))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// A room with more local sessions than `LANE_SESSIONS` (256) is delivered by a lane of its
+/// own, a chunk of sessions at a time, while a small room's events go on through the hub loop:
+/// every one of 300 members still gets every message, once, in `seq` order, and the small room
+/// gets all of its own meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_room_gets_every_event_in_order_through_its_lane() {
+    const MEMBERS: usize = 300;
+    const SENDS: u64 = 30;
+    let s = TestServer::start().await;
+    let lane0 = lane_events(&s).await;
+    let mut owner = s.connect("big0").await;
+    let names: Vec<String> = (1..MEMBERS).map(|i| format!("big{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut members = Vec::new();
+    for n in &names {
+        members.push(s.connect(n).await);
+    }
+    let room = group(&mut owner, "big", &refs).await;
+    let mut a = s.connect("small-a").await;
+    let mut b = s.connect("small-b").await;
+    let direct = a.ok("open_direct", json!({"user": "small-b"})).await["room"]["id"]
+        .as_u64()
+        .unwrap();
+    let readers: Vec<_> = members
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                while seqs.len() < SENDS as usize {
+                    let e = c.event_named("message").await;
+                    seqs.push(e["seq"].as_u64().unwrap());
+                }
+                seqs
+            })
+        })
+        .collect();
+    for n in 0..SENDS {
+        owner
+            .ok("send", json!({"room": room, "text": format!("big {n}")}))
+            .await;
+        a.ok(
+            "send",
+            json!({"room": direct, "text": format!("small {n}")}),
+        )
+        .await;
+    }
+    for r in readers {
+        assert_eq!(r.await.unwrap(), (1..=SENDS).collect::<Vec<_>>());
+    }
+    for n in 1..=SENDS {
+        let e = b.event_named("message").await;
+        assert_eq!(e["seq"].as_u64(), Some(n), "{e}");
+    }
+    assert!(
+        lane_events(&s).await - lane0 >= SENDS as f64,
+        "the big room's messages went through its lane"
+    );
+    s.shutdown().await;
+}

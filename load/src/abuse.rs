@@ -92,6 +92,8 @@ struct Probe {
     delivered: AtomicU64,
     stop: AtomicBool,
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The probe's own runtime.
+    rt: parking_lot::Mutex<Option<tokio::runtime::Runtime>>,
 }
 
 impl Probe {
@@ -264,6 +266,9 @@ pub async fn abuse_against(cfg: &AbuseConfig, target: &Target) -> anyhow::Result
     for t in probe.tasks.lock().drain(..) {
         t.abort();
     }
+    if let Some(rt) = probe.rt.lock().take() {
+        rt.shutdown_background();
+    }
     sampler.abort();
     Ok(AbuseReport {
         phases,
@@ -293,8 +298,16 @@ async fn finish(
     }
 }
 
-/// Starts the probe pairs; each pair's task runs until `stop`.
+/// Starts the probe pairs; each pair's task runs until `stop`. The probe runs on a runtime of
+/// its own (one thread): the attackers' client side (thousands of sockets read, written and
+/// reset in this process) must not queue the probe's reads, or the probe would measure the
+/// load generator instead of the server.
 async fn start_probe(run: &RunConfig, pairs: usize, rate: f64) -> anyhow::Result<Arc<Probe>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("probe")
+        .enable_all()
+        .build()?;
     let probe = Arc::new(Probe {
         start: Instant::now(),
         hist: parking_lot::Mutex::new(histogram()?),
@@ -302,18 +315,26 @@ async fn start_probe(run: &RunConfig, pairs: usize, rate: f64) -> anyhow::Result
         delivered: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         tasks: parking_lot::Mutex::new(Vec::new()),
+        rt: parking_lot::Mutex::new(None),
     });
     for p in 0..pairs {
         let (a, b) = (format!("probe-a{p}"), format!("probe-b{p}"));
-        let mut wa = connect(run, p, &a).await?;
-        let wb = connect(run, p + 1, &b).await?;
-        let room = request(&mut wa, "open", json!({"op": "open_direct", "user": b})).await?["room"]
-            ["id"]
-            .clone();
+        let run = run.clone();
+        // Connected from the probe's runtime, so that its sockets are driven by it.
+        let (wa, wb, room) = rt
+            .spawn(async move {
+                let mut wa = connect(&run, p, &a).await?;
+                let wb = connect(&run, p + 1, &b).await?;
+                let room = request(&mut wa, "open", json!({"op": "open_direct", "user": b}))
+                    .await?["room"]["id"]
+                    .clone();
+                anyhow::Ok((wa, wb, room))
+            })
+            .await??;
         let period = Duration::from_secs_f64(1.0 / rate.max(0.1));
         // Spread the pairs' sends over the period.
         let offset = period.mul_f64(p as f64 / pairs.max(1) as f64);
-        let task = tokio::spawn({
+        let task = rt.spawn({
             let probe = probe.clone();
             async move {
                 let _ = probe_pair(wa, wb, room, period, offset, probe).await;
@@ -321,6 +342,7 @@ async fn start_probe(run: &RunConfig, pairs: usize, rate: f64) -> anyhow::Result
         });
         probe.tasks.lock().push(task);
     }
+    *probe.rt.lock() = Some(rt);
     Ok(probe)
 }
 

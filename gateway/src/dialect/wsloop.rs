@@ -109,7 +109,9 @@ impl Ctx {
                 set.remove(room);
             }
         }
-        self.app.node.execute(&self.profile.id, cmd).await
+        let r = self.app.node.execute(&self.profile.id, cmd).await;
+        self.handle.tarpit_wait(&r).await;
+        r
     }
 
     /// Whether this session said it views `room`.
@@ -328,6 +330,7 @@ pub async fn run<S, D>(
         writer.abort();
         tracing::debug!(user = %ctx.user(), "session writer aborted");
     }
+    let _slot = app.teardown().await;
     app.hub.unregister(id).await;
     dialect.closed(&ctx).await;
     let viewing = std::mem::take(&mut *ctx.viewing.lock());

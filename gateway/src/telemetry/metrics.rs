@@ -296,6 +296,11 @@ pub fn limit_refused(limit: &'static str) {
     metrics::counter!("palaver_limit_refusals_total", "limit" => limit).increment(1);
 }
 
+/// Counts one pause of a session refused for its rate (`palaver_tarpit_pauses_total`).
+pub fn tarpit_pause() {
+    metrics::counter!("palaver_tarpit_pauses_total").increment(1);
+}
+
 /// Counts one live room event the hub held for a missing predecessor (`held`), dropped as
 /// already delivered (`stale`), or one gap it delivered past when a hold expired
 /// (`gap_skipped`): `palaver_reordered_events_total{outcome}`.

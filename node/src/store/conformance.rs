@@ -15,7 +15,7 @@ fn uid(s: &str) -> UserId {
     UserId::parse(s).unwrap()
 }
 
-fn profile(id: &str, name: &str) -> Profile {
+pub(crate) fn profile(id: &str, name: &str) -> Profile {
     Profile {
         id: uid(id),
         username: Some(format!("{name}-handle")),

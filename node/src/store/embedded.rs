@@ -8,7 +8,11 @@
 //! Concurrency: one writer thread owns the write connection and does **group commit**: it takes
 //! every write waiting in its queue (up to [`MAX_BATCH`]), runs each inside its own savepoint of
 //! one transaction, commits once (one fsync), then answers all of them. Under load the batch
-//! grows and the cost of the fsync is shared; idle, a write commits alone at once. Reads run on
+//! grows and the cost of the fsync is shared; idle, a write commits alone at once. Background
+//! writes (a user's last-seen time, written when their last session ends) wait in a queue of
+//! their own and join a transaction only [`BG_BATCH`] at a time, after every waiting foreground
+//! write: ten thousand sessions dropped at once must not put ten thousand writes ahead of the
+//! next chat message (it would wait for all of them). Reads run on
 //! a small pool of read connections (WAL lets them run beside the writer) on the blocking pool.
 
 use super::{HistoryPage, NewRoom, RoomWrite, Store, StoreError, StoreResult};
@@ -27,6 +31,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most writes committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
+/// Most background writes (last-seen times) in one transaction.
+pub const BG_BATCH: usize = 128;
 const READERS: usize = 4;
 const QUEUE: usize = 8192;
 /// Most dead letters kept: adding one beyond this removes the oldest.
@@ -77,9 +83,16 @@ struct WriteJob {
     reply: oneshot::Sender<StoreResult<WriteOut>>,
 }
 
+/// The writer thread's two queues: foreground writes, and background ones that yield to them.
+#[derive(Clone)]
+struct Queues {
+    fg: mpsc::Sender<WriteJob>,
+    bg: mpsc::Sender<WriteJob>,
+}
+
 /// The SQLite store. Cheap to share behind an `Arc`.
 pub struct EmbeddedStore {
-    writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
+    writer: Mutex<Option<Queues>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Vec<Mutex<Connection>>>,
 }
@@ -94,20 +107,26 @@ impl EmbeddedStore {
         let readers = (0..READERS)
             .map(|_| open_conn(&path, durability).map(Mutex::new))
             .collect::<StoreResult<Vec<_>>>()?;
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (fg, fg_rx) = mpsc::channel(QUEUE);
+        let (bg, bg_rx) = mpsc::channel(QUEUE);
         let thread = std::thread::Builder::new()
             .name("palaver-store-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, fg_rx, bg_rx))
             .map_err(|e| unavailable(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
-            writer: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(Queues { fg, bg })),
             thread: Mutex::new(Some(thread)),
             readers: Arc::new(readers),
         })
     }
 
     async fn write(&self, op: WriteOp) -> StoreResult<WriteOut> {
-        let tx = self.writer.lock().clone().ok_or(StoreError::Closed)?;
+        let queues = self.writer.lock().clone().ok_or(StoreError::Closed)?;
+        let tx = if matches!(op, WriteOp::SetLastSeen(..)) {
+            queues.bg
+        } else {
+            queues.fg
+        };
         let (reply, rx) = oneshot::channel();
         tx.send(WriteJob { op, reply })
             .await
@@ -334,13 +353,50 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteJob>) {
-    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
+fn writer_loop(
+    mut conn: Connection,
+    mut fg: mpsc::Receiver<WriteJob>,
+    mut bg: mpsc::Receiver<WriteJob>,
+) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH + BG_BATCH);
+    let (mut fg_open, mut bg_open) = (true, true);
+    loop {
+        // The next job of either queue, the foreground first; both closed: the store closed.
+        let next = futures::executor::block_on(async {
+            tokio::select! {
+                biased;
+                job = fg.recv(), if fg_open => Some((true, job)),
+                job = bg.recv(), if bg_open => Some((false, job)),
+                else => None,
+            }
+        });
+        let mut background = match next {
+            None => break,
+            Some((true, None)) => {
+                fg_open = false;
+                continue;
+            }
+            Some((false, None)) => {
+                bg_open = false;
+                continue;
+            }
+            Some((is_fg, Some(job))) => {
+                batch.push(job);
+                usize::from(!is_fg)
+            }
+        };
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
+            match fg.try_recv() {
                 Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        while background < BG_BATCH {
+            match bg.try_recv() {
+                Ok(job) => {
+                    batch.push(job);
+                    background += 1;
+                }
                 Err(_) => break,
             }
         }
@@ -1524,5 +1580,65 @@ mod tests {
             .await
             .expect("h");
         assert_eq!(page.messages.len(), 5);
+    }
+    /// Thousands of last-seen writes queued at once (a storm of disconnects) do not delay a
+    /// foreground write queued after them: it joins one of the first transactions, while they
+    /// go [`BG_BATCH`] at a time. All of them are still written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_writes_yield_to_foreground_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path(), Durability::Full).expect("open");
+        let n = 3000;
+        for i in 0..n {
+            let p = super::super::conformance::profile(&format!("u{i}"), &format!("U{i}"));
+            store.upsert_user(&p, 1).await.expect("user");
+        }
+        // Queued straight onto the writer's queues, all of them before the foreground write.
+        let queues = store.writer.lock().clone().expect("open");
+        let mut waiting = Vec::new();
+        for i in 0..n {
+            let (reply, rx) = oneshot::channel();
+            let id = UserId::parse(&format!("u{i}")).expect("id");
+            let op = WriteOp::SetLastSeen(id, 1_000 + i as i64);
+            queues
+                .bg
+                .send(WriteJob { op, reply })
+                .await
+                .expect("queued");
+            waiting.push(rx);
+        }
+        let late = super::super::conformance::profile("late", "Late");
+        let (reply, rx) = oneshot::channel();
+        let op = WriteOp::UpsertUser(late, 1);
+        queues
+            .fg
+            .send(WriteJob { op, reply })
+            .await
+            .expect("queued");
+        rx.await.expect("answered").expect("foreground write");
+        let mut before = 0;
+        let mut rest = Vec::new();
+        for mut w in waiting {
+            match w.try_recv() {
+                Ok(r) => {
+                    r.expect("background write");
+                    before += 1;
+                }
+                Err(_) => rest.push(w),
+            }
+        }
+        assert!(
+            before < n / 2,
+            "the foreground write waited for {before} of {n} background writes"
+        );
+        for w in rest {
+            w.await.expect("answered").expect("background write");
+        }
+        let u = store
+            .user(&UserId::parse(&format!("u{}", n - 1)).expect("id"))
+            .await
+            .expect("read")
+            .expect("user");
+        assert_eq!(u.last_seen, Some(1_000 + (n - 1) as i64));
     }
 }

@@ -301,7 +301,9 @@ impl Conn {
             ));
         };
         b.handle.metrics().command(&cmd);
-        self.app.node.execute(&b.user, cmd).await
+        let r = self.app.node.execute(&b.user, cmd).await;
+        b.handle.tarpit_wait(&r).await;
+        r
     }
 
     /// Marks a room viewed (or not) by this socket's session.
