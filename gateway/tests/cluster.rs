@@ -403,10 +403,37 @@ async fn sigterm_of_a_node_hands_its_rooms_over_before_it_exits() {
     let mut victim_proc = None;
     let mut slowest_during_drain = Duration::ZERO;
     let mut handed_over_while_running = false;
+    // Watches, from the SIGTERM on, for the moment the survivors run the ring without the
+    // victim while its process still runs (checked every 10 ms: checked only between rounds
+    // of sends, as before, a busy machine could miss the window; a CI run did).
+    let mut watcher = None;
     for round in 0..ROUNDS {
         if round == ROUNDS / 2 {
             let p = sb.nodes[victim_idx].take().unwrap();
             p.sigterm();
+            let (victim_pid, survivor) = (p.child.id(), survivor.clone());
+            watcher = Some(tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                while tokio::time::Instant::now() < deadline {
+                    let survivors = cluster::sandbox::get_json(&survivor, "/ring").await["nodes"]
+                        .as_array()
+                        .is_some_and(|n| n.len() == 2);
+                    // Alive, and not a zombie waiting to be reaped.
+                    let victim_up = std::fs::read_to_string(format!("/proc/{victim_pid}/stat"))
+                        .is_ok_and(|st| {
+                            st.rsplit_once(") ")
+                                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+                        });
+                    if survivors && victim_up {
+                        return true;
+                    }
+                    if !victim_up {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                false
+            }));
             victim_proc = Some(p);
         }
         for (i, c) in clients.iter_mut().enumerate() {
@@ -427,6 +454,9 @@ async fn sigterm_of_a_node_hands_its_rooms_over_before_it_exits() {
             // (answering not_owner) while it finishes.
             handed_over_while_running = true;
         }
+    }
+    if let Some(w) = watcher {
+        handed_over_while_running |= w.await.unwrap();
     }
     let mut victim_proc = victim_proc.unwrap();
     let code = victim_proc.exit_code(Duration::from_secs(20)).await;
