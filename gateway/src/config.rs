@@ -79,6 +79,9 @@ pub struct ConfigBuilder {
     /// Local sessions of one room above which the room's events are handed on by a delivery
     /// lane of their own (0: never). Default 256.
     pub fanout_lane_sessions: Option<usize>,
+    /// Deliveries per second one room may cause: a room takes at most this divided by its
+    /// member count messages per second (0: unlimited). Default 50 000.
+    pub room_fanout_per_second: Option<usize>,
     /// Seconds between server pings; a client silent for two intervals is disconnected.
     /// Default 25.
     pub ping_interval_secs: Option<u64>,
@@ -408,6 +411,7 @@ impl ConfigBuilder {
         over!(header_timeout_secs, "PALAVER_HEADER_TIMEOUT_SECS");
         over!(reorder_hold_ms, "PALAVER_REORDER_HOLD_MS");
         over!(fanout_lane_sessions, "PALAVER_FANOUT_LANE_SESSIONS");
+        over!(room_fanout_per_second, "PALAVER_ROOM_FANOUT_PER_SECOND");
         over!(ping_interval_secs, "PALAVER_PING_INTERVAL_SECS");
         over!(shutdown_grace_secs, "PALAVER_SHUTDOWN_GRACE_SECS");
         over!(store_durability, "PALAVER_STORE_DURABILITY");
@@ -602,6 +606,9 @@ impl ConfigBuilder {
             "PALAVER_TYPING_PER_SECOND",
         )?);
         node.typing_burst = node.typing_per_second.max(5);
+        if let Some(n) = self.room_fanout_per_second {
+            node.room_fanout_per_second = to_u32(n);
+        }
         node.pending_per_user = to_u32(positive(
             self.pending_per_user,
             100,

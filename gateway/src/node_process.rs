@@ -122,6 +122,7 @@ impl NodeProcess {
             ready,
         };
         let ring_view = node.clone();
+        let debug_view = node.clone();
         let router = Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route(
@@ -139,6 +140,13 @@ impl NodeProcess {
                 }),
             )
             .route("/readyz", get(readyz))
+            .route(
+                "/debug/state",
+                get(move || {
+                    let node = debug_view.clone();
+                    async move { axum::Json(node.debug_state()) }
+                }),
+            )
             .route(
                 "/metrics",
                 get(|| async { crate::telemetry::metrics::response("") }),

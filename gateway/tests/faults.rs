@@ -30,8 +30,13 @@
 //!   uses seed + k). A failing run prints its seed and schedule; rerun it alone with
 //!   `PALAVER_FAULT_SEED=<seed> PALAVER_FAULT_RUNS=1`. Without `PALAVER_FAULT_SEED` (CI), the
 //!   cluster campaign also runs every seed that once failed and was fixed
-//!   (`CLUSTER_REGRESSIONS`); the seeds of the open liveness finding run with `--ignored`
-//!   (`CLUSTER_LIVENESS_OPEN`). The campaigns run one at a time.
+//!   (`CLUSTER_REGRESSIONS`, each with the settings it was drawn with). The campaigns run one at
+//!   a time.
+//! - To chase a finding: `PALAVER_FAULT_ROLES` (`node`, `gateway`, `broker`, comma separated)
+//!   narrows the cluster's faults to those processes, `PALAVER_FAULT_MAX` (default 3) raises the
+//!   faults per run. A send unacknowledged for 60 s fails the run as a liveness failure, after
+//!   printing what each of its attempts got and every process's state (each node's
+//!   `/debug/state`, and the ring, store calls in flight and errors from every `/metrics`).
 //! - The summary (runs, fault mix by kind and role, messages, retries, violations) is printed
 //!   and written to `target/fault-runs-<mode>.txt`.
 #![allow(clippy::unwrap_used)]
@@ -47,7 +52,7 @@ mod cluster {
 }
 
 use cluster::checker::{Acked, ClientLog, Seen, check};
-use cluster::sandbox::{Proc, Sandbox, free_port, get_json, spawn};
+use cluster::sandbox::{Proc, Sandbox, free_port, get_json, get_text, spawn};
 use common::{SECRET, token};
 use futures::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
@@ -69,6 +74,38 @@ type Ws =
 const REPLY_WAIT: Duration = Duration::from_secs(4);
 /// Longest a run may take before it is declared stuck.
 const RUN_LIMIT: Duration = Duration::from_secs(120);
+/// How long one send may go unacknowledged (retrying) before the run is declared stuck: a
+/// liveness failure.
+const STUCK: Duration = Duration::from_secs(60);
+
+/// What the attempts of one send got, consecutive repeats folded (`3x ...`).
+#[derive(Default)]
+struct Trail {
+    lines: Vec<String>,
+    last: String,
+    repeats: u32,
+}
+
+impl Trail {
+    fn push(&mut self, started: Instant, at: String, what: &str) {
+        let what = format!("via {at}: {what}");
+        if what == self.last {
+            self.repeats += 1;
+            if let Some(l) = self.lines.last_mut() {
+                *l = format!(
+                    "  {:>6} ms ({}x) {what}",
+                    started.elapsed().as_millis(),
+                    self.repeats
+                );
+            }
+            return;
+        }
+        self.repeats = 1;
+        self.lines
+            .push(format!("  {:>6} ms {what}", started.elapsed().as_millis()));
+        self.last = what;
+    }
+}
 
 fn seen(m: &Value) -> Seen {
     Seen {
@@ -258,7 +295,7 @@ impl Target {
     /// partition (30%; the broker gets kill -9 or a pause, 50/50). A partition lasts 0.5 to 4 s,
     /// long enough for the health pings (every ~0.5 s) to drop a cut-off node from the ring while
     /// it keeps running.
-    fn draw(&self, rng: &mut StdRng) -> Fault {
+    fn draw(&self, rng: &mut StdRng, focus: &Focus) -> Fault {
         let at_ms = rng.random_range(0..3000);
         let (role, kind) = match self {
             Target::Serve { .. } => {
@@ -270,10 +307,15 @@ impl Target {
                 (Role::Serve, kind)
             }
             Target::Cluster(_) => {
-                let role = match rng.random_range(0..10) {
-                    0..5 => Role::Node(rng.random_range(0..3)),
-                    5..8 => Role::Gateway(rng.random_range(0..2)),
-                    _ => Role::Broker,
+                let role = loop {
+                    let role = match rng.random_range(0..10) {
+                        0..5 => Role::Node(rng.random_range(0..3)),
+                        5..8 => Role::Gateway(rng.random_range(0..2)),
+                        _ => Role::Broker,
+                    };
+                    if focus.on(role) {
+                        break role;
+                    }
                 };
                 let kind = if role == Role::Broker {
                     if rng.random_bool(0.5) {
@@ -333,6 +375,47 @@ impl Target {
             }
         }
         out.join(" ")
+    }
+
+    /// Every running process's account of itself, for a liveness failure: each node's
+    /// `/debug/state` (ring, actors, busy actors, sequencer locks), and from every node's and
+    /// gateway's `/metrics` the ring, the store calls in flight and the errors.
+    async fn diagnose(&self) -> String {
+        let Target::Cluster(sb) = self else {
+            return String::new();
+        };
+        let mut out = Vec::new();
+        let wanted = |l: &&str| {
+            !l.starts_with('#')
+                && (l.starts_with("palaver_ring")
+                    || l.starts_with("palaver_actors")
+                    || l.starts_with("palaver_errors_total")
+                    || l.starts_with("palaver_bus_errors_total")
+                    || l.starts_with("palaver_store_errors_total")
+                    || (l.starts_with("palaver_store_inflight") && !l.ends_with(" 0")))
+        };
+        let procs =
+            sb.nodes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| n.as_ref().map(|n| (format!("node n{i}"), n, true)))
+                .chain(
+                    sb.gateways.iter().enumerate().filter_map(|(j, g)| {
+                        g.as_ref().map(|g| (format!("gateway g{j}"), g, false))
+                    }),
+                );
+        for (name, p, node) in procs {
+            out.push(format!("--- {name} (pid {}, {})", p.child.id(), p.http));
+            if node {
+                out.push(format!(
+                    "state: {}",
+                    get_json(&p.http, "/debug/state").await
+                ));
+            }
+            let metrics = get_text(&p.http, "/metrics").await;
+            out.extend(metrics.lines().filter(wanted).map(str::to_owned));
+        }
+        out.join("\n")
     }
 
     /// Applies `fault` (returns when the process is back). For a partition of a node: whether
@@ -548,9 +631,11 @@ impl Resilient {
     }
 
     /// Sends `cref` to `room` until it is acknowledged, retrying with the same `client_ref`.
-    async fn send(&mut self, room: u64, cref: &str) {
+    /// After [`STUCK`] without an acknowledgement: `Err` with the trail of what each attempt got
+    /// (the run then dumps every process's state and fails).
+    async fn send(&mut self, room: u64, cref: &str) -> Result<(), String> {
         let started = Instant::now();
-        let mut last = String::new();
+        let mut trail = Trail::default();
         loop {
             let args = json!({"room": room, "text": cref, "client_ref": cref});
             match self.request("send", args).await {
@@ -562,7 +647,7 @@ impl Resilient {
                         id: m.id,
                         seq: m.seq,
                     });
-                    return;
+                    return Ok(());
                 }
                 Err(Failure::Refused(r)) => {
                     let code = r["error"]["code"].as_str().unwrap_or_default();
@@ -570,16 +655,34 @@ impl Resilient {
                         ["unavailable", "timeout", "not_owner"].contains(&code),
                         "send {cref} refused for good: {r}"
                     );
+                    trail.push(
+                        started,
+                        self.at(),
+                        &format!("{code}: {}", r["error"]["message"]),
+                    );
                 }
-                Err(Failure::Connection(why)) => last = why,
+                Err(Failure::Connection(why)) => trail.push(started, self.at(), &why),
             }
             self.retries += 1;
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "send {cref} never acknowledged (last: {last})"
-            );
+            if started.elapsed() >= STUCK {
+                return Err(format!(
+                    "{} send {cref} to room {room} never acknowledged in {} s; attempts:\n{}",
+                    self.log.name,
+                    STUCK.as_secs(),
+                    trail.lines.join("\n")
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The gateway the current (or last) connection went to.
+    fn at(&self) -> String {
+        let urls = self.urls.lock().unwrap();
+        if urls.is_empty() {
+            return "-".into();
+        }
+        urls[self.attempt % urls.len()].clone()
     }
 
     /// A request that must succeed eventually (set-up and final reads).
@@ -669,7 +772,7 @@ struct Tally {
 }
 
 /// One run: set-up, concurrent senders and faults, then the checker's verdict.
-async fn run(target: &Arc<Mutex<Target>>, seed: u64, tally: &mut Tally) {
+async fn run(target: &Arc<Mutex<Target>>, seed: u64, focus: &Focus, tally: &mut Tally) {
     let mut rng = StdRng::seed_from_u64(seed);
     let urls: Urls = Arc::new(std::sync::Mutex::new(target.lock().await.urls()));
     // Fresh users per run, so that even the direct room is new.
@@ -697,11 +800,11 @@ async fn run(target: &Arc<Mutex<Target>>, seed: u64, tally: &mut Tally) {
         .as_u64()
         .unwrap();
     let per_sender: Vec<u32> = users.iter().map(|_| rng.random_range(15..40)).collect();
-    // 1 to 3 faults, at random moments of a ~3 s window.
+    // 1 to 3 (`PALAVER_FAULT_MAX`) faults, at random moments of a ~3 s window.
     let mut faults: Vec<Fault> = {
         let t = target.lock().await;
-        (0..rng.random_range(1..=3))
-            .map(|_| t.draw(&mut rng))
+        (0..rng.random_range(1..=focus.max))
+            .map(|_| t.draw(&mut rng, focus))
             .collect()
     };
     faults.sort_by_key(|f| f.at_ms);
@@ -744,19 +847,31 @@ async fn run(target: &Arc<Mutex<Target>>, seed: u64, tally: &mut Tally) {
                     group
                 };
                 let cref = format!("s{seed}-{}-{k}", c.log.name);
-                c.send(room, &cref).await;
+                if let Err(stuck) = c.send(room, &cref).await {
+                    return (c, Some(stuck));
+                }
                 tokio::time::sleep(Duration::from_millis(rng.random_range(10..140))).await;
             }
-            c
+            (c, None)
         }));
     }
     let mut clients = Vec::new();
+    let mut stuck = Vec::new();
     for s in senders {
-        clients.push(
-            tokio::time::timeout(RUN_LIMIT, s)
-                .await
-                .unwrap_or_else(|_| panic!("seed {seed}: senders stuck"))
-                .unwrap(),
+        let (c, failed) = tokio::time::timeout(RUN_LIMIT, s)
+            .await
+            .unwrap_or_else(|_| panic!("seed {seed}: senders stuck"))
+            .unwrap();
+        clients.push(c);
+        stuck.extend(failed);
+    }
+    if !stuck.is_empty() {
+        // A liveness failure: what every process says about itself, while it is still stuck.
+        let state = target.lock().await.diagnose().await;
+        panic!(
+            "seed {seed} ({}): LIVENESS\n{}\n{state}",
+            schedule.join(" "),
+            stuck.join("\n")
         );
     }
     let (node_partitions, dropped_from_ring) = tokio::time::timeout(RUN_LIMIT, fault_task)
@@ -873,28 +988,95 @@ fn env_u64(key: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// A run: its seed, and the campaign settings it was drawn with (they shape its schedule).
+#[derive(Clone, Copy)]
+struct Seed {
+    seed: u64,
+    /// [`Focus::roles`].
+    roles: Option<&'static str>,
+    /// [`Focus::max`].
+    max: u64,
+}
+
+impl Seed {
+    const fn all(seed: u64) -> Self {
+        Self {
+            seed,
+            roles: None,
+            max: 3,
+        }
+    }
+}
+
+/// What a campaign's faults may hit and how many per run: `PALAVER_FAULT_ROLES` (`node`,
+/// `gateway`, `broker`, comma separated; all when unset) and `PALAVER_FAULT_MAX` (default 3).
+#[derive(Clone)]
+struct Focus {
+    roles: Option<String>,
+    max: u64,
+}
+
+impl Focus {
+    fn from_env() -> Self {
+        Self {
+            roles: std::env::var("PALAVER_FAULT_ROLES").ok(),
+            max: env_u64("PALAVER_FAULT_MAX", 3).max(1),
+        }
+    }
+
+    fn of(seed: Seed) -> Self {
+        Self {
+            roles: seed.roles.map(str::to_owned),
+            max: seed.max,
+        }
+    }
+
+    fn on(&self, role: Role) -> bool {
+        let Some(roles) = &self.roles else {
+            return true;
+        };
+        let name = match role {
+            Role::Serve => "serve",
+            Role::Node(_) => "node",
+            Role::Gateway(_) => "gateway",
+            Role::Broker => "broker",
+        };
+        roles.split(',').any(|r| r.trim() == name)
+    }
+}
+
 /// Seeds that once failed against a cluster, run again by every default (CI) campaign:
 /// - 21037: a send answered `internal` after a ring change; the store's `(room, seq)` conflict
 ///   is now answered "written by another node during a ring change; retry".
 /// - 22415: one room's live events delivered out of order by a gateway that took them from two
 ///   owners' producers during a ring change; gateways now hand them on in `seq` order.
-const CLUSTER_REGRESSIONS: &[u64] = &[21037, 22415];
-
-/// Seeds of the open liveness finding: after repeated faults on the nodes, a user's sends go
-/// unanswered for 60 s (retried on fresh connections to both gateways), with no safety
-/// violation. Not reproducible on demand (each passed when rerun alone; a CI run once hit it
-/// at seed 1, under two overlapping node partitions, while the serve campaign ran beside it), so
-/// they run only when asked: `cargo test -p palaver-gateway --test faults -- --ignored`.
-/// - 40115: two partitions of one node in a row.
-/// - 50248: two pauses of one node in a row and a pause of another.
-const CLUSTER_LIVENESS_OPEN: &[u64] = &[40115, 50248, 1];
+/// - 60038 (node faults only, up to 4), and the earlier 40115, 50248 and 1 (a CI run): sends to
+///   one room unanswered for 60 s after repeated node faults. A room's write was fenced after a
+///   ring change, its sequencer failed and dropped its queue; a caller that saw its call
+///   dropped started a fresh room actor, and the supervisor, restarting the failed one a moment
+///   later, started a third over it: the orphaned second held the room's sequencer lock (idle
+///   for its 5 min lifetime) while every send queued behind the third's sequencer, waiting for
+///   that lock. The supervisor now restarts only an actor that is still the key's current one
+///   (`node/src/directory.rs`, with a unit test).
+const CLUSTER_REGRESSIONS: &[Seed] = &[
+    Seed::all(21037),
+    Seed::all(22415),
+    Seed {
+        seed: 60038,
+        roles: Some("node"),
+        max: 4,
+    },
+    Seed::all(40115),
+    Seed::all(50248),
+];
 
 /// Runs `PALAVER_FAULT_RUNS` seeds from `PALAVER_FAULT_SEED` against `target`, then (when no
 /// seed was given, as in CI) the `regressions`, and fails on any violation.
-async fn campaign(name: &str, target: Target, default_runs: u64, regressions: &[u64]) {
+async fn campaign(name: &str, target: Target, default_runs: u64, regressions: &[Seed]) {
     let runs = env_u64("PALAVER_FAULT_RUNS", default_runs);
     let first = env_u64("PALAVER_FAULT_SEED", 1);
-    let again: &[u64] = if std::env::var("PALAVER_FAULT_SEED").is_ok() {
+    let focus = Focus::from_env();
+    let again: &[Seed] = if std::env::var("PALAVER_FAULT_SEED").is_ok() {
         &[]
     } else {
         regressions
@@ -902,8 +1084,11 @@ async fn campaign(name: &str, target: Target, default_runs: u64, regressions: &[
     let started = Instant::now();
     let target = Arc::new(Mutex::new(target));
     let mut tally = Tally::default();
-    for seed in (first..first + runs).chain(again.iter().copied()) {
-        run(&target, seed, &mut tally).await;
+    for seed in first..first + runs {
+        run(&target, seed, &focus, &mut tally).await;
+    }
+    for &seed in again {
+        run(&target, seed.seed, &Focus::of(seed), &mut tally).await;
     }
     target.lock().await.stop();
     let mix: Vec<String> = tally
@@ -928,7 +1113,8 @@ async fn campaign(name: &str, target: Target, default_runs: u64, regressions: &[
         if again.is_empty() {
             String::new()
         } else {
-            format!(" and regression seeds {again:?}")
+            let seeds: Vec<u64> = again.iter().map(|s| s.seed).collect();
+            format!(" and regression seeds {seeds:?}")
         },
         tally.runs,
         mix.join("\n"),
@@ -970,20 +1156,6 @@ async fn randomized_faults_against_a_cluster_lose_and_duplicate_nothing() {
         let _one = ONE_CAMPAIGN.lock().await;
         campaign("cluster", Target::cluster().await, 4, CLUSTER_REGRESSIONS).await;
     }
-}
-
-/// The open liveness finding's seeds (see [`CLUSTER_LIVENESS_OPEN`]).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open liveness finding: sends unanswered for 60 s after repeated node faults"]
-async fn cluster_liveness_open_finding() {
-    let _one = ONE_CAMPAIGN.lock().await;
-    let target = Arc::new(Mutex::new(Target::cluster().await));
-    let mut tally = Tally::default();
-    for &seed in CLUSTER_LIVENESS_OPEN {
-        run(&target, seed, &mut tally).await;
-    }
-    target.lock().await.stop();
-    assert!(tally.violations.is_empty(), "{:?}", tally.violations);
 }
 
 /// The proxy a partition is made of: it forwards while up; while down it holds the bytes (the

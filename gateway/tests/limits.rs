@@ -455,3 +455,48 @@ async fn a_flood_past_the_rate_is_tarpitted() {
     drop(a);
     server.shutdown().await;
 }
+
+/// A room's fan-out budget: a room takes at most `room_fanout_per_second / members` messages
+/// per second (one message at any size after a quiet spell). Past it a send is refused
+/// `rate_limited` with the room's rate, counted under `room_fanout`; the sender's other rooms
+/// are not affected, and the room takes messages again once the budget has refilled.
+#[tokio::test]
+async fn a_big_room_takes_messages_at_its_fan_out_budget() {
+    let server = TestServer::start_with(|b| b.room_fanout_per_second = Some(2)).await;
+    let budget0 = refusals(&server, "room_fanout").await;
+    let rate0 = refusals(&server, "message_rate").await;
+    let mut a = server.connect("1").await;
+    for u in ["2", "3", "4"] {
+        server.connect(u).await.ok("ping", json!({})).await;
+    }
+    // Four members: a message costs 4 deliveries, the bucket holds 4 and refills 2 per second.
+    let room = group(&mut a, "big", &["2", "3", "4"]).await;
+    let direct = a.ok("open_direct", json!({"user": "2"})).await["room"]["id"].clone();
+    a.ok("send", json!({"room": room, "text": "first"})).await;
+    let r = a
+        .request("send", json!({"room": room, "text": "second"}))
+        .await;
+    assert_eq!(r["error"]["code"], "rate_limited", "{r}");
+    let why = r["error"]["message"].as_str().unwrap();
+    assert!(
+        why.contains("fan-out budget") && why.contains("4 members") && why.contains("0.50"),
+        "{why}"
+    );
+    // Another room of the same sender: its own budget (two members, 2 per second: one now).
+    a.ok("send", json!({"room": direct, "text": "elsewhere"}))
+        .await;
+    assert_eq!(refusals(&server, "room_fanout").await - budget0, 1.0);
+    assert_eq!(refusals(&server, "message_rate").await - rate0, 0.0);
+    // Refilled after 2 s: the room takes a message again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    a.ok("send", json!({"room": room, "text": "third"})).await;
+    let h = a.ok("history", json!({"room": room})).await;
+    let texts: Vec<&str> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["third", "first"], "the refused send was not stored");
+    server.shutdown().await;
+}

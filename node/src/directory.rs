@@ -54,6 +54,7 @@ impl<M: ractor::Message> Clone for Entry<M> {
 pub struct Directory<S: ChildSpec> {
     entries: Arc<DashMap<S::Key, Entry<ChildMsg<S>>>>,
     supervisor: ActorRef<SupervisorMsg<S>>,
+    mailbox: usize,
     timeout: Duration,
 }
 
@@ -62,10 +63,11 @@ impl<S: ChildSpec> Directory<S> {
     /// is the deadline of one call, including the wait for a slot.
     pub async fn start(spec: S, mailbox: usize, timeout: Duration) -> Result<Self, Error> {
         let entries = Arc::new(DashMap::new());
+        let mailbox = mailbox.max(1);
         let sup = Supervisor::<S> {
             spec: Arc::new(spec),
             entries: entries.clone(),
-            mailbox: mailbox.max(1),
+            mailbox,
             actors: metrics::gauge!("palaver_actors", "kind" => S::KIND),
         };
         let (supervisor, _) = Actor::spawn(None, sup, ()).await.map_err(|e| {
@@ -74,6 +76,7 @@ impl<S: ChildSpec> Directory<S> {
         Ok(Self {
             entries,
             supervisor,
+            mailbox,
             timeout,
         })
     }
@@ -81,6 +84,21 @@ impl<S: ChildSpec> Directory<S> {
     /// The running actor for `key`, if any (never starts one).
     pub fn get(&self, key: &S::Key) -> Option<ActorRef<ChildMsg<S>>> {
         self.entries.get(key).map(|e| e.actor.clone())
+    }
+
+    /// The running actors with calls in flight, and how many, busiest first (at most `max`).
+    pub fn busy(&self, max: usize) -> Vec<(S::Key, usize)> {
+        let mut out: Vec<(S::Key, usize)> = self
+            .entries
+            .iter()
+            .filter_map(|e| {
+                let calls = self.mailbox.saturating_sub(e.permits.available_permits());
+                (calls > 0).then(|| (e.key().clone(), calls))
+            })
+            .collect();
+        out.sort_by_key(|e| std::cmp::Reverse(e.1));
+        out.truncate(max);
+        out
     }
 
     /// Number of running actors.
@@ -216,6 +234,10 @@ impl<S: ChildSpec> Supervisor<S> {
         children: &mut HashMap<ActorId, S::Key>,
         key: &S::Key,
     ) -> Result<Entry<ChildMsg<S>>, Error> {
+        // At most one actor per key: never replace a running one.
+        if let Some(e) = self.entries.get(key) {
+            return Ok(e.clone());
+        }
         let (child, args) = self.spec.make(key);
         match Actor::spawn_linked(None, child, args, myself.get_cell()).await {
             Ok((actor, _)) => {
@@ -266,10 +288,7 @@ impl<S: ChildSpec> Actor for Supervisor<S> {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Spawn(key, reply) => {
-                let res = match self.entries.get(&key).map(|e| e.clone()) {
-                    Some(e) => Ok(e),
-                    None => self.spawn_child(&myself, children, &key).await,
-                };
+                let res = self.spawn_child(&myself, children, &key).await;
                 if reply.send(res).is_err() {
                     tracing::debug!(kind = S::KIND, ?key, "spawn caller went away");
                 }
@@ -296,12 +315,21 @@ impl<S: ChildSpec> Actor for Supervisor<S> {
             SupervisionEvent::ActorFailed(cell, err) => {
                 if let Some(key) = children.remove(&cell.get_id()) {
                     self.actors.decrement(1.0);
-                    self.entries
-                        .remove_if(&key, |_, e| e.actor.get_id() == cell.get_id());
-                    tracing::warn!(kind = S::KIND, ?key, error = %err, "actor failed; restarting");
-                    // Restart at once: the new actor reloads its state from the store. If it
-                    // cannot start (store down), the next call tries again.
-                    if let Err(e) = self.spawn_child(&myself, children, &key).await {
+                    let current = self
+                        .entries
+                        .remove_if(&key, |_, e| e.actor.get_id() == cell.get_id())
+                        .is_some();
+                    tracing::warn!(kind = S::KIND, ?key, error = %err, "actor failed");
+                    // Restart at once (the new actor reloads its state from the store), but
+                    // only an actor that was still the key's current one: a caller that saw
+                    // this one stop may have started its successor already, and a second
+                    // actor for the key would sit idle holding what the first needs (a room's
+                    // sequencer lock) while callers wait on the first. If it cannot start
+                    // (store down), the next call tries again.
+                    if current
+                        && !self.entries.contains_key(&key)
+                        && let Err(e) = self.spawn_child(&myself, children, &key).await
+                    {
                         tracing::warn!(kind = S::KIND, ?key, error = %e, "restart failed");
                     }
                 }
@@ -309,5 +337,157 @@ impl<S: ChildSpec> Actor for Supervisor<S> {
             SupervisionEvent::ActorStarted(_) | SupervisionEvent::ProcessGroupChanged(_) => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An actor whose first incarnation drops its caller's reply and then fails; later ones
+    /// answer their incarnation number.
+    struct Toy {
+        started: Arc<AtomicUsize>,
+        alive: Arc<AtomicUsize>,
+    }
+
+    enum ToyMsg {
+        Ask(RpcReplyPort<usize>),
+        Fail,
+    }
+
+    struct ToyState {
+        n: usize,
+        alive: Arc<AtomicUsize>,
+    }
+
+    impl Drop for ToyState {
+        fn drop(&mut self) {
+            self.alive.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Actor for Toy {
+        type Msg = ToyMsg;
+        type State = ToyState;
+        type Arguments = ();
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<ToyMsg>,
+            _args: (),
+        ) -> Result<ToyState, ActorProcessingErr> {
+            self.alive.fetch_add(1, Ordering::SeqCst);
+            Ok(ToyState {
+                n: self.started.fetch_add(1, Ordering::SeqCst),
+                alive: self.alive.clone(),
+            })
+        }
+
+        async fn handle(
+            &self,
+            myself: ActorRef<ToyMsg>,
+            msg: ToyMsg,
+            st: &mut ToyState,
+        ) -> Result<(), ActorProcessingErr> {
+            match msg {
+                ToyMsg::Ask(reply) if st.n == 0 => {
+                    // Like a room whose sequencer failed: the queued caller's reply is
+                    // dropped at once, the actor fails a moment later.
+                    drop(reply);
+                    myself.send_after(Duration::from_millis(50), || ToyMsg::Fail);
+                }
+                ToyMsg::Ask(reply) => {
+                    let _ = reply.send(st.n);
+                }
+                ToyMsg::Fail => return Err("boom".into()),
+            }
+            Ok(())
+        }
+    }
+
+    struct ToySpec {
+        started: Arc<AtomicUsize>,
+        alive: Arc<AtomicUsize>,
+    }
+
+    impl ChildSpec for ToySpec {
+        type Key = u32;
+        type Child = Toy;
+        const KIND: &'static str = "toy";
+        fn make(&self, _key: &u32) -> (Toy, ()) {
+            (
+                Toy {
+                    started: self.started.clone(),
+                    alive: self.alive.clone(),
+                },
+                (),
+            )
+        }
+    }
+
+    /// A caller that finds its actor stopped starts the successor; when the old actor then
+    /// fails, the supervisor must not start a third one over it. (Seen in the cluster fault
+    /// runs: the orphaned room actor held the room's sequencer lock and every send to the
+    /// room went unanswered.)
+    #[tokio::test]
+    async fn a_failed_actor_already_replaced_is_not_restarted_over_its_successor() {
+        let (started, alive) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let dir = Directory::start(
+            ToySpec {
+                started: started.clone(),
+                alive: alive.clone(),
+            },
+            16,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let first = dir.call(&7, ToyMsg::Ask).await;
+        assert_eq!(first, Ok(1), "the retry went to a fresh actor");
+        // The first actor fails meanwhile; give the supervisor time to react.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(alive.load(Ordering::SeqCst), 1, "one actor for the key");
+        assert_eq!(started.load(Ordering::SeqCst), 2);
+        assert_eq!(dir.len(), 1);
+        assert_eq!(
+            dir.call(&7, ToyMsg::Ask).await,
+            Ok(1),
+            "the successor serves"
+        );
+        dir.shutdown().await;
+    }
+
+    /// An actor that fails while it is the key's current one is restarted at once.
+    #[tokio::test]
+    async fn a_failed_current_actor_is_restarted() {
+        let (started, alive) = (Arc::new(AtomicUsize::new(1)), Arc::new(AtomicUsize::new(0)));
+        let dir = Directory::start(
+            ToySpec {
+                started: started.clone(),
+                alive: alive.clone(),
+            },
+            16,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(dir.call(&7, ToyMsg::Ask).await, Ok(1));
+        let Some(actor) = dir.get(&7) else {
+            panic!("no actor")
+        };
+        actor
+            .send_message(ToyMsg::Fail)
+            .unwrap_or_else(|_| panic!("send"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while started.load(Ordering::SeqCst) < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "not restarted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(alive.load(Ordering::SeqCst), 1);
+        assert_eq!(dir.call(&7, ToyMsg::Ask).await, Ok(2));
+        dir.shutdown().await;
     }
 }

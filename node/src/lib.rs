@@ -118,6 +118,12 @@ pub struct NodeConfig {
     pub typing_burst: u32,
     /// A typing state without a refresh ends after this long. Default 5 s.
     pub typing_ttl: Duration,
+    /// Deliveries per second one room may cause (its fan-out budget): a room takes messages at
+    /// most this divided by its member count per second (one message at any size after a
+    /// quiet spell), so one busy big room cannot take every gateway's delivery capacity; a
+    /// send past it is refused `rate_limited`. 0: unlimited. Default 50 000 (a 10 000-member
+    /// group takes 5 messages/s, a 100-member one 500).
+    pub room_fanout_per_second: u32,
     /// Presence changes go to co-members of groups up to this size. Default 50.
     pub presence_group_max: usize,
     /// Pending notifications kept per user (the oldest go). Default 100.
@@ -158,6 +164,7 @@ impl Default for NodeConfig {
             typing_per_second: 2,
             typing_burst: 5,
             typing_ttl: Duration::from_secs(5),
+            room_fanout_per_second: 50_000,
             presence_group_max: 50,
             pending_per_user: 100,
             pending_room_max: 1000,
@@ -317,6 +324,43 @@ impl Node {
     /// Whether [`Node::begin_drain`] was called.
     pub fn is_draining(&self) -> bool {
         self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// What the node is doing now, for an operator looking at a stuck room (`GET /debug/state`
+    /// of a node process): its ring, its actors, the busiest ones (calls in flight), and the
+    /// rooms whose sequencer lock is held or awaited (a restarted room actor's sequencer waits
+    /// there for the previous one to finish).
+    pub fn debug_state(&self) -> serde_json::Value {
+        let ring = self.ring();
+        let locks: Vec<serde_json::Value> = self
+            .ctx
+            .room_locks
+            .iter()
+            .map(|e| {
+                let lock = e.value();
+                serde_json::json!({
+                    "room": e.key(),
+                    "held": lock.try_lock().is_err(),
+                    // The map's own reference and this one aside.
+                    "users": Arc::strong_count(lock).saturating_sub(1),
+                })
+            })
+            .collect();
+        let busy = |v: Vec<(String, usize)>| -> Vec<serde_json::Value> {
+            v.into_iter()
+                .map(|(k, n)| serde_json::json!({"key": k, "calls": n}))
+                .collect()
+        };
+        serde_json::json!({
+            "node": self.ctx.config.node_id,
+            "draining": self.is_draining(),
+            "ring": {"version": ring.version(), "nodes": ring.nodes()},
+            "rooms": self.rooms.len(),
+            "users": self.users.len(),
+            "busy_rooms": busy(self.rooms.busy(50).into_iter().map(|(k, n)| (k.to_string(), n)).collect()),
+            "busy_users": busy(self.users.busy(50).into_iter().map(|(k, n)| (k.to_string(), n)).collect()),
+            "room_locks": locks,
+        })
     }
 
     /// Called with the ring version a caller routed by: when it differs from ours, refreshes

@@ -164,6 +164,58 @@ pub struct RoomState {
     typing: HashMap<UserId, Instant>,
     last_activity: Instant,
     ticker: tokio::task::JoinHandle<()>,
+    budget: FanoutBudget,
+}
+
+/// Says what a send refused for a room's fan-out budget is (the gateway counts it under
+/// `palaver_limit_refusals_total{limit="room_fanout"}`).
+pub const ROOM_FANOUT_REFUSAL: &str = "room fan-out budget";
+
+/// A room's fan-out budget ([`crate::NodeConfig::room_fanout_per_second`]): a token bucket of
+/// deliveries, refilled at the configured rate, holding at most one second of it or one
+/// message to every member, whichever is more; each message takes one delivery per member.
+/// Members are counted, not online sessions: the budget does not depend on who is connected
+/// where, and a room's rate is the same on every node that may own it.
+struct FanoutBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl FanoutBudget {
+    fn new() -> Self {
+        Self {
+            tokens: f64::INFINITY,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, config: &crate::NodeConfig, sh: &Shared) -> Result<(), Error> {
+        let rate = f64::from(config.room_fanout_per_second);
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let cost = sh.members.len().max(1) as f64;
+        let cap = rate.max(cost);
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * rate).min(cap);
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            return Ok(());
+        }
+        let wait_ms = ((cost - self.tokens) / rate * 1000.0).ceil();
+        Err(Error::new(
+            ErrorCode::RateLimited,
+            format!(
+                "room {} is over its {ROOM_FANOUT_REFUSAL}: with {} members it takes {:.2} \
+                 messages per second; retry in {wait_ms} ms",
+                sh.room.id,
+                sh.members.len(),
+                rate / cost
+            ),
+        ))
+    }
 }
 
 async fn load_shared(ctx: &NodeCtx, id: RoomId) -> Result<Shared, Error> {
@@ -233,6 +285,7 @@ impl Actor for RoomActor {
             typing: HashMap::new(),
             last_activity: Instant::now(),
             ticker,
+            budget: FanoutBudget::new(),
         })
     }
 
@@ -262,6 +315,10 @@ impl Actor for RoomActor {
             } => {
                 st.last_activity = Instant::now();
                 if let Err(e) = self.check_send(st, &sender, &body) {
+                    answer(reply, Err(e));
+                    return Ok(());
+                }
+                if let Err(e) = st.budget.take(&self.ctx.config, &st.shared.read()) {
                     answer(reply, Err(e));
                     return Ok(());
                 }
@@ -692,7 +749,22 @@ impl Sequencer {
         // previous one (killed actor, still finishing its queue) is done, then reads the room's
         // position from the store.
         let lock = self.ctx.room_lock(self.room);
-        let guard = lock.clone().lock_owned().await;
+        let guard = match lock.clone().try_lock_owned() {
+            Ok(guard) => guard,
+            Err(_) => {
+                let waiting = lock.clone().lock_owned();
+                tokio::pin!(waiting);
+                match tokio::time::timeout(self.ctx.config.call_timeout, &mut waiting).await {
+                    Ok(guard) => guard,
+                    Err(_) => {
+                        // Normal for a moment (a drained actor finishing its queue); for long,
+                        // an actor of this room that does not stop (see `GET /debug/state`).
+                        tracing::warn!(room = %self.room, "room sequencer still waits for the previous one");
+                        waiting.await
+                    }
+                }
+            }
+        };
         let loaded = self.ctx.store.room(self.room).await;
         match loaded {
             Ok(Some(room)) => {

@@ -181,6 +181,10 @@ fn describe() {
         "palaver_store_errors_total",
         "Store calls that failed, by operation (a duplicate client_ref is not a failure)."
     );
+    describe_gauge!(
+        "palaver_store_inflight",
+        "Store calls in flight, by operation (one that stays up is a stuck call)."
+    );
     describe_histogram!(
         "palaver_bus_publish_seconds",
         Unit::Seconds,
@@ -309,8 +313,11 @@ pub fn reordered(outcome: &'static str) {
 }
 
 /// The limit a node error reports, if it is one.
-fn limit_of(code: ErrorCode) -> Option<&'static str> {
-    Some(match code {
+fn limit_of(err: &Error) -> Option<&'static str> {
+    Some(match err.code {
+        ErrorCode::RateLimited if err.message.contains(node::room::ROOM_FANOUT_REFUSAL) => {
+            "room_fanout"
+        }
         ErrorCode::RateLimited => "message_rate",
         ErrorCode::TypingRateLimited => "typing_rate",
         ErrorCode::TextTooLong | ErrorCode::CaptionTooLong => "text",
@@ -339,7 +346,7 @@ impl MeteredNode {
     }
 
     fn error(&self, e: &Error) {
-        if let Some(limit) = limit_of(e.code) {
+        if let Some(limit) = limit_of(e) {
             limit_refused(limit);
         }
         let code = e.code.as_str();

@@ -369,17 +369,24 @@ impl Drop for Sandbox {
 
 /// GET over a raw socket, JSON body (`serde_json::Value::Null` when the process is gone).
 pub async fn get_json(addr: &str, path: &str) -> serde_json::Value {
+    serde_json::from_str(&get_text(addr, path).await).unwrap_or(serde_json::Value::Null)
+}
+
+/// GET over a raw socket, the body as text (empty when the process is gone or does not answer
+/// within 5 s, as a paused one would not).
+pub async fn get_text(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return serde_json::Value::Null;
+    let get = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
     };
-    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return serde_json::Value::Null;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    out.split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(serde_json::Value::Null)
+    tokio::time::timeout(Duration::from_secs(5), get)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }

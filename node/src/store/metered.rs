@@ -1,6 +1,7 @@
 //! A [`Store`] decorator that measures every call, whatever the backend: the time of each
 //! operation (`palaver_store_seconds{op}`, a histogram) and its failures
-//! (`palaver_store_errors_total{op}`). [`StoreError::DuplicateRef`] is not a failure: it is how a
+//! (`palaver_store_errors_total{op}`) and the calls in flight (`palaver_store_inflight{op}`: one
+//! that stays up names a stuck store call). [`StoreError::DuplicateRef`] is not a failure: it is how a
 //! backend answers a retried send, and the room handles it.
 //!
 //! The metric handles are registered once, when the decorator is built, so a call costs two
@@ -9,7 +10,7 @@
 
 use super::{HistoryPage, NewRoom, RoomWrite, Store, StoreError, StoreResult};
 use async_trait::async_trait;
-use metrics::{Counter, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 use schema::{
     DeadLetter, Device, Event, Friendship, HistoryQuery, Member, Message, MessageId, Millis,
     Notification, Profile, Room, RoomId, RoomSummary, Upload, User, UserId,
@@ -18,10 +19,20 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The time and failures of one store operation.
+/// The time, failures and calls in flight of one store operation.
 struct Op {
     seconds: Histogram,
     errors: Counter,
+    inflight: Gauge,
+}
+
+/// Counts a call in flight until dropped (also when the caller gives up on it).
+struct InFlight<'a>(&'a Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 impl Op {
@@ -29,11 +40,14 @@ impl Op {
         Self {
             seconds: metrics::histogram!("palaver_store_seconds", "op" => op),
             errors: metrics::counter!("palaver_store_errors_total", "op" => op),
+            inflight: metrics::gauge!("palaver_store_inflight", "op" => op),
         }
     }
 
     async fn time<T>(&self, call: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
         let started = Instant::now();
+        self.inflight.increment(1.0);
+        let _inflight = InFlight(&self.inflight);
         let res = call.await;
         self.seconds.record(started.elapsed());
         if let Err(e) = &res
