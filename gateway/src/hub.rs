@@ -279,8 +279,15 @@ const LANE_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 /// and every room's p99 going from 42 ms to 6 s.
 const LANE_BACKLOG: usize = 4096;
 
-/// An event on its way to a room's lane, with the moment the hub received it.
-type LaneItem = (Arc<SharedEvent>, std::time::Instant);
+/// What a lane hands on: an event of its room to every session following it, or an event for
+/// some users about the room (joined, left), kept in order with the room's events.
+enum LaneWork {
+    Room(Arc<SharedEvent>),
+    Users(Vec<UserId>, Arc<SharedEvent>),
+}
+
+/// Work on its way to a room's lane, with the moment the hub received it.
+type LaneItem = (LaneWork, std::time::Instant);
 
 /// A big room's delivery lane: its queue and how many events wait in it.
 struct Lane {
@@ -678,29 +685,74 @@ impl Hub {
                 }
             }
             Target::Users { users } => {
-                for user in users {
-                    let ids = self
-                        .by_user
-                        .get(&user)
-                        .map(|v| v.clone())
-                        .unwrap_or_default();
-                    for id in ids {
-                        let Some(s) = self.sessions.get(&id).map(|s| s.clone()) else {
-                            continue;
-                        };
-                        match &event.event {
-                            Event::RoomJoined { room } => {
-                                self.follow(id, &s, &[room.room.id]).await;
-                            }
-                            Event::RoomLeft { room } => self.unfollow(id, &s, &[*room]).await,
-                            _ => {}
+                // Joining or leaving a room that has a lane goes through the lane, after the
+                // room's earlier events: a member who leaves still gets the messages sent
+                // before the leave, one who joins none from before the join.
+                let about = match &event.event {
+                    Event::RoomJoined { room } => Some(room.room.id),
+                    Event::RoomLeft { room } => Some(*room),
+                    _ => None,
+                };
+                if let Some(room) = about {
+                    let work = (LaneWork::Users(users, event), received);
+                    match self.queue_on_lane(room, work) {
+                        Ok(()) => return,
+                        Err((LaneWork::Users(users, event), _)) => {
+                            self.deliver_to_users(&users, &event).await;
                         }
-                        s.offer(Outbound::Event(event.clone()));
+                        Err((LaneWork::Room(_), _)) => {}
                     }
+                } else {
+                    self.deliver_to_users(&users, &event).await;
                 }
             }
         }
         self.fanout.record(received.elapsed());
+    }
+
+    /// Hands `event` to every session of `users`, following or leaving the room it names.
+    async fn deliver_to_users(&self, users: &[UserId], event: &Arc<SharedEvent>) {
+        for user in users {
+            let ids = self
+                .by_user
+                .get(user)
+                .map(|v| v.clone())
+                .unwrap_or_default();
+            for id in ids {
+                let Some(s) = self.sessions.get(&id).map(|s| s.clone()) else {
+                    continue;
+                };
+                match &event.event {
+                    Event::RoomJoined { room } => {
+                        self.follow(id, &s, &[room.room.id]).await;
+                    }
+                    Event::RoomLeft { room } => self.unfollow(id, &s, &[*room]).await,
+                    _ => {}
+                }
+                s.offer(Outbound::Event(event.clone()));
+            }
+        }
+    }
+
+    /// Queues `work` on `room`'s lane if the room has one (gives it back if not).
+    fn queue_on_lane(&self, room: RoomId, work: LaneItem) -> Result<(), LaneItem> {
+        let Some(lane) = self.lanes.get(&room) else {
+            return Err(work);
+        };
+        // Sent under the map's lock: the lane cannot end in between (see `run_lane`).
+        lane.depth.fetch_add(1, Ordering::Relaxed);
+        match lane.tx.send(work) {
+            Ok(()) => {
+                metrics::counter!("palaver_hub_lane_events_total").increment(1);
+                Ok(())
+            }
+            Err(mpsc::error::SendError(work)) => {
+                lane.depth.fetch_sub(1, Ordering::Relaxed);
+                drop(lane);
+                self.lanes.remove(&room);
+                Err(work)
+            }
+        }
     }
 
     /// Hands a room event to the room's lane when the room has one or is big (more than
@@ -713,7 +765,8 @@ impl Hub {
     /// with other rooms' events and their writers run between a big room's chunks: a big room's
     /// delivery costs the same but no longer comes first. A lane more than [`LANE_BACKLOG`]
     /// events behind holds the hub loop back until it catches up. While a room has a lane, all its
-    /// events go through it (so they stay in order); the lane ends after [`LANE_IDLE`] with
+    /// events go through it (so they stay in order), and so do users' joins and leaves of it
+    /// (a leaving member gets every message sequenced before the leave); the lane ends after [`LANE_IDLE`] with
     /// nothing to deliver. Counted by `palaver_hub_lane_events_total`.
     fn to_lane(
         &self,
@@ -721,16 +774,10 @@ impl Hub {
         event: &Arc<SharedEvent>,
         received: std::time::Instant,
     ) -> bool {
-        if let Some(lane) = self.lanes.get(&room) {
-            // Sent under the map's lock: the lane cannot end in between (see `run_lane`).
-            lane.depth.fetch_add(1, Ordering::Relaxed);
-            if lane.tx.send((event.clone(), received)).is_ok() {
-                metrics::counter!("palaver_hub_lane_events_total").increment(1);
-                return true;
-            }
-            drop(lane);
-            self.lanes.remove(&room);
-            return false;
+        if self.lanes.contains_key(&room) {
+            return self
+                .queue_on_lane(room, (LaneWork::Room(event.clone()), received))
+                .is_ok();
         }
         let threshold = self.lane_sessions.load(Ordering::Relaxed);
         if threshold == 0 || self.by_room.get(&room).map_or(0, |ids| ids.len()) <= threshold {
@@ -741,7 +788,7 @@ impl Hub {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         // Cannot fail: `rx` is alive.
-        let _sent = tx.send((event.clone(), received));
+        let _sent = tx.send((LaneWork::Room(event.clone()), received));
         metrics::counter!("palaver_hub_lane_events_total").increment(1);
         let depth = Arc::new(AtomicUsize::new(1));
         self.lanes.insert(
@@ -789,13 +836,18 @@ async fn run_lane(
 ) {
     loop {
         match tokio::time::timeout(LANE_IDLE, rx.recv()).await {
-            Ok(Some((event, received))) => {
-                let sessions = hub.sessions_of_room(room);
-                for chunk in sessions.chunks(LANE_CHUNK) {
-                    for s in chunk {
-                        s.offer(Outbound::Event(event.clone()));
+            Ok(Some((work, received))) => {
+                match work {
+                    LaneWork::Room(event) => {
+                        let sessions = hub.sessions_of_room(room);
+                        for chunk in sessions.chunks(LANE_CHUNK) {
+                            for s in chunk {
+                                s.offer(Outbound::Event(event.clone()));
+                            }
+                            tokio::task::yield_now().await;
+                        }
                     }
-                    tokio::task::yield_now().await;
+                    LaneWork::Users(users, event) => hub.deliver_to_users(&users, &event).await,
                 }
                 depth.fetch_sub(1, Ordering::Relaxed);
                 hub.fanout.record(received.elapsed());

@@ -759,3 +759,58 @@ async fn a_big_room_gets_every_event_in_order_through_its_lane() {
     );
     s.shutdown().await;
 }
+
+/// Leaving a room that has a lane goes through the lane, after the room's earlier events: a
+/// member who leaves while the lane is behind still gets every message sequenced before the
+/// leave, then `room_left`, and nothing of the room after it. (Handed on by the hub loop, the
+/// leave would overtake the lane's backlog and cut those messages off.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_leaving_a_room_with_a_lane_gets_every_message_before_the_leave() {
+    const MEMBERS: usize = 300;
+    const SENDS: u64 = 150;
+    let s = TestServer::start_with(|b| b.messages_per_second = Some(10_000)).await;
+    let mut owner = s.connect("lv0").await;
+    let names: Vec<String> = (1..MEMBERS).map(|i| format!("lv{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut members = Vec::new();
+    for n in &names {
+        members.push(s.connect(n).await);
+    }
+    let room = group(&mut owner, "lane", &refs).await;
+    let mut leaver = members.remove(0);
+    // Pipelined: the lane falls behind while the owner's sends are acknowledged.
+    for n in 0..SENDS {
+        owner
+            .send_text(
+                json!({"id": n + 1, "op": "send", "room": room, "text": format!("m{n}")})
+                    .to_string(),
+            )
+            .await;
+    }
+    for _ in 0..SENDS {
+        let r = owner.next_reply().await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    leaver.ok("leave", json!({"room": room})).await;
+    let mut seqs = Vec::new();
+    loop {
+        let e = leaver.event().await;
+        if e["event"] == "room_left" {
+            break;
+        }
+        if e["event"] == "message" {
+            seqs.push(e["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(
+        seqs,
+        (1..=SENDS).collect::<Vec<_>>(),
+        "every message before the leave"
+    );
+    owner
+        .ok("send", json!({"room": room, "text": "after"}))
+        .await;
+    leaver.no_event_within(Duration::from_millis(300)).await;
+    drop(members);
+    s.shutdown().await;
+}
