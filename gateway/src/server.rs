@@ -134,10 +134,14 @@ pub struct App {
     pub conn_limits: Arc<crate::listen::ConnLimits>,
     /// Session teardowns (hub, node, store) running at once; see [`App::teardown`].
     pub teardowns: tokio::sync::Semaphore,
+    /// Session openings (hub, node, store) running at once; see [`App::opening`].
+    pub openings: tokio::sync::Semaphore,
 }
 
 /// Session teardowns that may run at once.
 pub const TEARDOWNS: usize = 128;
+/// Session openings that may run at once.
+pub const OPENINGS: usize = 64;
 
 impl App {
     /// Waits for a teardown slot. Ten thousand connections reset at once end ten thousand
@@ -149,6 +153,17 @@ impl App {
     /// keeps its pace; the storm takes as long as before to clear.
     pub async fn teardown(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
         self.teardowns.acquire().await.ok()
+    }
+
+    /// Waits for a session-opening slot, the mirror of [`App::teardown`] for a connect storm:
+    /// an authenticated session registers with the hub, connects to its user's actor (which
+    /// reads the user's rooms and pending notifications from the store) and follows its rooms.
+    /// Thousands of handshakes arriving together would run those steps all at once and fill
+    /// the runtime's queues ahead of every other session's next step; at most [`OPENINGS`] run,
+    /// the others wait their turn in arrival order (each still bounded by its client's own
+    /// connect timeout).
+    pub async fn opening(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.openings.acquire().await.ok()
     }
 }
 
@@ -309,6 +324,7 @@ impl Palaver {
             console,
             conn_limits,
             teardowns: tokio::sync::Semaphore::new(TEARDOWNS),
+            openings: tokio::sync::Semaphore::new(OPENINGS),
         });
         if let Some(cluster) = cluster {
             cluster.spawn_health(HEALTH_EVERY, hub_stop.clone());

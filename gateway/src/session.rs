@@ -130,6 +130,7 @@ pub async fn open_with(
         device,
         takes_pending,
     } = opts;
+    let _slot = app.opening().await;
     let id = app.hub.next_session_id();
     let user = profile.id.clone();
     let reg = app
