@@ -309,7 +309,7 @@ impl Bus for KafkaBus {
         };
         tokio::spawn(watch_brokers(
             self.config.brokers.clone(),
-            Box::new(pause),
+            Arc::new(pause),
             down_tx,
         ));
         let state = ReadState {
@@ -355,7 +355,7 @@ impl Bus for KafkaBus {
         };
         tokio::spawn(watch_brokers(
             self.config.brokers.clone(),
-            Box::new(pause),
+            Arc::new(pause),
             down_tx,
         ));
         let reader = PushReader {
@@ -403,7 +403,7 @@ impl Bus for KafkaBus {
 /// `StreamConsumer`, so a plain TCP probe tells the reader when every broker is gone.
 async fn watch_brokers(
     brokers: String,
-    pause: Box<dyn Fn() + Send + Sync>,
+    pause: Arc<dyn Fn() + Send + Sync>,
     down: tokio::sync::mpsc::Sender<()>,
 ) {
     let addrs: Vec<String> = brokers.split(',').map(|b| b.trim().to_owned()).collect();
@@ -425,7 +425,18 @@ async fn watch_brokers(
             // restart that lost the topic, librdkafka 2.12 crashes on the broker's fetch answer
             // for the missing partition (a leader-change hint with neither topic id nor name).
             // The reader starts a fresh consumer once the topic exists again.
-            pause();
+            // librdkafka's unsubscribe waits for its own threads (a group consumer's revoke,
+            // with the brokers gone): off the async threads, and not waited on for long.
+            let paused = tokio::task::spawn_blocking({
+                let pause = pause.clone();
+                move || pause()
+            });
+            if tokio::time::timeout(Duration::from_secs(2), paused)
+                .await
+                .is_err()
+            {
+                tracing::warn!("pausing the Kafka consumer takes over 2 s; going on");
+            }
             tracing::warn!("every Kafka broker is unreachable; consumer paused");
             if down.send(()).await.is_err() {
                 return; // the reader is gone
