@@ -298,14 +298,42 @@ async fn finish(
     }
 }
 
+/// The nice value the probe's thread asks for (see [`start_probe`]).
+pub const PROBE_NICE: i32 = -10;
+
+/// Whether the probe's thread got [`PROBE_NICE`] (it needs root or `CAP_SYS_NICE`).
+pub static PROBE_RAISED: AtomicBool = AtomicBool::new(false);
+
 /// Starts the probe pairs; each pair's task runs until `stop`. The probe runs on a runtime of
 /// its own (one thread): the attackers' client side (thousands of sockets read, written and
 /// reset in this process) must not queue the probe's reads, or the probe would measure the
-/// load generator instead of the server.
+/// load generator instead of the server. On a machine where the load generator shares the
+/// server's cores, the attackers' client threads would still take the CPU from the probe's
+/// thread (a 5,000-session broadcast wakes 5,000 reader tasks here): the probe's thread asks
+/// the kernel for a higher priority (nice [`PROBE_NICE`]), so that it measures the server's
+/// answer rather than its own wait for a core. The server keeps the default priority.
 async fn start_probe(run: &RunConfig, pairs: usize, rate: f64) -> anyhow::Result<Arc<Probe>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("probe")
+        .on_thread_start(|| {
+            // Linux keeps a nice value per thread: renice this thread's id, read from
+            // /proc/thread-self (`<pid>/task/<tid>`).
+            let tid = std::fs::read_link("/proc/thread-self")
+                .ok()
+                .and_then(|p| p.file_name().map(|t| t.to_string_lossy().into_owned()));
+            let raised = tid.is_some_and(|tid| {
+                std::process::Command::new("renice")
+                    .args(["-n", &PROBE_NICE.to_string(), "-p", &tid])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            if raised {
+                PROBE_RAISED.store(true, Ordering::SeqCst);
+            }
+        })
         .enable_all()
         .build()?;
     let probe = Arc::new(Probe {
@@ -798,9 +826,14 @@ pub fn render(report: &AbuseReport) -> String {
     let mb = |b: u64| format!("{:.0} MB", b as f64 / 1_048_576.0);
     let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
     let base = phases.first().map_or(0, |p| p.probe.p99);
+    let priority = if PROBE_RAISED.load(Ordering::SeqCst) {
+        format!("the probe's thread at nice {PROBE_NICE}")
+    } else {
+        "the probe's thread at the default priority (raising it needs root)".to_owned()
+    };
     let mut out = format!(
-        "Machine: {machine}. Probe latency is send-to-deliver in ms; ratio is the phase's p99 \
-         over the baseline's.\n\n\
+        "Machine: {machine}; {priority}. Probe latency is send-to-deliver in ms; ratio is the \
+         phase's p99 over the baseline's.\n\n\
          | phase | probe p50 / p99 / max | p99 ratio | samples | server peak RSS | RSS after | what happened |\n\
          |---|---|---|---|---|---|---|\n"
     );
