@@ -464,7 +464,6 @@ async fn a_flood_past_the_rate_is_tarpitted() {
 async fn a_big_room_takes_messages_at_its_fan_out_budget() {
     let server = TestServer::start_with(|b| b.room_fanout_per_second = Some(2)).await;
     let budget0 = refusals(&server, "room_fanout").await;
-    let rate0 = refusals(&server, "message_rate").await;
     let mut a = server.connect("1").await;
     for u in ["2", "3", "4"] {
         server.connect(u).await.ok("ping", json!({})).await;
@@ -485,8 +484,9 @@ async fn a_big_room_takes_messages_at_its_fan_out_budget() {
     // Another room of the same sender: its own budget (two members, 2 per second: one now).
     a.ok("send", json!({"room": direct, "text": "elsewhere"}))
         .await;
+    // Counted as the room's budget (the tests of this file run in parallel and share the
+    // recorder, so only this test's own label is asserted).
     assert_eq!(refusals(&server, "room_fanout").await - budget0, 1.0);
-    assert_eq!(refusals(&server, "message_rate").await - rate0, 0.0);
     // Refilled after 2 s: the room takes a message again.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     a.ok("send", json!({"room": room, "text": "third"})).await;

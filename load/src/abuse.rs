@@ -32,7 +32,7 @@ use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -87,6 +87,10 @@ pub struct Phase {
 struct Probe {
     start: Instant,
     hist: parking_lot::Mutex<Histogram<u64>>,
+    /// This phase's deliveries slower than [`SLOW_US`]: (sent at, latency), µs since `start`.
+    slow: parking_lot::Mutex<Vec<(u64, u64)>>,
+    /// When this phase began, µs since `start`.
+    phase_at: AtomicU64,
     /// Over the whole run (a phase's last sends are delivered in the next).
     sent: AtomicU64,
     delivered: AtomicU64,
@@ -96,12 +100,35 @@ struct Probe {
     rt: parking_lot::Mutex<Option<tokio::runtime::Runtime>>,
 }
 
+/// A probe delivery slower than this goes on the phase's timeline (printed to stderr).
+const SLOW_US: u64 = 10_000;
+
 impl Probe {
     fn take(&self) -> Latency {
         let mut h = self.hist.lock();
         let lat = Latency::of(&h);
         h.reset();
+        self.slow.lock().clear();
+        self.phase_at
+            .store(micros(self.start.elapsed()), Ordering::SeqCst);
         lat
+    }
+
+    /// The phase's slow deliveries by when they were sent, in 250 ms windows from the phase's
+    /// start (`+1.25 s: 7 (max 41 ms)`): whether they cluster, and when.
+    fn timeline(&self) -> String {
+        let at0 = self.phase_at.load(Ordering::SeqCst);
+        let mut windows: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        for &(at, lat) in self.slow.lock().iter() {
+            let w = windows.entry(at.saturating_sub(at0) / 250_000).or_default();
+            w.0 += 1;
+            w.1 = w.1.max(lat);
+        }
+        windows
+            .iter()
+            .map(|(w, (n, max))| format!("+{:.2} s: {n} (max {} ms)", *w as f64 * 0.25, max / 1000))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -287,6 +314,11 @@ async fn finish(
 ) -> Phase {
     // Late probe deliveries of the phase still count as delivered.
     tokio::time::sleep(settle).await;
+    eprintln!(
+        "abuse: {name}: probe deliveries over {} ms by send time: {}",
+        SLOW_US / 1000,
+        probe.timeline()
+    );
     let lat = probe.take();
     let peak = rss.take();
     Phase {
@@ -339,6 +371,8 @@ async fn start_probe(run: &RunConfig, pairs: usize, rate: f64) -> anyhow::Result
     let probe = Arc::new(Probe {
         start: Instant::now(),
         hist: parking_lot::Mutex::new(histogram()?),
+        slow: parking_lot::Mutex::new(Vec::new()),
+        phase_at: AtomicU64::new(0),
         sent: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
         stop: AtomicBool::new(false),
@@ -407,7 +441,11 @@ async fn probe_pair(
                             .and_then(|s| s.parse::<u64>().ok())
                     {
                         let now = micros(probe.start.elapsed());
-                        probe.hist.lock().saturating_record(now.saturating_sub(at).max(1));
+                        let lat = now.saturating_sub(at).max(1);
+                        probe.hist.lock().saturating_record(lat);
+                        if lat > SLOW_US {
+                            probe.slow.lock().push((at, lat));
+                        }
                         probe.delivered.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -460,6 +498,9 @@ async fn flood(
     let text = "f".repeat(1024);
     let (mut sent, mut answered, mut acked) = (0u64, 0u64, 0u64);
     let mut errors: HashMap<String, u64> = HashMap::new();
+    let started = Instant::now();
+    // When the acknowledgements came, in 250 ms windows from the start (for the timeline).
+    let mut acks: BTreeMap<u64, u64> = BTreeMap::new();
     loop {
         while sent - answered < window && Instant::now() < until {
             sent += 1;
@@ -478,6 +519,9 @@ async fn flood(
                 answered += 1;
                 if v["ok"] == true {
                     acked += 1;
+                    *acks
+                        .entry(started.elapsed().as_millis() as u64 / 250)
+                        .or_default() += 1;
                 } else {
                     let code = v["error"]["code"].as_str().unwrap_or("unknown").to_owned();
                     *errors.entry(code).or_default() += 1;
@@ -485,6 +529,11 @@ async fn flood(
             }
         }
     }
+    let acks: Vec<String> = acks
+        .iter()
+        .map(|(w, n)| format!("+{:.2} s: {n}", *w as f64 * 0.25))
+        .collect();
+    eprintln!("abuse: flood acknowledgements by time: {}", acks.join(", "));
     Ok((acked, errors))
 }
 
