@@ -95,6 +95,9 @@ pub struct EmbeddedStore {
     writer: Mutex<Option<Queues>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Vec<Mutex<Connection>>>,
+    /// One permit per read connection: a read waits for one here, on the async side, before
+    /// it takes a thread of the blocking pool.
+    read_slots: tokio::sync::Semaphore,
 }
 
 impl EmbeddedStore {
@@ -117,6 +120,7 @@ impl EmbeddedStore {
             writer: Mutex::new(Some(Queues { fg, bg })),
             thread: Mutex::new(Some(thread)),
             readers: Arc::new(readers),
+            read_slots: tokio::sync::Semaphore::new(READERS),
         })
     }
 
@@ -142,6 +146,15 @@ impl EmbeddedStore {
         if self.writer.lock().is_none() {
             return Err(StoreError::Closed);
         }
+        // A storm of reads (ten thousand sessions closing at once, each reading its presence
+        // audience) would otherwise start a blocking thread per read, hundreds of them, all
+        // but `READERS` parked on a connection's lock: thread churn that takes the cores from
+        // the async workers serving everyone else. Waiting here costs nothing.
+        let _slot = self
+            .read_slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let readers = self.readers.clone();
         tokio::task::spawn_blocking(move || {
             // Take a free connection if there is one, else wait on one.
