@@ -31,8 +31,13 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most writes committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
-/// Most background writes (last-seen times) in one transaction.
+/// Most background work in one transaction, in rows: last-seen times (one each) and pending
+/// notifications (one per user and notification). A foreground write that arrives meanwhile
+/// waits for at most this much background work.
 pub const BG_BATCH: usize = 128;
+/// Most pending notifications in one background write: a large room's are split into parts of
+/// this size, so that no single write holds the writer for long.
+const PENDING_PART: usize = 64;
 const READERS: usize = 4;
 const QUEUE: usize = 8192;
 /// Most dead letters kept: adding one beyond this removes the oldest.
@@ -68,6 +73,25 @@ enum WriteOp {
     RemoveDevice(Option<UserId>, String),
     SetMuted(RoomId, UserId, bool),
     AddDeadLetter(Box<DeadLetter>),
+}
+
+impl WriteOp {
+    /// Background work yields to the foreground: last-seen times, and pending notifications
+    /// (adding and taking them share the queue, so a take sees every add queued before it).
+    fn background(&self) -> bool {
+        matches!(
+            self,
+            Self::SetLastSeen(..) | Self::AddPending(..) | Self::TakePending(..)
+        )
+    }
+
+    /// Rows the write touches, roughly: what a background batch is bounded by.
+    fn weight(&self) -> usize {
+        match self {
+            Self::AddPending(items, _) => items.len().max(1),
+            _ => 1,
+        }
+    }
 }
 
 enum WriteOut {
@@ -125,8 +149,14 @@ impl EmbeddedStore {
     }
 
     async fn write(&self, op: WriteOp) -> StoreResult<WriteOut> {
+        let rx = self.queue(op).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues a write on its queue; the answer comes on the returned channel.
+    async fn queue(&self, op: WriteOp) -> StoreResult<oneshot::Receiver<StoreResult<WriteOut>>> {
         let queues = self.writer.lock().clone().ok_or(StoreError::Closed)?;
-        let tx = if matches!(op, WriteOp::SetLastSeen(..)) {
+        let tx = if op.background() {
             queues.bg
         } else {
             queues.fg
@@ -135,7 +165,7 @@ impl EmbeddedStore {
         tx.send(WriteJob { op, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        Ok(rx)
     }
 
     async fn read<T, F>(&self, f: F) -> StoreResult<T>
@@ -344,6 +374,19 @@ CREATE TABLE dead_letters (
 );
 CREATE INDEX dead_letters_by_at ON dead_letters(at, id);
 "#,
+    // Pending notifications numbered per user, clustered by (user, seq): adding one and
+    // dropping the oldest are index seeks, not a walk over the user's kept ones.
+    r#"
+CREATE TABLE pending_v2 (
+    user TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (user, seq)
+) WITHOUT ROWID;
+INSERT INTO pending_v2 (user, seq, body) SELECT user, id, body FROM pending;
+DROP TABLE pending;
+ALTER TABLE pending_v2 RENAME TO pending;
+"#,
 ];
 
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
@@ -394,8 +437,9 @@ fn writer_loop(
                 continue;
             }
             Some((is_fg, Some(job))) => {
+                let weight = if is_fg { 0 } else { job.op.weight() };
                 batch.push(job);
-                usize::from(!is_fg)
+                weight
             }
         };
         while batch.len() < MAX_BATCH {
@@ -407,8 +451,8 @@ fn writer_loop(
         while background < BG_BATCH {
             match bg.try_recv() {
                 Ok(job) => {
+                    background += job.op.weight();
                     batch.push(job);
-                    background += 1;
                 }
                 Err(_) => break,
             }
@@ -575,37 +619,64 @@ fn apply(tx: &mut rusqlite::Savepoint<'_>, op: &WriteOp) -> StoreResult<WriteOut
             Ok(WriteOut::Unit)
         }
         WriteOp::AddPending(items, cap) => {
-            let mut users: Vec<&UserId> = Vec::new();
-            {
-                let mut ins = tx
-                    .prepare_cached("INSERT INTO pending (user, body) VALUES (?1, ?2)")
-                    .map_err(db_err)?;
-                for (user, n) in items {
-                    let body =
-                        serde_json::to_string(n).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    ins.execute(params![user.as_str(), body]).map_err(db_err)?;
-                    if !users.contains(&user) {
-                        users.push(user);
-                    }
+            let cap = i64::from(*cap);
+            // A message's notifications are adjacent: each distinct one is serialized once.
+            let mut bodies: Vec<String> = Vec::new();
+            let mut last: Option<&Notification> = None;
+            // Each user's notifications in order, users in order of first appearance.
+            let mut order: Vec<&UserId> = Vec::new();
+            let mut of_user: std::collections::HashMap<&UserId, Vec<usize>> =
+                std::collections::HashMap::new();
+            for (user, n) in items {
+                if last != Some(n) {
+                    bodies.push(
+                        serde_json::to_string(n).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    );
+                    last = Some(n);
                 }
+                let list = of_user.entry(user).or_insert_with(|| {
+                    order.push(user);
+                    Vec::new()
+                });
+                list.push(bodies.len() - 1);
             }
-            // Everything at or below the user's (cap+1)-th newest row goes: one walk down the
-            // (user, id) index, which stops after `cap` entries (NULL, so nothing, when fewer).
-            let mut trim = tx
-                .prepare_cached(
-                    "DELETE FROM pending WHERE user = ?1 AND id <=
-                       (SELECT id FROM pending WHERE user = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-                )
+            // Per user: find the newest number (one index seek), append after it, then drop
+            // what falls more than `cap` below the new newest (one more seek): no walk over
+            // the user's kept notifications.
+            let mut newest = tx
+                .prepare_cached("SELECT coalesce(max(seq), 0) FROM pending WHERE user = ?1")
                 .map_err(db_err)?;
-            for user in users {
-                trim.execute(params![user.as_str(), i64::from(*cap)])
+            let mut ins = tx
+                .prepare_cached("INSERT INTO pending (user, seq, body) VALUES (?1, ?2, ?3)")
+                .map_err(db_err)?;
+            let mut trim = tx
+                .prepare_cached("DELETE FROM pending WHERE user = ?1 AND seq <= ?2")
+                .map_err(db_err)?;
+            for user in order {
+                let list = &of_user[user];
+                let top: i64 = newest
+                    .query_row([user.as_str()], |r| r.get(0))
                     .map_err(db_err)?;
+                // More than `cap` at once: only the newest `cap` can stay.
+                let skip = list
+                    .len()
+                    .saturating_sub(usize::try_from(cap).unwrap_or(usize::MAX));
+                let mut seq = top;
+                for &b in &list[skip..] {
+                    seq += 1;
+                    ins.execute(params![user.as_str(), seq, bodies[b]])
+                        .map_err(db_err)?;
+                }
+                if seq > cap {
+                    trim.execute(params![user.as_str(), seq - cap])
+                        .map_err(db_err)?;
+                }
             }
             Ok(WriteOut::Unit)
         }
         WriteOp::TakePending(user) => {
             let items = tx
-                .prepare_cached("SELECT body FROM pending WHERE user = ?1 ORDER BY id")
+                .prepare_cached("SELECT body FROM pending WHERE user = ?1 ORDER BY seq")
                 .and_then(|mut s| {
                     s.query_map([user.as_str()], |r| r.get::<_, String>(0))?
                         .collect::<rusqlite::Result<Vec<String>>>()
@@ -1281,9 +1352,23 @@ impl Store for EmbeddedStore {
         if items.is_empty() {
             return Ok(());
         }
-        self.write(WriteOp::AddPending(items, cap))
-            .await
-            .map(|_| ())
+        // A large room's notifications go in parts, each its own background write: the
+        // foreground writes queued meanwhile (other rooms' messages) wait for one part at most.
+        let mut items = items;
+        let mut parts = Vec::with_capacity(items.len().div_ceil(PENDING_PART));
+        while !items.is_empty() {
+            let rest = items.split_off(items.len().min(PENDING_PART));
+            parts.push(std::mem::replace(&mut items, rest));
+        }
+        // Queued in order (the writer keeps it), then awaited together.
+        let mut answers = Vec::with_capacity(parts.len());
+        for part in parts {
+            answers.push(self.queue(WriteOp::AddPending(part, cap)).await?);
+        }
+        for rx in answers {
+            rx.await.map_err(|_| StoreError::Closed)??;
+        }
+        Ok(())
     }
 
     async fn take_pending(&self, user: &UserId) -> StoreResult<Vec<Notification>> {
@@ -1653,5 +1738,103 @@ mod tests {
             .expect("read")
             .expect("user");
         assert_eq!(u.last_seen, Some(1_000 + (n - 1) as i64));
+    }
+
+    fn note(i: u64) -> Notification {
+        Notification {
+            room: RoomId(9),
+            message_id: MessageId(900 + i),
+            sender: UserId::parse("sender").expect("id"),
+            preview: format!("message {i}"),
+            created_at: 9_000 + i as i64,
+        }
+    }
+
+    /// A large room's pending notifications go in parts on the background queue: a foreground
+    /// write queued while they are being written waits for a part, not for all of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_rooms_pending_notifications_yield_to_foreground_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Full).expect("open"));
+        let n = 20_000;
+        let items: Vec<(UserId, Notification)> = (0..n)
+            .map(|i| (UserId::parse(&format!("p{i}")).expect("id"), note(1)))
+            .collect();
+        let count = |store: Arc<EmbeddedStore>| async move {
+            store
+                .read(|c| c.query_row("SELECT count(*) FROM pending", [], |r| r.get::<_, i64>(0)))
+                .await
+                .expect("count")
+        };
+        let adding = tokio::spawn({
+            let store = store.clone();
+            async move { store.add_pending(items, 100).await }
+        });
+        // Once the writer is on them, a foreground write.
+        let started = std::time::Instant::now();
+        while count(store.clone()).await == 0 {
+            assert!(started.elapsed().as_secs() < 30, "no part written");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let p = super::super::conformance::profile("late", "Late");
+        store.upsert_user(&p, 1).await.expect("foreground write");
+        let done = count(store.clone()).await;
+        assert!(
+            done < n / 2,
+            "the foreground write waited for {done} of {n} pending notifications"
+        );
+        adding.await.expect("task").expect("pending stored");
+        assert_eq!(count(store.clone()).await, n);
+        let last = UserId::parse(&format!("p{}", n - 1)).expect("id");
+        assert_eq!(
+            store.take_pending(&last).await.expect("take"),
+            vec![note(1)]
+        );
+    }
+
+    /// A database written before pending notifications were numbered per user keeps them,
+    /// oldest first, and trims them from where they were.
+    #[tokio::test]
+    async fn pending_notifications_survive_the_migration_to_per_user_numbers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut c = Connection::open(dir.path().join("palaver.db")).expect("open");
+            let before = MIGRATIONS.len() - 1;
+            for (i, sql) in MIGRATIONS[..before].iter().enumerate() {
+                let tx = c.transaction().expect("tx");
+                tx.execute_batch(sql).expect("migration");
+                tx.pragma_update(None, "user_version", i + 1)
+                    .expect("version");
+                tx.commit().expect("commit");
+            }
+            for (user, i) in [("p1", 1), ("p2", 2), ("p1", 3), ("p1", 4)] {
+                c.execute(
+                    "INSERT INTO pending (user, body) VALUES (?1, ?2)",
+                    params![user, serde_json::to_string(&note(i)).expect("json")],
+                )
+                .expect("insert");
+            }
+        }
+        let store = EmbeddedStore::open(dir.path(), Durability::Full).expect("open");
+        store
+            .add_pending(vec![(UserId::parse("p1").expect("id"), note(5))], 3)
+            .await
+            .expect("add");
+        let p1 = UserId::parse("p1").expect("id");
+        let p2 = UserId::parse("p2").expect("id");
+        assert_eq!(
+            store.take_pending(&p1).await.expect("take"),
+            vec![note(3), note(4), note(5)]
+        );
+        assert_eq!(store.take_pending(&p2).await.expect("take"), vec![note(2)]);
+        store
+            .add_pending(vec![(p1.clone(), note(6)), (p1.clone(), note(7))], 3)
+            .await
+            .expect("add");
+        assert_eq!(
+            store.take_pending(&p1).await.expect("take"),
+            vec![note(6), note(7)]
+        );
+        store.close().await.expect("close");
     }
 }
