@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -66,7 +66,18 @@ pub struct AbuseConfig {
     /// The server's per-user message rate (`PALAVER_MESSAGES_PER_SECOND`) for the run: the
     /// flooders meet it. `None`: the server's default.
     pub flood_limit: Option<u32>,
+    /// The attack phases to run, of [`PHASES`], in their fixed order (the baseline always
+    /// runs first).
+    pub phases: Vec<String>,
+    /// The nice value of the load generator's own threads (the attackers' client side; the
+    /// probe keeps [`PROBE_NICE`] and the server 0): on a machine where they share the
+    /// server's cores, a positive value lets them use only what the server leaves. 0: leave
+    /// it. Needs root (the server is started at 0 again); ignored without.
+    pub attackers_nice: i32,
 }
+
+/// The attack phases, in the order they run.
+pub const PHASES: [&str; 4] = ["never-read", "slowloris", "connect-drop", "big-group"];
 
 /// One phase's numbers.
 #[derive(Clone, Debug, Serialize)]
@@ -181,7 +192,18 @@ pub async fn abuse(cfg: AbuseConfig) -> anyhow::Result<AbuseReport> {
     let secret = random_secret()?;
     let admin = random_secret()?;
     let data = tempfile::tempdir()?;
-    let mut cmd = tokio::process::Command::new(&cfg.palaver);
+    let nice = cfg.attackers_nice;
+    if nice != 0 && renice_self(nice) {
+        ATTACKERS_NICE.store(nice, Ordering::SeqCst);
+    }
+    // The server back at nice 0 (`nice` adds its adjustment to the inherited value).
+    let mut cmd = if ATTACKERS_NICE.load(Ordering::SeqCst) == 0 {
+        tokio::process::Command::new(&cfg.palaver)
+    } else {
+        let mut c = tokio::process::Command::new("nice");
+        c.args(["-n", &(-nice).to_string()]).arg(&cfg.palaver);
+        c
+    };
     cmd.arg("serve")
         .env("PALAVER_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("PALAVER_DATA_DIR", data.path())
@@ -264,27 +286,33 @@ pub async fn abuse_against(cfg: &AbuseConfig, target: &Target) -> anyhow::Result
         .await,
     );
 
-    let attack = never_read(&run, cfg.silent, cfg.phase).await?;
-    phases.push(finish("never-read", attack, &probe, &rss, settle).await);
-
-    let attack = slowloris(&run, port, cfg.slowloris, cfg.phase).await?;
-    phases.push(finish("slowloris", attack, &probe, &rss, settle).await);
-
-    let attack = connect_drop(&run, port, cfg.storm, cfg.phase).await?;
-    phases.push(finish("connect-drop", attack, &probe, &rss, settle).await);
-
-    let attack = big_group(
-        &run,
-        port,
-        &admin,
-        cfg.group_members,
-        cfg.group_online,
-        cfg.phase,
-        &probe,
-        &rss,
-    )
-    .await?;
-    phases.push(finish("big-group", attack, &probe, &rss, settle).await);
+    let runs = |name: &str| cfg.phases.iter().any(|p| p == name);
+    if runs("never-read") {
+        let attack = never_read(&run, cfg.silent, cfg.phase).await?;
+        phases.push(finish("never-read", attack, &probe, &rss, settle).await);
+    }
+    if runs("slowloris") {
+        let attack = slowloris(&run, port, cfg.slowloris, cfg.phase).await?;
+        phases.push(finish("slowloris", attack, &probe, &rss, settle).await);
+    }
+    if runs("connect-drop") {
+        let attack = connect_drop(&run, port, cfg.storm, cfg.phase).await?;
+        phases.push(finish("connect-drop", attack, &probe, &rss, settle).await);
+    }
+    if runs("big-group") {
+        let attack = big_group(
+            &run,
+            port,
+            &admin,
+            cfg.group_members,
+            cfg.group_online,
+            cfg.phase,
+            &probe,
+            &rss,
+        )
+        .await?;
+        phases.push(finish("big-group", attack, &probe, &rss, settle).await);
+    }
 
     probe.stop.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -336,6 +364,36 @@ pub const PROBE_NICE: i32 = -10;
 /// Whether the probe's thread got [`PROBE_NICE`] (it needs root or `CAP_SYS_NICE`).
 pub static PROBE_RAISED: AtomicBool = AtomicBool::new(false);
 
+/// The nice value the load generator's threads run at (see [`AbuseConfig::attackers_nice`]).
+pub static ATTACKERS_NICE: AtomicI32 = AtomicI32::new(0);
+
+/// Sets the nice value of one thread (Linux keeps one per thread), by its id.
+fn renice(tid: &str, nice: i32) -> bool {
+    std::process::Command::new("renice")
+        .args(["-n", &nice.to_string(), "-p", tid])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Sets the nice value of every thread of this process; the threads started later inherit it
+/// from the thread that starts them. Only as root, who can also start the server at 0 again.
+fn renice_self(nice: i32) -> bool {
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
+            .unwrap_or(false)
+    });
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return false;
+    };
+    root && tasks
+        .flatten()
+        .all(|t| renice(&t.file_name().to_string_lossy(), nice))
+}
+
 /// Starts the probe pairs; each pair's task runs until `stop`. The probe runs on a runtime of
 /// its own (one thread): the attackers' client side (thousands of sockets read, written and
 /// reset in this process) must not queue the probe's reads, or the probe would measure the
@@ -354,14 +412,7 @@ async fn start_probe(run: &RunConfig, pairs: usize, rate: f64) -> anyhow::Result
             let tid = std::fs::read_link("/proc/thread-self")
                 .ok()
                 .and_then(|p| p.file_name().map(|t| t.to_string_lossy().into_owned()));
-            let raised = tid.is_some_and(|tid| {
-                std::process::Command::new("renice")
-                    .args(["-n", &PROBE_NICE.to_string(), "-p", &tid])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            });
+            let raised = tid.is_some_and(|tid| renice(&tid, PROBE_NICE));
             if raised {
                 PROBE_RAISED.store(true, Ordering::SeqCst);
             }
@@ -875,11 +926,17 @@ pub fn render(report: &AbuseReport) -> String {
     let mb = |b: u64| format!("{:.0} MB", b as f64 / 1_048_576.0);
     let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
     let base = phases.first().map_or(0, |p| p.probe.p99);
-    let priority = if PROBE_RAISED.load(Ordering::SeqCst) {
+    let mut priority = if PROBE_RAISED.load(Ordering::SeqCst) {
         format!("the probe's thread at nice {PROBE_NICE}")
     } else {
         "the probe's thread at the default priority (raising it needs root)".to_owned()
     };
+    match ATTACKERS_NICE.load(Ordering::SeqCst) {
+        0 => priority.push_str(", the attackers' client threads at nice 0 like the server"),
+        n => priority.push_str(&format!(
+            ", the attackers' client threads at nice {n}, the server at 0"
+        )),
+    }
     let mut out = format!(
         "Machine: {machine}; {priority}. Probe latency is send-to-deliver in ms; ratio is the \
          phase's p99 over the baseline's.\n\n\

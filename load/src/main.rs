@@ -76,6 +76,19 @@ struct AbuseArgs {
     /// server's default (20/s, bursts of 40).
     #[arg(long)]
     flood_limit: Option<u32>,
+    /// The attack phases to run, comma-separated (never-read, slowloris, connect-drop,
+    /// big-group); the baseline always runs first.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "never-read,slowloris,connect-drop,big-group"
+    )]
+    phases: Vec<String>,
+    /// The nice value of this generator's own threads (the attackers' client side; the probe
+    /// keeps -10 and the server 0), so that on a machine shared with the server they use only
+    /// what it leaves; 0 leaves them at the server's priority. Needs root; ignored without.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    attackers_nice: i32,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -286,7 +299,19 @@ fn main() -> anyhow::Result<()> {
                 group_members: a.group_members.max(2),
                 group_online: a.group_online.min(a.group_members.saturating_sub(1)),
                 flood_limit: a.flood_limit,
+                phases: a.phases,
+                attackers_nice: a.attackers_nice,
             };
+            if let Some(bad) = cfg
+                .phases
+                .iter()
+                .find(|p| !palaver_load::abuse::PHASES.contains(&p.as_str()))
+            {
+                anyhow::bail!(
+                    "unknown phase {bad:?}: the phases are {}",
+                    palaver_load::abuse::PHASES.join(", ")
+                );
+            }
             let report = rt.block_on(abuse(cfg))?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

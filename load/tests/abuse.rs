@@ -24,6 +24,8 @@ async fn every_phase_runs_and_the_probe_loses_nothing() {
         group_members: 2_500,
         group_online: 100,
         flood_limit: Some(100_000),
+        phases: palaver_load::abuse::PHASES.map(String::from).to_vec(),
+        attackers_nice: 0,
     };
     let dir = tempfile::tempdir().unwrap();
     let env: std::collections::HashMap<_, _> =
