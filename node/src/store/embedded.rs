@@ -31,13 +31,15 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most writes committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
-/// Most background work in one transaction, in rows: last-seen times (one each) and pending
-/// notifications (one per user and notification). A foreground write that arrives meanwhile
-/// waits for at most this much background work.
+/// Most background writes (last-seen times, pending notifications) in one transaction.
 pub const BG_BATCH: usize = 128;
-/// Most pending notifications in one background write: a large room's are split into parts of
-/// this size, so that no single write holds the writer for long.
-const PENDING_PART: usize = 64;
+/// Most pending notifications written in one transaction when the buffer is flushed (see
+/// [`PendingBuffer`]): a foreground write waits for one part at most.
+const PENDING_PART: usize = 128;
+/// Pending notifications wait in memory at most this long before they are written.
+const PENDING_FLUSH_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// Buffered pending notifications beyond which they are written at once.
+const PENDING_FLUSH_ROWS: usize = 16_384;
 const READERS: usize = 4;
 const QUEUE: usize = 8192;
 /// Most dead letters kept: adding one beyond this removes the oldest.
@@ -64,7 +66,8 @@ enum WriteOp {
     PutFriendship(Box<Friendship>),
     DeleteFriendship(UserId, UserId),
     SetBlock(UserId, UserId, bool),
-    AddPending(Vec<(UserId, Notification)>, u32),
+    /// Serialized notifications, each body shared by all its users; kept at most `cap` per user.
+    AddPending(Vec<(UserId, Arc<str>)>, u32),
     TakePending(UserId),
     AddUpload(Box<Upload>),
     AddMediaPost(String, RoomId),
@@ -83,14 +86,6 @@ impl WriteOp {
             self,
             Self::SetLastSeen(..) | Self::AddPending(..) | Self::TakePending(..)
         )
-    }
-
-    /// Rows the write touches, roughly: what a background batch is bounded by.
-    fn weight(&self) -> usize {
-        match self {
-            Self::AddPending(items, _) => items.len().max(1),
-            _ => 1,
-        }
     }
 }
 
@@ -122,6 +117,35 @@ pub struct EmbeddedStore {
     /// One permit per read connection: a read waits for one here, on the async side, before
     /// it takes a thread of the blocking pool.
     read_slots: tokio::sync::Semaphore,
+    /// The checkpointer thread and its stop signal (dropping the sender stops it).
+    checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
+}
+
+/// How often the checkpointer copies the write-ahead log into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Copies the write-ahead log into the database file every [`CHECKPOINT_EVERY`], on a
+/// connection and thread of its own, until `stop` is dropped. SQLite's automatic checkpoint
+/// runs inside the commit that crosses 1,000 WAL pages, on the writer's thread: the writes
+/// queued behind that commit waited for the copy and its fsync (tens of ms under a write-heavy
+/// load). A passive checkpoint runs beside the writer and never blocks it; the log restarts
+/// from its beginning at the first commit after a checkpoint that copied all of it.
+fn checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+    let took = metrics::histogram!("palaver_store_checkpoint_seconds");
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
+    {
+        let started = std::time::Instant::now();
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        }) {
+            Ok((log, copied)) if log > 0 => {
+                took.record(started.elapsed());
+                tracing::trace!(log, copied, "store: checkpoint");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "store: checkpoint failed"),
+        }
+    }
 }
 
 impl EmbeddedStore {
@@ -131,6 +155,15 @@ impl EmbeddedStore {
         let path = dir.join("palaver.db");
         let mut conn = open_conn(&path, durability)?;
         migrate(&mut conn)?;
+        // The checkpointer copies the log, not the committing writer (see `checkpointer`).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(db_err)?;
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let ckpt = open_conn(&path, durability)?;
+        let checkpointer = std::thread::Builder::new()
+            .name("palaver-store-checkpoint".into())
+            .spawn(move || checkpointer(ckpt, stopped))
+            .map_err(|e| unavailable(format!("cannot start the checkpoint thread: {e}")))?;
         let readers = (0..READERS)
             .map(|_| open_conn(&path, durability).map(Mutex::new))
             .collect::<StoreResult<Vec<_>>>()?;
@@ -138,23 +171,18 @@ impl EmbeddedStore {
         let (bg, bg_rx) = mpsc::channel(QUEUE);
         let thread = std::thread::Builder::new()
             .name("palaver-store-writer".into())
-            .spawn(move || writer_loop(conn, fg_rx, bg_rx))
+            .spawn(move || writer_loop(conn, durability, fg_rx, bg_rx))
             .map_err(|e| unavailable(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             writer: Mutex::new(Some(Queues { fg, bg })),
             thread: Mutex::new(Some(thread)),
             readers: Arc::new(readers),
             read_slots: tokio::sync::Semaphore::new(READERS),
+            checkpointer: Mutex::new(Some((stop, checkpointer))),
         })
     }
 
     async fn write(&self, op: WriteOp) -> StoreResult<WriteOut> {
-        let rx = self.queue(op).await?;
-        rx.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Queues a write on its queue; the answer comes on the returned channel.
-    async fn queue(&self, op: WriteOp) -> StoreResult<oneshot::Receiver<StoreResult<WriteOut>>> {
         let queues = self.writer.lock().clone().ok_or(StoreError::Closed)?;
         let tx = if op.background() {
             queues.bg
@@ -165,7 +193,7 @@ impl EmbeddedStore {
         tx.send(WriteJob { op, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
-        Ok(rx)
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn read<T, F>(&self, f: F) -> StoreResult<T>
@@ -242,7 +270,7 @@ fn open_conn(path: &PathBuf, durability: Durability) -> StoreResult<Connection> 
     };
     conn.execute_batch(&format!(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout=10000;
-         PRAGMA foreign_keys=ON; PRAGMA cache_size=-16000;"
+         PRAGMA foreign_keys=ON; PRAGMA cache_size=-16000; PRAGMA temp_store=MEMORY;"
     ))
     .map_err(db_err)?;
     Ok(conn)
@@ -409,37 +437,183 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
+/// Pending notifications on their way to the `pending` table.
+///
+/// A message to a room writes a pending notification for each offline member: a flood into a
+/// room of 500 offline members is 500 rows per message, and because each user's rows are
+/// clustered together, 500 B-tree pages rewritten per message (megabytes of WAL a second). So
+/// the writer keeps them in memory and writes them at most [`PENDING_FLUSH_AFTER`] later (or at
+/// once past [`PENDING_FLUSH_ROWS`]): a user's page is then rewritten once per flush, not once
+/// per message, and the `cap` newest per user are all that is ever written. A flush goes in
+/// parts of [`PENDING_PART`] rows, one per transaction, so foreground writes are not held up.
+/// Taking a user's notifications takes the buffered ones too; closing the store writes them
+/// all. A crash loses at most the last second's pending notifications (never a message).
+#[derive(Default)]
+struct PendingBuffer {
+    users: std::collections::HashMap<UserId, Buffered>,
+    rows: usize,
+    /// When the oldest buffered notification came.
+    since: Option<std::time::Instant>,
+    /// A flush is under way: a part goes with every transaction until the buffer is empty.
+    flushing: bool,
+}
+
+/// One user's buffered notifications, oldest first, and how many to keep.
+struct Buffered {
+    bodies: std::collections::VecDeque<Arc<str>>,
+    cap: usize,
+}
+
+impl PendingBuffer {
+    fn absorb(&mut self, items: &[(UserId, Arc<str>)], cap: u32) {
+        let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+        for (user, body) in items {
+            let b = self.users.entry(user.clone()).or_insert_with(|| Buffered {
+                bodies: std::collections::VecDeque::new(),
+                cap,
+            });
+            b.cap = cap;
+            b.bodies.push_back(body.clone());
+            self.rows += 1;
+            while b.bodies.len() > cap {
+                b.bodies.pop_front();
+                self.rows -= 1;
+            }
+        }
+        if self.rows > 0 {
+            self.since.get_or_insert_with(std::time::Instant::now);
+        }
+        if self.rows >= PENDING_FLUSH_ROWS {
+            self.flushing = true;
+        }
+        self.settle();
+    }
+
+    fn take_user(&mut self, user: &UserId) -> Option<Buffered> {
+        let b = self.users.remove(user)?;
+        self.rows -= b.bodies.len();
+        self.settle();
+        Some(b)
+    }
+
+    /// Up to about `rows` rows (whole users), to be written now.
+    fn part(&mut self, rows: usize) -> Vec<(UserId, Buffered)> {
+        let users: Vec<UserId> = self.users.keys().take(rows).cloned().collect();
+        let (mut out, mut n) = (Vec::new(), 0);
+        for user in users {
+            if n >= rows {
+                break;
+            }
+            if let Some(b) = self.users.remove(&user) {
+                n += b.bodies.len();
+                self.rows -= b.bodies.len();
+                out.push((user, b));
+            }
+        }
+        self.settle();
+        out
+    }
+
+    fn settle(&mut self) {
+        if self.rows == 0 {
+            self.users.clear();
+            self.since = None;
+            self.flushing = false;
+        }
+        metrics::gauge!("palaver_store_pending_buffered").set(self.rows as f64);
+    }
+
+    /// When the next flush must start (`None`: nothing waits, or a flush is under way).
+    fn deadline(&self) -> Option<std::time::Instant> {
+        if self.flushing {
+            return None;
+        }
+        self.since.map(|t| t + PENDING_FLUSH_AFTER)
+    }
+
+    /// Whether a part is to be written now (starting a flush whose time has come).
+    fn due(&mut self) -> bool {
+        if !self.flushing
+            && self
+                .since
+                .is_some_and(|t| t.elapsed() >= PENDING_FLUSH_AFTER)
+        {
+            self.flushing = true;
+        }
+        self.flushing
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+}
+
+/// What the writer waits for next.
+enum Next {
+    Job(bool, Option<WriteJob>),
+    /// The buffered pending notifications' time came.
+    Flush,
+    /// Both queues closed.
+    Closed,
+}
+
 fn writer_loop(
     mut conn: Connection,
+    durability: Durability,
     mut fg: mpsc::Receiver<WriteJob>,
     mut bg: mpsc::Receiver<WriteJob>,
 ) {
+    // A runtime of this thread's own, for waiting on the queues with a deadline.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "store writer: no runtime; the store is closed");
+            return;
+        }
+    };
+    let mut pending = PendingBuffer::default();
     let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH + BG_BATCH);
     let (mut fg_open, mut bg_open) = (true, true);
     loop {
-        // The next job of either queue, the foreground first; both closed: the store closed.
-        let next = futures::executor::block_on(async {
-            tokio::select! {
-                biased;
-                job = fg.recv(), if fg_open => Some((true, job)),
-                job = bg.recv(), if bg_open => Some((false, job)),
-                else => None,
+        // The next job of either queue, the foreground first; or, while a flush of pending
+        // notifications is under way, whatever is queued without waiting.
+        let next = if pending.due() {
+            match fg.try_recv() {
+                Ok(job) => Next::Job(true, Some(job)),
+                Err(_) => match bg.try_recv() {
+                    Ok(job) => Next::Job(false, Some(job)),
+                    Err(_) => Next::Flush,
+                },
             }
-        });
+        } else {
+            let deadline = pending.deadline();
+            rt.block_on(async {
+                tokio::select! {
+                    biased;
+                    job = fg.recv(), if fg_open => Next::Job(true, job),
+                    job = bg.recv(), if bg_open => Next::Job(false, job),
+                    () = sleep_until_some(deadline), if deadline.is_some() => Next::Flush,
+                    else => Next::Closed,
+                }
+            })
+        };
         let mut background = match next {
-            None => break,
-            Some((true, None)) => {
+            Next::Closed => break,
+            Next::Flush => 0,
+            Next::Job(true, None) => {
                 fg_open = false;
                 continue;
             }
-            Some((false, None)) => {
+            Next::Job(false, None) => {
                 bg_open = false;
                 continue;
             }
-            Some((is_fg, Some(job))) => {
-                let weight = if is_fg { 0 } else { job.op.weight() };
+            Next::Job(is_fg, Some(job)) => {
                 batch.push(job);
-                weight
+                usize::from(!is_fg)
             }
         };
         while batch.len() < MAX_BATCH {
@@ -451,18 +625,37 @@ fn writer_loop(
         while background < BG_BATCH {
             match bg.try_recv() {
                 Ok(job) => {
-                    background += job.op.weight();
                     batch.push(job);
+                    background += 1;
                 }
                 Err(_) => break,
             }
         }
-        let results = commit_batch(&mut conn, &batch);
+        let flush = if pending.due() {
+            pending.part(PENDING_PART)
+        } else {
+            Vec::new()
+        };
+        let results = if batch.is_empty() {
+            if !flush_alone(&mut conn, durability, &mut pending, flush) {
+                return;
+            }
+            Vec::new()
+        } else {
+            commit_batch(&mut conn, &batch, &mut pending, flush)
+        };
         for (job, res) in batch.drain(..).zip(results) {
             // A caller that went away no longer needs its answer; the write stands.
             if job.reply.send(res).is_err() {
                 tracing::debug!("store writer: caller dropped before the commit finished");
             }
+        }
+    }
+    // Closing: every buffered pending notification is written before the last checkpoint.
+    while !pending.is_empty() {
+        let flush = pending.part(PENDING_PART.max(1024));
+        if !flush_alone(&mut conn, durability, &mut pending, flush) {
+            return;
         }
     }
     if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
@@ -473,21 +666,89 @@ fn writer_loop(
     }
 }
 
-fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<StoreResult<WriteOut>> {
+/// Writes a part of the pending buffer in a transaction of its own. Without an fsync: pending
+/// notifications may lose their last second in a crash anyway, and WAL frames are replayed in
+/// order, so a crash can take back only these, never a chat write committed after them (its
+/// fsync covers the frames before it).
+/// `false`: the connection could not be made durable again, and must not write any more.
+#[must_use]
+fn flush_alone(
+    conn: &mut Connection,
+    durability: Durability,
+    pending: &mut PendingBuffer,
+    flush: Vec<(UserId, Buffered)>,
+) -> bool {
+    let full = matches!(durability, Durability::Full);
+    if full && let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
+        tracing::warn!(error = %e, "store: cannot relax synchronous for a pending flush");
+    }
+    commit_batch(conn, &[], pending, flush);
+    if full && let Err(e) = conn.pragma_update(None, "synchronous", "FULL") {
+        // Every later commit must be durable: without FULL again, stop writing.
+        tracing::error!(error = %e, "store: cannot restore synchronous=FULL; the store closes");
+        return false;
+    }
+    true
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Commits `batch` in one transaction, each job in a savepoint of its own, and `flush` (a part
+/// of the pending buffer) with it.
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &[WriteJob],
+    pending: &mut PendingBuffer,
+    flush: Vec<(UserId, Buffered)>,
+) -> Vec<StoreResult<WriteOut>> {
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => return batch.iter().map(|_| Err(db_err_ref(&e))).collect(),
+        Err(e) => {
+            tracing::warn!(
+                users = flush.len(),
+                "store: pending notifications not written"
+            );
+            return batch.iter().map(|_| Err(db_err_ref(&e))).collect();
+        }
     };
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
-        let res = match tx.savepoint() {
-            Ok(mut sp) => match apply(&mut sp, &job.op) {
-                Ok(out) => sp.commit().map(|()| out).map_err(db_err),
-                Err(e) => Err(e), // dropping the savepoint rolls it back
+        let res = match &job.op {
+            // Into the buffer, in queue order (a take queued later sees them).
+            WriteOp::AddPending(items, cap) => {
+                pending.absorb(items, *cap);
+                Ok(WriteOut::Unit)
+            }
+            WriteOp::TakePending(user) => match tx.savepoint() {
+                Ok(mut sp) => take_pending(&mut sp, user, pending)
+                    .and_then(|out| sp.commit().map(|()| out).map_err(db_err)),
+                Err(e) => Err(db_err(e)),
             },
-            Err(e) => Err(db_err(e)),
+            op => match tx.savepoint() {
+                Ok(mut sp) => match apply(&mut sp, op) {
+                    Ok(out) => sp.commit().map(|()| out).map_err(db_err),
+                    Err(e) => Err(e), // dropping the savepoint rolls it back
+                },
+                Err(e) => Err(db_err(e)),
+            },
         };
         results.push(res);
+    }
+    if !flush.is_empty() {
+        let users = flush.len();
+        let res = tx.savepoint().map_err(db_err).and_then(|mut sp| {
+            write_pending(&mut sp, &flush)?;
+            sp.commit().map_err(db_err)
+        });
+        if let Err(e) = res {
+            tracing::warn!(users, error = %e, "store: pending notifications not written");
+        }
     }
     if let Err(e) = tx.commit() {
         tracing::error!(error = %e, "store: group commit failed");
@@ -498,6 +759,69 @@ fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<StoreResult<Wr
 
 fn db_err_ref(e: &rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// Writes flushed pending notifications. Per user: find the newest number (one index seek),
+/// append after it, then drop what falls more than `cap` below the new newest (one more
+/// seek): no walk over the user's kept notifications.
+fn write_pending(
+    tx: &mut rusqlite::Savepoint<'_>,
+    users: &[(UserId, Buffered)],
+) -> StoreResult<()> {
+    let mut newest = tx
+        .prepare_cached("SELECT coalesce(max(seq), 0) FROM pending WHERE user = ?1")
+        .map_err(db_err)?;
+    let mut ins = tx
+        .prepare_cached("INSERT INTO pending (user, seq, body) VALUES (?1, ?2, ?3)")
+        .map_err(db_err)?;
+    let mut trim = tx
+        .prepare_cached("DELETE FROM pending WHERE user = ?1 AND seq <= ?2")
+        .map_err(db_err)?;
+    for (user, b) in users {
+        let mut seq: i64 = newest
+            .query_row([user.as_str()], |r| r.get(0))
+            .map_err(db_err)?;
+        for body in &b.bodies {
+            seq += 1;
+            ins.execute(params![user.as_str(), seq, &**body])
+                .map_err(db_err)?;
+        }
+        let cap = i64::try_from(b.cap).unwrap_or(i64::MAX);
+        if seq > cap {
+            trim.execute(params![user.as_str(), seq - cap])
+                .map_err(db_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads and removes `user`'s written notifications, then adds the buffered ones (newer),
+/// keeping the newest `cap`.
+fn take_pending(
+    tx: &mut rusqlite::Savepoint<'_>,
+    user: &UserId,
+    pending: &mut PendingBuffer,
+) -> StoreResult<WriteOut> {
+    let mut bodies: Vec<String> = tx
+        .prepare_cached("SELECT body FROM pending WHERE user = ?1 ORDER BY seq")
+        .and_then(|mut s| {
+            s.query_map([user.as_str()], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()
+        })
+        .map_err(db_err)?;
+    tx.prepare_cached("DELETE FROM pending WHERE user = ?1")
+        .and_then(|mut s| s.execute([user.as_str()]))
+        .map_err(db_err)?;
+    if let Some(b) = pending.take_user(user) {
+        bodies.extend(b.bodies.iter().map(|s| s.to_string()));
+        let over = bodies.len().saturating_sub(b.cap);
+        bodies.drain(..over);
+    }
+    let items = bodies
+        .iter()
+        .map(|b| serde_json::from_str(b).map_err(|e| StoreError::Corrupt(e.to_string())))
+        .collect::<StoreResult<Vec<Notification>>>()?;
+    Ok(WriteOut::Pending(items))
 }
 
 fn apply(tx: &mut rusqlite::Savepoint<'_>, op: &WriteOp) -> StoreResult<WriteOut> {
@@ -618,79 +942,10 @@ fn apply(tx: &mut rusqlite::Savepoint<'_>, op: &WriteOp) -> StoreResult<WriteOut
                 .map_err(db_err)?;
             Ok(WriteOut::Unit)
         }
-        WriteOp::AddPending(items, cap) => {
-            let cap = i64::from(*cap);
-            // A message's notifications are adjacent: each distinct one is serialized once.
-            let mut bodies: Vec<String> = Vec::new();
-            let mut last: Option<&Notification> = None;
-            // Each user's notifications in order, users in order of first appearance.
-            let mut order: Vec<&UserId> = Vec::new();
-            let mut of_user: std::collections::HashMap<&UserId, Vec<usize>> =
-                std::collections::HashMap::new();
-            for (user, n) in items {
-                if last != Some(n) {
-                    bodies.push(
-                        serde_json::to_string(n).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                    );
-                    last = Some(n);
-                }
-                let list = of_user.entry(user).or_insert_with(|| {
-                    order.push(user);
-                    Vec::new()
-                });
-                list.push(bodies.len() - 1);
-            }
-            // Per user: find the newest number (one index seek), append after it, then drop
-            // what falls more than `cap` below the new newest (one more seek): no walk over
-            // the user's kept notifications.
-            let mut newest = tx
-                .prepare_cached("SELECT coalesce(max(seq), 0) FROM pending WHERE user = ?1")
-                .map_err(db_err)?;
-            let mut ins = tx
-                .prepare_cached("INSERT INTO pending (user, seq, body) VALUES (?1, ?2, ?3)")
-                .map_err(db_err)?;
-            let mut trim = tx
-                .prepare_cached("DELETE FROM pending WHERE user = ?1 AND seq <= ?2")
-                .map_err(db_err)?;
-            for user in order {
-                let list = &of_user[user];
-                let top: i64 = newest
-                    .query_row([user.as_str()], |r| r.get(0))
-                    .map_err(db_err)?;
-                // More than `cap` at once: only the newest `cap` can stay.
-                let skip = list
-                    .len()
-                    .saturating_sub(usize::try_from(cap).unwrap_or(usize::MAX));
-                let mut seq = top;
-                for &b in &list[skip..] {
-                    seq += 1;
-                    ins.execute(params![user.as_str(), seq, bodies[b]])
-                        .map_err(db_err)?;
-                }
-                if seq > cap {
-                    trim.execute(params![user.as_str(), seq - cap])
-                        .map_err(db_err)?;
-                }
-            }
-            Ok(WriteOut::Unit)
-        }
-        WriteOp::TakePending(user) => {
-            let items = tx
-                .prepare_cached("SELECT body FROM pending WHERE user = ?1 ORDER BY seq")
-                .and_then(|mut s| {
-                    s.query_map([user.as_str()], |r| r.get::<_, String>(0))?
-                        .collect::<rusqlite::Result<Vec<String>>>()
-                })
-                .map_err(db_err)?;
-            tx.prepare_cached("DELETE FROM pending WHERE user = ?1")
-                .and_then(|mut s| s.execute([user.as_str()]))
-                .map_err(db_err)?;
-            let items = items
-                .iter()
-                .map(|b| serde_json::from_str(b).map_err(|e| StoreError::Corrupt(e.to_string())))
-                .collect::<StoreResult<Vec<Notification>>>()?;
-            Ok(WriteOut::Pending(items))
-        }
+        // Handled by `commit_batch` (they need the pending buffer).
+        WriteOp::AddPending(..) | WriteOp::TakePending(_) => Err(StoreError::Corrupt(
+            "pending notifications outside the writer's batch".into(),
+        )),
         WriteOp::AddUpload(u) => {
             tx.prepare_cached(
                 "INSERT INTO uploads (path, uploader, kind, size, content_type, created_at)
@@ -1352,23 +1607,26 @@ impl Store for EmbeddedStore {
         if items.is_empty() {
             return Ok(());
         }
-        // A large room's notifications go in parts, each its own background write: the
-        // foreground writes queued meanwhile (other rooms' messages) wait for one part at most.
-        let mut items = items;
-        let mut parts = Vec::with_capacity(items.len().div_ceil(PENDING_PART));
-        while !items.is_empty() {
-            let rest = items.split_off(items.len().min(PENDING_PART));
-            parts.push(std::mem::replace(&mut items, rest));
+        // A message's notifications are adjacent: each distinct one is serialized once, and
+        // its body shared by all its users.
+        let mut last: Option<(Notification, Arc<str>)> = None;
+        let mut bodies = Vec::with_capacity(items.len());
+        for (user, n) in items {
+            let body = match &last {
+                Some((prev, body)) if *prev == n => body.clone(),
+                _ => {
+                    let body: Arc<str> = serde_json::to_string(&n)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                        .into();
+                    last = Some((n, body.clone()));
+                    body
+                }
+            };
+            bodies.push((user, body));
         }
-        // Queued in order (the writer keeps it), then awaited together.
-        let mut answers = Vec::with_capacity(parts.len());
-        for part in parts {
-            answers.push(self.queue(WriteOp::AddPending(part, cap)).await?);
-        }
-        for rx in answers {
-            rx.await.map_err(|_| StoreError::Closed)??;
-        }
-        Ok(())
+        self.write(WriteOp::AddPending(bodies, cap))
+            .await
+            .map(|_| ())
     }
 
     async fn take_pending(&self, user: &UserId) -> StoreResult<Vec<Notification>> {
@@ -1567,6 +1825,15 @@ impl Store for EmbeddedStore {
     }
 
     async fn close(&self) -> StoreResult<()> {
+        // The checkpointer first (the writer's last checkpoint truncates the log).
+        let checkpointer = self.checkpointer.lock().take();
+        if let Some((stop, t)) = checkpointer {
+            drop(stop);
+            tokio::task::spawn_blocking(move || t.join())
+                .await
+                .map_err(|e| unavailable(e.to_string()))?
+                .map_err(|_| unavailable("store checkpoint thread panicked".into()))?;
+        }
         // Dropping the last sender lets the writer finish its queue, checkpoint and exit.
         drop(self.writer.lock().take());
         let thread = self.thread.lock().take();
@@ -1750,46 +2017,130 @@ mod tests {
         }
     }
 
-    /// A large room's pending notifications go in parts on the background queue: a foreground
-    /// write queued while they are being written waits for a part, not for all of them.
+    fn pending_rows(store: &Arc<EmbeddedStore>) -> impl std::future::Future<Output = usize> {
+        let store = store.clone();
+        async move {
+            store
+                .read(|c| c.query_row("SELECT count(*) FROM pending", [], |r| r.get::<_, i64>(0)))
+                .await
+                .map(|n| usize::try_from(n).unwrap_or(0))
+                .expect("count")
+        }
+    }
+
+    async fn until_rows(store: &Arc<EmbeddedStore>, n: usize, within: std::time::Duration) {
+        let started = std::time::Instant::now();
+        while pending_rows(store).await != n {
+            assert!(
+                started.elapsed() < within,
+                "{} of {n} pending notifications written after {within:?}",
+                pending_rows(store).await
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A flood's pending notifications for 20,000 offline members (past the buffer's bound, so
+    /// written at once) go in parts: a foreground write queued meanwhile waits for one part,
+    /// not for all of them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_large_rooms_pending_notifications_yield_to_foreground_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Full).expect("open"));
         let n = 20_000;
+        assert!(n > PENDING_FLUSH_ROWS);
         let items: Vec<(UserId, Notification)> = (0..n)
             .map(|i| (UserId::parse(&format!("p{i}")).expect("id"), note(1)))
             .collect();
-        let count = |store: Arc<EmbeddedStore>| async move {
-            store
-                .read(|c| c.query_row("SELECT count(*) FROM pending", [], |r| r.get::<_, i64>(0)))
-                .await
-                .expect("count")
-        };
-        let adding = tokio::spawn({
-            let store = store.clone();
-            async move { store.add_pending(items, 100).await }
-        });
+        store.add_pending(items, 100).await.expect("buffered");
         // Once the writer is on them, a foreground write.
         let started = std::time::Instant::now();
-        while count(store.clone()).await == 0 {
+        while pending_rows(&store).await == 0 {
             assert!(started.elapsed().as_secs() < 30, "no part written");
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         let p = super::super::conformance::profile("late", "Late");
         store.upsert_user(&p, 1).await.expect("foreground write");
-        let done = count(store.clone()).await;
+        let done = pending_rows(&store).await;
         assert!(
             done < n / 2,
             "the foreground write waited for {done} of {n} pending notifications"
         );
-        adding.await.expect("task").expect("pending stored");
-        assert_eq!(count(store.clone()).await, n);
+        until_rows(&store, n, std::time::Duration::from_secs(60)).await;
         let last = UserId::parse(&format!("p{}", n - 1)).expect("id");
         assert_eq!(
             store.take_pending(&last).await.expect("take"),
             vec![note(1)]
         );
+    }
+
+    /// Pending notifications wait in memory, at most `PENDING_FLUSH_AFTER`: a flood writes a
+    /// user's page once per flush, not once per message. Taking them takes the buffered ones
+    /// too, after the written ones and within the cap; closing the store writes them.
+    #[tokio::test]
+    async fn pending_notifications_are_buffered_briefly_and_written_by_close() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (p1, p2) = (
+            UserId::parse("p1").expect("id"),
+            UserId::parse("p2").expect("id"),
+        );
+        let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Full).expect("open"));
+        // A flood of 50 messages to two offline members: buffered, then written within the
+        // flush time, only the newest `cap` of each.
+        for i in 1..=50 {
+            store
+                .add_pending(vec![(p1.clone(), note(i)), (p2.clone(), note(i))], 3)
+                .await
+                .expect("add");
+        }
+        assert_eq!(pending_rows(&store).await, 0, "buffered, not written yet");
+        until_rows(&store, 6, PENDING_FLUSH_AFTER * 5).await;
+        // Written and buffered together, newest `cap`.
+        store
+            .add_pending(vec![(p1.clone(), note(51))], 3)
+            .await
+            .expect("add");
+        assert_eq!(
+            store.take_pending(&p1).await.expect("take"),
+            vec![note(49), note(50), note(51)]
+        );
+        // Buffered when the store closes: written, and there after reopening.
+        store
+            .add_pending(vec![(p2.clone(), note(52))], 3)
+            .await
+            .expect("add");
+        store.close().await.expect("close");
+        let store = EmbeddedStore::open(dir.path(), Durability::Full).expect("reopen");
+        assert_eq!(
+            store.take_pending(&p2).await.expect("take"),
+            vec![note(49), note(50), note(52)]
+        );
+        assert!(store.take_pending(&p1).await.expect("take").is_empty());
+        store.close().await.expect("close");
+    }
+
+    /// The write-ahead log reaches the database file through the checkpointer thread, with no
+    /// help from the writer (its automatic checkpoint is off) and no close.
+    #[tokio::test]
+    async fn the_checkpointer_copies_the_log_into_the_database() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path(), Durability::Full).expect("open");
+        let db = dir.path().join("palaver.db");
+        let size = || std::fs::metadata(&db).expect("db file").len();
+        let before = size();
+        for i in 0..2000 {
+            let p = super::super::conformance::profile(&format!("c{i}"), &format!("C{i}"));
+            store.upsert_user(&p, 1).await.expect("user");
+        }
+        let started = std::time::Instant::now();
+        while size() <= before {
+            assert!(
+                started.elapsed() < CHECKPOINT_EVERY * 20,
+                "the database file still has {before} bytes: nothing was checkpointed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        store.close().await.expect("close");
     }
 
     /// A database written before pending notifications were numbered per user keeps them,
