@@ -121,6 +121,10 @@ pub struct EmbeddedStore {
     checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
 }
 
+/// Write-ahead log pages (4 KB) past which the checkpointer restarts the log.
+const WAL_RESTART_PAGES: i64 = 4096;
+/// Write-ahead log pages past which the checkpointer warns that it cannot keep up.
+const WAL_WARN_PAGES: i64 = 64 * 1024;
 /// How often the checkpointer copies the write-ahead log into the database.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -132,17 +136,39 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(5
 /// from its beginning at the first commit after a checkpoint that copied all of it.
 fn checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
     let took = metrics::histogram!("palaver_store_checkpoint_seconds");
+    let pages = metrics::gauge!("palaver_store_wal_pages");
+    let mut warned = false;
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
     {
         let started = std::time::Instant::now();
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
             Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
         }) {
-            Ok((log, copied)) if log > 0 => {
-                took.record(started.elapsed());
-                tracing::trace!(log, copied, "store: checkpoint");
+            Ok((log, copied)) => {
+                pages.set(log as f64);
+                if log > 0 {
+                    took.record(started.elapsed());
+                    tracing::trace!(log, copied, "store: checkpoint");
+                }
+                // The log restarts from its beginning only at a write that finds all of it
+                // copied: under a steady stream of writes, one always lands between a passive
+                // checkpoint and the next write, and the log would grow without end. Past a
+                // bound, a restarting checkpoint (its copy mostly done by the passive one)
+                // holds new writes for the rest of the copy and makes the next one restart it;
+                // it waits at most the connection's short busy timeout for them.
+                if log >= WAL_RESTART_PAGES {
+                    match conn
+                        .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
+                    {
+                        Ok(busy) => tracing::trace!(busy, "store: restarting checkpoint"),
+                        Err(e) => tracing::warn!(error = %e, "store: checkpoint failed"),
+                    }
+                }
+                if log > WAL_WARN_PAGES && copied < log && !warned {
+                    tracing::warn!(log, copied, "store: the write-ahead log keeps growing");
+                }
+                warned = log > WAL_WARN_PAGES;
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "store: checkpoint failed"),
         }
     }
@@ -160,6 +186,9 @@ impl EmbeddedStore {
             .map_err(db_err)?;
         let (stop, stopped) = std::sync::mpsc::channel();
         let ckpt = open_conn(&path, durability)?;
+        // A restarting checkpoint holds new writes while it waits: not for long.
+        ckpt.pragma_update(None, "busy_timeout", 50)
+            .map_err(db_err)?;
         let checkpointer = std::thread::Builder::new()
             .name("palaver-store-checkpoint".into())
             .spawn(move || checkpointer(ckpt, stopped))
@@ -2140,6 +2169,31 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        store.close().await.expect("close");
+    }
+
+    /// A steady stream of writes does not grow the write-ahead log without end: past
+    /// `WAL_RESTART_PAGES` the checkpointer makes the next write restart it from the beginning
+    /// (a passive checkpoint alone never would: a write always lands in between).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_write_ahead_log_stays_bounded_under_steady_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path(), Durability::Normal).expect("open");
+        let wal = dir.path().join("palaver.db-wal");
+        let bound = u64::try_from(WAL_RESTART_PAGES).expect("pages") * 4096 * 3;
+        let (mut frames, mut i) = (0u64, 0u64);
+        // Until well past the bound's worth of log (each write appends at least one page).
+        while frames < 4 * bound / 4096 {
+            let p = super::super::conformance::profile(&format!("w{}", i % 500), &format!("W{i}"));
+            store.upsert_user(&p, 1).await.expect("user");
+            frames += 1;
+            i += 1;
+        }
+        let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            size < bound,
+            "the log is {size} bytes after {i} writes (bound {bound})"
+        );
         store.close().await.expect("close");
     }
 
