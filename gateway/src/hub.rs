@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use schema::{
     Delivery, Error, ErrorCode, Event, GatewayId, Profile, RoomId, SessionId, Target, UserId,
 };
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::mpsc;
@@ -303,7 +304,9 @@ pub struct Hub {
     next_id: AtomicU64,
     sessions: DashMap<SessionId, Arc<SessionHandle>>,
     by_user: DashMap<UserId, Vec<SessionId>>,
-    by_room: DashMap<RoomId, Vec<SessionId>>,
+    /// A set, not a list: each of a 5,000-session room's closing sessions walked the list to
+    /// leave it.
+    by_room: DashMap<RoomId, HashSet<SessionId>>,
     metrics: Dialects,
     /// Most sessions one user may have here (0: no limit).
     max_per_user: AtomicUsize,
@@ -500,7 +503,7 @@ impl Hub {
                 if e.is_empty() {
                     new_here.push(room);
                 }
-                e.push(id);
+                e.insert(id);
             }
         }
         if !new_here.is_empty() {
@@ -520,7 +523,7 @@ impl Hub {
             if self
                 .by_room
                 .remove_if_mut(&room, |_, v| {
-                    v.retain(|s| *s != id);
+                    v.remove(&id);
                     v.is_empty()
                 })
                 .is_some()
@@ -563,7 +566,7 @@ impl Hub {
             if self
                 .by_room
                 .remove_if_mut(&room, |_, v| {
-                    v.retain(|s| *s != id);
+                    v.remove(&id);
                     v.is_empty()
                 })
                 .is_some()

@@ -8,7 +8,7 @@ use schema::{
     Chat, Error, ErrorCode, Event, FriendAction, FriendView, Friendship, FriendshipStatus,
     HistoryQuery, Member, Reply, RoomId, RoomKind, UserId,
 };
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 /// Largest chat list page.
 const CHATS_MAX_LIMIT: u32 = 200;
@@ -556,40 +556,13 @@ impl Node {
         })
     }
 
-    /// Who hears about `user`'s presence: accepted friends, direct peers and co-members of
-    /// groups up to the configured size, minus anyone with a block between them.
+    /// Who hears about `user`'s presence (see [`crate::store::Store::presence_audience`]).
     async fn presence_audience(&self, user: &UserId) -> Result<Vec<UserId>, Error> {
-        let store = &self.ctx.store;
-        let blocked = self.blocked_with(user).await?;
-        let mut audience: BTreeSet<UserId> = store
-            .friendships_of(user)
-            .await?
-            .iter()
-            .filter(|f| f.status == FriendshipStatus::Accepted)
-            .map(|f| f.other(user).clone())
-            .collect();
-        let max = self.ctx.config.presence_group_max;
-        for room in store.room_ids_of(user).await? {
-            let Some(r) = store.room(room).await? else {
-                continue;
-            };
-            // Counted (no further than the limit) before read: a big group's members are never
-            // loaded here (they were, at every connect of every member: 5,000 members of a
-            // 200,000-member group coming online read a billion rows).
-            if r.kind == RoomKind::Direct
-                || store
-                    .member_count_up_to(room, max.saturating_add(1))
-                    .await?
-                    <= max
-            {
-                audience.extend(store.members(room).await?.into_iter().map(|m| m.user));
-            }
-        }
-        audience.remove(user);
-        Ok(audience
-            .into_iter()
-            .filter(|u| !blocked.contains(u))
-            .collect())
+        Ok(self
+            .ctx
+            .store
+            .presence_audience(user, self.ctx.config.presence_group_max)
+            .await?)
     }
 
     /// Tells `user`'s audience that the user came online or went offline.

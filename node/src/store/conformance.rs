@@ -100,6 +100,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     unread(&*store).await;
     friendships(&*store).await;
     blocks(&*store).await;
+    presence_audiences(&*store).await;
     pending(&*store).await;
     uploads(&*store).await;
     media_posts(&*store).await;
@@ -1161,6 +1162,105 @@ async fn blocks(store: &dyn Store) {
         .await
         .unwrap();
     assert!(of("g3").await.is_empty());
+}
+
+/// Who hears a user's presence: accepted friends (only), direct peers, members of small
+/// groups (up to and including the limit), not of bigger ones, never the user, never anyone
+/// with a block between them either way; sorted, each once.
+async fn presence_audiences(store: &dyn Store) {
+    use schema::{Friendship, FriendshipStatus};
+    let ids = |v: &[&str]| v.iter().map(|u| uid(u)).collect::<Vec<_>>();
+    // The backend's own answer, checked against the one composed of the other reads (the
+    // trait's default) every time.
+    let audience = |u: &'static str, max: usize| async move {
+        let own = store.presence_audience(&uid(u), max).await.unwrap();
+        let parts = super::presence_audience_by_parts(store, &uid(u), max)
+            .await
+            .unwrap();
+        assert_eq!(own, parts, "presence audience of {u} (groups up to {max})");
+        own
+    };
+    assert!(audience("pa", 3).await.is_empty());
+    let friend = |other: &str, status| Friendship {
+        requester: uid("pa"),
+        addressee: uid(other),
+        status,
+        created_at: 1,
+        updated_at: 1,
+    };
+    store
+        .put_friendship(&friend("pf1", FriendshipStatus::Accepted))
+        .await
+        .unwrap();
+    store
+        .put_friendship(&friend("pf2", FriendshipStatus::Pending))
+        .await
+        .unwrap();
+    // Asked the other way round: still a friend of pa's.
+    store
+        .put_friendship(&Friendship {
+            requester: uid("pf3"),
+            addressee: uid("pa"),
+            status: FriendshipStatus::Accepted,
+            created_at: 1,
+            updated_at: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(audience("pa", 3).await, ids(&["pf1", "pf3"]));
+    assert_eq!(audience("pf3", 3).await, ids(&["pa"]));
+    let with = |id: u64, kind, users: &[&str]| NewRoom {
+        room: room(id, kind, users[0]),
+        members: users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| member(u, if i == 0 { Role::Owner } else { Role::Member }))
+            .collect(),
+    };
+    store
+        .get_or_create_direct(with(60, RoomKind::Direct, &["pa", "pd"]))
+        .await
+        .unwrap();
+    for new in [
+        // Three members: at the limit of 3, heard.
+        with(61, RoomKind::Group, &["ps1", "pa", "ps2"]),
+        // Four: over it, not heard.
+        with(62, RoomKind::Group, &["pa", "pb1", "pb2", "pb3"]),
+        // A friend in a small group: once.
+        with(63, RoomKind::Group, &["pa", "pf1"]),
+        // Not pa's.
+        with(64, RoomKind::Group, &["ps1", "px"]),
+    ] {
+        store.create_room(new).await.unwrap();
+    }
+    assert_eq!(
+        audience("pa", 3).await,
+        ids(&["pd", "pf1", "pf3", "ps1", "ps2"])
+    );
+    // A bigger limit takes the bigger group in; 0 leaves only friends and direct peers.
+    assert_eq!(
+        audience("pa", 4).await,
+        ids(&["pb1", "pb2", "pb3", "pd", "pf1", "pf3", "ps1", "ps2"])
+    );
+    assert_eq!(audience("pa", 0).await, ids(&["pd", "pf1", "pf3"]));
+    assert_eq!(audience("ps1", 3).await, ids(&["pa", "ps2", "px"]));
+    // Blocks, either way, take people out of it whatever else they are.
+    store
+        .set_block(&uid("pa"), &uid("ps2"), true)
+        .await
+        .unwrap();
+    store
+        .set_block(&uid("pf1"), &uid("pa"), true)
+        .await
+        .unwrap();
+    store.set_block(&uid("pd"), &uid("pa"), true).await.unwrap();
+    assert_eq!(audience("pa", 3).await, ids(&["pf3", "ps1"]));
+    assert_eq!(audience("ps2", 3).await, ids(&["ps1"]));
+    store
+        .set_block(&uid("pd"), &uid("pa"), false)
+        .await
+        .unwrap();
+    assert_eq!(audience("pa", 3).await, ids(&["pd", "pf3", "ps1"]));
 }
 
 async fn pending(store: &dyn Store) {

@@ -1424,6 +1424,39 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn presence_audience(&self, user: &UserId, group_max: usize) -> StoreResult<Vec<UserId>> {
+        let user = user.clone();
+        let max = i64::try_from(group_max).unwrap_or(i64::MAX);
+        let accepted = FriendshipStatus::Accepted.code();
+        // One query, not the trait's five reads and more: the rooms whose members hear it are
+        // the direct ones and the groups without a `max + 1`th member (a big group is never
+        // counted through).
+        self.read(move |c| {
+            c.prepare_cached(
+                "WITH blocked(u) AS (
+                     SELECT blocked FROM blocks WHERE blocker = ?1
+                     UNION SELECT blocker FROM blocks WHERE blocked = ?1
+                 ), heard(room) AS (
+                     SELECT m.room FROM members m JOIN rooms r ON r.id = m.room
+                     WHERE m.user = ?1 AND (r.kind = 'direct' OR NOT EXISTS (
+                         SELECT 1 FROM members x WHERE x.room = m.room LIMIT 1 OFFSET ?2))
+                 ), audience(u) AS (
+                     SELECT hi FROM friendships WHERE lo = ?1 AND status = ?3
+                     UNION SELECT lo FROM friendships WHERE hi = ?1 AND status = ?3
+                     UNION SELECT o.user FROM heard JOIN members o ON o.room = heard.room
+                 )
+                 SELECT u FROM audience
+                 WHERE u <> ?1 AND u NOT IN (SELECT u FROM blocked)
+                 ORDER BY u",
+            )?
+            .query_map(params![user.as_str(), max, accepted], |r| {
+                user_id(r.get(0)?)
+            })?
+            .collect()
+        })
+        .await
+    }
+
     async fn rooms_of(&self, user: &UserId) -> StoreResult<Vec<RoomSummary>> {
         let user = user.clone();
         self.read(move |c| {

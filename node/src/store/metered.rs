@@ -70,6 +70,7 @@ struct Ops {
     room: Op,
     members: Op,
     room_ids_of: Op,
+    presence_audience: Op,
     rooms_of: Op,
     direct_room: Op,
     apply_room: Op,
@@ -118,6 +119,7 @@ impl Ops {
             room: Op::new("room"),
             members: Op::new("members"),
             room_ids_of: Op::new("room_ids_of"),
+            presence_audience: Op::new("presence_audience"),
             rooms_of: Op::new("rooms_of"),
             direct_room: Op::new("direct_room"),
             apply_room: Op::new("apply_room"),
@@ -229,6 +231,13 @@ impl Store for MeteredStore {
         self.ops
             .room_ids_of
             .time(self.inner.room_ids_of(user))
+            .await
+    }
+
+    async fn presence_audience(&self, user: &UserId, group_max: usize) -> StoreResult<Vec<UserId>> {
+        self.ops
+            .presence_audience
+            .time(self.inner.presence_audience(user, group_max))
             .await
     }
 
