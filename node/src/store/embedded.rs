@@ -26,6 +26,7 @@ use schema::{
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
@@ -125,6 +126,11 @@ pub struct EmbeddedStore {
 const WAL_RESTART_PAGES: i64 = 4096;
 /// Write-ahead log pages past which the checkpointer warns that it cannot keep up.
 const WAL_WARN_PAGES: i64 = 64 * 1024;
+/// Longest wait of the writer's restarting checkpoint for readers still in the log, during
+/// which new writes wait too.
+const RESTART_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+/// How long a connection waits for a lock another holds.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often the checkpointer copies the write-ahead log into the database.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -134,7 +140,7 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(5
 /// queued behind that commit waited for the copy and its fsync (tens of ms under a write-heavy
 /// load). A passive checkpoint runs beside the writer and never blocks it; the log restarts
 /// from its beginning at the first commit after a checkpoint that copied all of it.
-fn checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+fn checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>, restart: &AtomicBool) {
     let took = metrics::histogram!("palaver_store_checkpoint_seconds");
     let pages = metrics::gauge!("palaver_store_wal_pages");
     let mut warned = false;
@@ -153,16 +159,10 @@ fn checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
                 // The log restarts from its beginning only at a write that finds all of it
                 // copied: under a steady stream of writes, one always lands between a passive
                 // checkpoint and the next write, and the log would grow without end. Past a
-                // bound, a restarting checkpoint (its copy mostly done by the passive one)
-                // holds new writes for the rest of the copy and makes the next one restart it;
-                // it waits at most the connection's short busy timeout for them.
+                // bound, the writer restarts it itself, between two transactions (see
+                // `restart_log`).
                 if log >= WAL_RESTART_PAGES {
-                    match conn
-                        .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
-                    {
-                        Ok(busy) => tracing::trace!(busy, "store: restarting checkpoint"),
-                        Err(e) => tracing::warn!(error = %e, "store: checkpoint failed"),
-                    }
+                    restart.store(true, Ordering::Relaxed);
                 }
                 if log > WAL_WARN_PAGES && copied < log && !warned {
                     tracing::warn!(log, copied, "store: the write-ahead log keeps growing");
@@ -186,12 +186,11 @@ impl EmbeddedStore {
             .map_err(db_err)?;
         let (stop, stopped) = std::sync::mpsc::channel();
         let ckpt = open_conn(&path, durability)?;
-        // A restarting checkpoint holds new writes while it waits: not for long.
-        ckpt.pragma_update(None, "busy_timeout", 50)
-            .map_err(db_err)?;
+        let restart = Arc::new(AtomicBool::new(false));
+        let wanted = restart.clone();
         let checkpointer = std::thread::Builder::new()
             .name("palaver-store-checkpoint".into())
-            .spawn(move || checkpointer(ckpt, stopped))
+            .spawn(move || checkpointer(ckpt, stopped, &wanted))
             .map_err(|e| unavailable(format!("cannot start the checkpoint thread: {e}")))?;
         let readers = (0..READERS)
             .map(|_| open_conn(&path, durability).map(Mutex::new))
@@ -200,7 +199,7 @@ impl EmbeddedStore {
         let (bg, bg_rx) = mpsc::channel(QUEUE);
         let thread = std::thread::Builder::new()
             .name("palaver-store-writer".into())
-            .spawn(move || writer_loop(conn, durability, fg_rx, bg_rx))
+            .spawn(move || writer_loop(conn, durability, fg_rx, bg_rx, &restart))
             .map_err(|e| unavailable(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             writer: Mutex::new(Some(Queues { fg, bg })),
@@ -298,8 +297,9 @@ fn open_conn(path: &PathBuf, durability: Durability) -> StoreResult<Connection> 
         Durability::Normal => "NORMAL",
     };
     conn.execute_batch(&format!(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout=10000;
-         PRAGMA foreign_keys=ON; PRAGMA cache_size=-16000; PRAGMA temp_store=MEMORY;"
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout={};
+         PRAGMA foreign_keys=ON; PRAGMA cache_size=-16000; PRAGMA temp_store=MEMORY;",
+        BUSY_TIMEOUT.as_millis()
     ))
     .map_err(db_err)?;
     Ok(conn)
@@ -483,8 +483,10 @@ struct PendingBuffer {
     rows: usize,
     /// When the oldest buffered notification came.
     since: Option<std::time::Instant>,
-    /// A flush is under way: a part goes with every transaction until the buffer is empty.
-    flushing: bool,
+    /// A flush is under way, since then: a part is written whenever the writer has nothing
+    /// else to do, and, once the flush is overdue, with every transaction, until the buffer is
+    /// empty.
+    flushing: Option<std::time::Instant>,
 }
 
 /// One user's buffered notifications, oldest first, and how many to keep.
@@ -513,7 +515,7 @@ impl PendingBuffer {
             self.since.get_or_insert_with(std::time::Instant::now);
         }
         if self.rows >= PENDING_FLUSH_ROWS {
-            self.flushing = true;
+            self.flushing.get_or_insert_with(std::time::Instant::now);
         }
         self.settle();
     }
@@ -547,14 +549,14 @@ impl PendingBuffer {
         if self.rows == 0 {
             self.users.clear();
             self.since = None;
-            self.flushing = false;
+            self.flushing = None;
         }
         metrics::gauge!("palaver_store_pending_buffered").set(self.rows as f64);
     }
 
     /// When the next flush must start (`None`: nothing waits, or a flush is under way).
     fn deadline(&self) -> Option<std::time::Instant> {
-        if self.flushing {
+        if self.flushing.is_some() {
             return None;
         }
         self.since.map(|t| t + PENDING_FLUSH_AFTER)
@@ -562,14 +564,21 @@ impl PendingBuffer {
 
     /// Whether a part is to be written now (starting a flush whose time has come).
     fn due(&mut self) -> bool {
-        if !self.flushing
+        if self.flushing.is_none()
             && self
                 .since
                 .is_some_and(|t| t.elapsed() >= PENDING_FLUSH_AFTER)
         {
-            self.flushing = true;
+            self.flushing = Some(std::time::Instant::now());
         }
+        self.flushing.is_some()
+    }
+
+    /// Whether the flush under way has taken longer than [`PENDING_FLUSH_AFTER`]: the
+    /// foreground never left the writer idle, so parts now go with its transactions too.
+    fn overdue(&self) -> bool {
         self.flushing
+            .is_some_and(|t| t.elapsed() >= PENDING_FLUSH_AFTER)
     }
 
     fn is_empty(&self) -> bool {
@@ -591,6 +600,7 @@ fn writer_loop(
     durability: Durability,
     mut fg: mpsc::Receiver<WriteJob>,
     mut bg: mpsc::Receiver<WriteJob>,
+    restart: &AtomicBool,
 ) {
     // A runtime of this thread's own, for waiting on the queues with a deadline.
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -651,6 +661,7 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        let foreground = batch.len() > background;
         while background < BG_BATCH {
             match bg.try_recv() {
                 Ok(job) => {
@@ -660,7 +671,10 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let flush = if pending.due() {
+        // A chat write does not carry a part (its commit would wait for the part's rows and
+        // its fsync for their pages): parts are written between foreground transactions, when
+        // none waits, unless the flush is overdue because one always waited.
+        let flush = if pending.due() && (!foreground || pending.overdue()) {
             pending.part(PENDING_PART)
         } else {
             Vec::new()
@@ -679,6 +693,9 @@ fn writer_loop(
                 tracing::debug!("store writer: caller dropped before the commit finished");
             }
         }
+        if restart.swap(false, Ordering::Relaxed) {
+            restart_log(&conn);
+        }
     }
     // Closing: every buffered pending notification is written before the last checkpoint.
     while !pending.is_empty() {
@@ -692,6 +709,29 @@ fn writer_loop(
     }
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "store: close failed");
+    }
+}
+
+/// Restarts the write-ahead log from its beginning, between two of the writer's transactions
+/// (the checkpointer asks for it past [`WAL_RESTART_PAGES`], right after a passive checkpoint
+/// copied nearly all of it). A restarting checkpoint must hold the write lock: on the
+/// checkpointer's own connection it waited for the writer, and every write queued meanwhile
+/// waited for both (50 to 70 ms stalls of all chat in a storm of 10,000 sessions, with a
+/// 50 ms wait; with a shorter one it rarely got the lock, and the log grew past 100 MB under
+/// steady writes). Here the writer has the lock already: the checkpoint copies what the last
+/// passive one left, waits at most [`RESTART_WAIT`] for readers still in the log, and the
+/// next write starts the log over. One that cannot wait is tried again after the next tick.
+fn restart_log(conn: &Connection) {
+    if let Err(e) = conn.busy_timeout(RESTART_WAIT) {
+        tracing::warn!(error = %e, "store: cannot shorten the wait for a log restart");
+        return;
+    }
+    match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0)) {
+        Ok(busy) => tracing::trace!(busy, "store: restarting checkpoint"),
+        Err(e) => tracing::warn!(error = %e, "store: restarting checkpoint failed"),
+    }
+    if let Err(e) = conn.busy_timeout(BUSY_TIMEOUT) {
+        tracing::warn!(error = %e, "store: cannot restore the writer's busy timeout");
     }
 }
 
@@ -2134,6 +2174,48 @@ mod tests {
             store.take_pending(&last).await.expect("take"),
             vec![note(1)]
         );
+    }
+
+    /// Parts of a flush are written when no chat write waits; but chat writes that never
+    /// leave the writer idle do not hold the flush back for ever: once it is overdue, parts go
+    /// with their transactions, and every notification is written while they go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_is_not_starved_by_chat_writes_that_never_stop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Full).expect("open"));
+        let n = 4_000;
+        let items: Vec<(UserId, Notification)> = (0..n)
+            .map(|i| (UserId::parse(&format!("p{i}")).expect("id"), note(1)))
+            .collect();
+        store.add_pending(items, 100).await.expect("buffered");
+        // More writers than one transaction takes (`MAX_BATCH`): the queue is never empty.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writers: Vec<_> = (0..MAX_BATCH * 2)
+            .map(|w| {
+                let (store, stop, writes) = (store.clone(), stop.clone(), writes.clone());
+                tokio::spawn(async move {
+                    let p = super::super::conformance::profile(&format!("w{w}"), "Writer");
+                    let mut at = 1;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        store.upsert_user(&p, at).await.expect("foreground write");
+                        writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        at += 1;
+                    }
+                })
+            })
+            .collect();
+        until_rows(&store, n, std::time::Duration::from_secs(60)).await;
+        let during = writes.load(std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for w in writers {
+            w.await.expect("writer");
+        }
+        assert!(
+            during > 0,
+            "the notifications were written, but no chat write went on meanwhile"
+        );
+        store.close().await.expect("close");
     }
 
     /// Pending notifications wait in memory, at most `PENDING_FLUSH_AFTER`: a flood writes a
