@@ -79,6 +79,10 @@ pub struct ConfigBuilder {
     /// Local sessions of one room above which the room's events are handed on by a delivery
     /// lane of their own (0: never). Default 256.
     pub fanout_lane_sessions: Option<usize>,
+    /// Session openings (hub, node, store) that run at once; more wait their turn. Default 64.
+    pub session_openings: Option<usize>,
+    /// Session teardowns (hub, node, store) that run at once; more wait their turn. Default 128.
+    pub session_teardowns: Option<usize>,
     /// Deliveries per second one room may cause: a room takes at most this divided by its
     /// member count messages per second (0: unlimited). Default 50 000.
     pub room_fanout_per_second: Option<usize>,
@@ -307,6 +311,10 @@ pub struct Config {
     pub reorder_hold: Duration,
     /// Local sessions of one room above which it gets a delivery lane (0: never).
     pub fanout_lane_sessions: usize,
+    /// Session openings that run at once (at least 1).
+    pub session_openings: usize,
+    /// Session teardowns that run at once (at least 1).
+    pub session_teardowns: usize,
     /// Keepalive ping interval.
     pub ping_interval: Duration,
     /// Shutdown grace period.
@@ -411,6 +419,8 @@ impl ConfigBuilder {
         over!(header_timeout_secs, "PALAVER_HEADER_TIMEOUT_SECS");
         over!(reorder_hold_ms, "PALAVER_REORDER_HOLD_MS");
         over!(fanout_lane_sessions, "PALAVER_FANOUT_LANE_SESSIONS");
+        over!(session_openings, "PALAVER_SESSION_OPENINGS");
+        over!(session_teardowns, "PALAVER_SESSION_TEARDOWNS");
         over!(room_fanout_per_second, "PALAVER_ROOM_FANOUT_PER_SECOND");
         over!(ping_interval_secs, "PALAVER_PING_INTERVAL_SECS");
         over!(shutdown_grace_secs, "PALAVER_SHUTDOWN_GRACE_SECS");
@@ -494,6 +504,10 @@ impl ConfigBuilder {
         let secs = |v: Option<u64>, d: u64, key| match v {
             Some(0) => Err(invalid(key, "must be greater than 0")),
             v => Ok(Duration::from_secs(v.unwrap_or(d))),
+        };
+        let at_least_one = |v: Option<usize>, d: usize, key| match v {
+            Some(0) => Err(invalid(key, "must be greater than 0")),
+            v => Ok(v.unwrap_or(d)),
         };
         let durability = match self.store_durability.as_deref() {
             None | Some("full") => Durability::Full,
@@ -716,6 +730,16 @@ impl ConfigBuilder {
             header_timeout: secs(self.header_timeout_secs, 30, "PALAVER_HEADER_TIMEOUT_SECS")?,
             reorder_hold: Duration::from_millis(self.reorder_hold_ms.unwrap_or(500)),
             fanout_lane_sessions: self.fanout_lane_sessions.unwrap_or(256),
+            session_openings: at_least_one(
+                self.session_openings,
+                crate::server::OPENINGS,
+                "PALAVER_SESSION_OPENINGS",
+            )?,
+            session_teardowns: at_least_one(
+                self.session_teardowns,
+                crate::server::TEARDOWNS,
+                "PALAVER_SESSION_TEARDOWNS",
+            )?,
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "PALAVER_SHUTDOWN_GRACE_SECS")?,
             durability,
             log_format,
@@ -851,6 +875,31 @@ mod tests {
                 e.contains("PALAVER_COMPAT_LISTEN") && e.contains(why),
                 "{bad}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn session_opening_and_teardown_slots() {
+        let c = Config::load(None, &HashMap::new()).expect("defaults");
+        assert_eq!(
+            (c.session_openings, c.session_teardowns),
+            (crate::server::OPENINGS, crate::server::TEARDOWNS)
+        );
+        let c = Config::load(
+            None,
+            &env(&[
+                ("PALAVER_SESSION_OPENINGS", "8"),
+                ("PALAVER_SESSION_TEARDOWNS", "16"),
+            ]),
+        )
+        .expect("set");
+        assert_eq!((c.session_openings, c.session_teardowns), (8, 16));
+        for key in ["PALAVER_SESSION_OPENINGS", "PALAVER_SESSION_TEARDOWNS"] {
+            // No slot at all would park every session for ever.
+            let e = Config::load(None, &env(&[(key, "0")]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains("greater than 0"), "{e}");
         }
     }
 

@@ -138,9 +138,9 @@ pub struct App {
     pub openings: tokio::sync::Semaphore,
 }
 
-/// Session teardowns that may run at once.
+/// Session teardowns that may run at once by default (`PALAVER_SESSION_TEARDOWNS`).
 pub const TEARDOWNS: usize = 128;
-/// Session openings that may run at once.
+/// Session openings that may run at once by default (`PALAVER_SESSION_OPENINGS`).
 pub const OPENINGS: usize = 64;
 
 impl App {
@@ -310,6 +310,8 @@ impl Palaver {
         let addr = listener.local_addr()?;
         let conn_limits =
             crate::listen::ConnLimits::new(config.max_connections_per_ip, config.header_timeout);
+        let teardowns = tokio::sync::Semaphore::new(config.session_teardowns);
+        let openings = tokio::sync::Semaphore::new(config.session_openings);
         let app = Arc::new(App {
             config,
             auth,
@@ -323,8 +325,8 @@ impl Palaver {
             ready,
             console,
             conn_limits,
-            teardowns: tokio::sync::Semaphore::new(TEARDOWNS),
-            openings: tokio::sync::Semaphore::new(OPENINGS),
+            teardowns,
+            openings,
         });
         if let Some(cluster) = cluster {
             cluster.spawn_health(HEALTH_EVERY, hub_stop.clone());
