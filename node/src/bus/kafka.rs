@@ -299,10 +299,14 @@ impl Bus for KafkaBus {
         assign(&consumer, partition, high)?;
         let consumer: Slot = Arc::new(parking_lot::Mutex::new(consumer));
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (pause_consumer, pause_flag) = (consumer.clone(), assigned.clone());
+        // Weakly: the consumer is the reader's, and closes when the reader drops it (see
+        // `watch_brokers`).
+        let (pause_consumer, pause_flag) = (Arc::downgrade(&consumer), assigned.clone());
         let pause = move || {
             pause_flag.store(false, std::sync::atomic::Ordering::SeqCst);
-            let current = pause_consumer.lock().clone();
+            let Some(current) = pause_consumer.upgrade().map(|c| c.lock().clone()) else {
+                return;
+            };
             if let Err(e) = current.unassign() {
                 tracing::warn!(error = %e, "deliver consumer: unassign failed");
             }
@@ -347,11 +351,12 @@ impl Bus for KafkaBus {
         let consumer: Slot = Arc::new(parking_lot::Mutex::new(Arc::new(consumer)));
         let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (down_tx, down) = tokio::sync::mpsc::channel::<()>(1);
-        let (pause_consumer, pause_flag) = (consumer.clone(), paused.clone());
+        let (pause_consumer, pause_flag) = (Arc::downgrade(&consumer), paused.clone());
         let pause = move || {
             pause_flag.store(true, std::sync::atomic::Ordering::SeqCst);
-            let current = pause_consumer.lock().clone();
-            current.unsubscribe();
+            if let Some(current) = pause_consumer.upgrade().map(|c| c.lock().clone()) {
+                current.unsubscribe();
+            }
         };
         tokio::spawn(watch_brokers(
             self.config.brokers.clone(),
@@ -426,16 +431,32 @@ async fn watch_brokers(
             // for the missing partition (a leader-change hint with neither topic id nor name).
             // The reader starts a fresh consumer once the topic exists again.
             // librdkafka's unsubscribe waits for its own threads (a group consumer's revoke,
-            // with the brokers gone): off the async threads, and not waited on for long.
-            let paused = tokio::task::spawn_blocking({
-                let pause = pause.clone();
-                move || pause()
-            });
-            if tokio::time::timeout(Duration::from_secs(2), paused)
-                .await
-                .is_err()
-            {
-                tracing::warn!("pausing the Kafka consumer takes over 2 s; going on");
+            // with the brokers gone), and dropping a consumer there may block for good (closing
+            // a group consumer waits for its coordinator): off the async threads, and not waited
+            // on for long. On a thread of its own, not the runtime's blocking pool: a runtime
+            // shutting down waits for its blocking threads, and a test's runtime waited for ever
+            // on one stuck closing a consumer whose broker the test had stopped.
+            if down.is_closed() {
+                return; // the reader is gone, and its consumer with it
+            }
+            let (done, paused) = tokio::sync::oneshot::channel::<()>();
+            let pause = pause.clone();
+            let spawned = std::thread::Builder::new()
+                .name("palaver-kafka-pause".into())
+                .spawn(move || {
+                    pause();
+                    let _ = done.send(());
+                });
+            match spawned {
+                Ok(_) => {
+                    if tokio::time::timeout(Duration::from_secs(2), paused)
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!("pausing the Kafka consumer takes over 2 s; going on");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot start a thread to pause the consumer"),
             }
             tracing::warn!("every Kafka broker is unreachable; consumer paused");
             if down.send(()).await.is_err() {
