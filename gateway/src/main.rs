@@ -136,8 +136,16 @@ fn run(
     raise_nofile();
     let result = rt.block_on(command);
     rt.block_on(telemetry::shutdown());
+    // The command has drained and closed what it runs (the store included). Whatever task is
+    // left is dropped, and a thread stuck in a library call does not hold the exit: closing a
+    // Kafka consumer whose brokers are gone can block in librdkafka for good, and dropping the
+    // runtime would wait for it.
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
     result
 }
+
+/// Longest wait for the runtime's threads once a command has finished.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn node(config: Config) -> anyhow::Result<()> {
     let id = config.node.node_id.clone();
