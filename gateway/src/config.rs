@@ -93,9 +93,10 @@ pub struct ConfigBuilder {
     pub shutdown_grace_secs: Option<u64>,
     /// `full` (fsync every commit, default) or `normal` (survives process crash only).
     pub store_durability: Option<String>,
-    /// Seconds an idle room or user actor lives. Default 300.
+    /// Seconds an idle room actor lives. Default 300.
     pub actor_idle_secs: Option<u64>,
-    /// Seconds an online user's idle actor lives (its sessions stay in the table). Default 30.
+    /// Accepted and ignored, so that older configurations still load: it bounded the life of
+    /// an idle online user's actor, and users have no actor any more.
     pub user_idle_secs: Option<u64>,
     /// Most members in a group. Default 10000.
     pub group_max_members: Option<usize>,
@@ -586,7 +587,6 @@ impl ConfigBuilder {
         };
         let mut node = NodeConfig {
             idle_timeout: secs(self.actor_idle_secs, 300, "PALAVER_ACTOR_IDLE_SECS")?,
-            user_idle_timeout: secs(self.user_idle_secs, 30, "PALAVER_USER_IDLE_SECS")?,
             group_max_members: positive(
                 self.group_max_members,
                 10_000,

@@ -1,5 +1,5 @@
-//! `palaver node`: one shard of the cluster. Hosts the room and user actors of its share of the
-//! ring, serves them to gateways and peers over gRPC on `PALAVER_CLUSTER_ADDR`, publishes
+//! `palaver node`: one shard of the cluster. Hosts the room actors and the users (sessions,
+//! presence) of its share of the ring, serves them to gateways and peers over gRPC on `PALAVER_CLUSTER_ADDR`, publishes
 //! deliveries to Kafka, and stores everything in the shared store. `/healthz`, `/readyz`,
 //! `/ring` (this node's view of the live ring) and `/metrics` (Prometheus text) are on
 //! `PALAVER_HTTP_ADDR`.

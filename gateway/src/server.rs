@@ -156,8 +156,8 @@ impl App {
     }
 
     /// Waits for a session-opening slot, the mirror of [`App::teardown`] for a connect storm:
-    /// an authenticated session registers with the hub, connects to its user's actor (which
-    /// reads the user's rooms and pending notifications from the store) and follows its rooms.
+    /// an authenticated session registers with the hub, connects its user on the owner node
+    /// (which reads the user's rooms and pending notifications from the store) and follows its rooms.
     /// Thousands of handshakes arriving together would run those steps all at once and fill
     /// the runtime's queues ahead of every other session's next step; at most [`OPENINGS`] run,
     /// the others wait their turn in arrival order (each still bounded by its client's own

@@ -333,7 +333,9 @@ pub async fn run_native<S>(
             }
             Ok(req) => match req.op {
                 native::Op::Ping => native::encode_pong(&req.id),
-                native::Op::Resume(rooms) => match resume(&app, &user, id, rooms).await {
+                // Boxed, like the teardown below: a future awaited inline takes its largest
+                // state's room in every idle session's task for the session's whole life.
+                native::Op::Resume(rooms) => match Box::pin(resume(&app, &user, id, rooms)).await {
                     Ok(v) => native::encode_data(&req.id, v),
                     Err(e) => native::encode_error(&req.id, &e),
                 },
@@ -380,20 +382,23 @@ pub async fn run_native<S>(
         code: 1000,
         reason: String::new(),
     });
-    let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-        .await
-        .is_err()
-    {
-        // Stuck on a peer that does not read: dropping the socket is the only way out.
-        writer.abort();
-        tracing::debug!(%user, "session writer aborted");
-    }
-    let _slot = app.teardown().await;
-    app.hub.unregister(id).await;
-    stop_viewing(&app, &user, id, viewing).await;
-    app.node.disconnect(&user, app.hub.gateway(), id).await;
-    tracing::debug!(%user, session = id.0, "session closed");
+    Box::pin(async move {
+        let mut writer = writer;
+        if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+            .await
+            .is_err()
+        {
+            // Stuck on a peer that does not read: dropping the socket is the only way out.
+            writer.abort();
+            tracing::debug!(%user, "session writer aborted");
+        }
+        let _slot = app.teardown().await;
+        app.hub.unregister(id).await;
+        stop_viewing(&app, &user, id, viewing).await;
+        app.node.disconnect(&user, app.hub.gateway(), id).await;
+        tracing::debug!(%user, session = id.0, "session closed");
+    })
+    .await;
 }
 
 /// A closed session views nothing any more.

@@ -30,7 +30,7 @@ pub struct Sizes {
     pub seconds: u64,
     /// `idle`: sessions held.
     pub idle_sessions: usize,
-    /// `idle`: seconds held (past `PALAVER_USER_IDLE_SECS`, so idle users have shed their actors).
+    /// `idle`: seconds held.
     pub idle_seconds: u64,
     /// `connect-storm`: sessions opened.
     pub connect_storm: usize,

@@ -52,7 +52,7 @@ use std::time::Duration;
 use store::{NewRoom, Store};
 use subscriptions::Subscriptions;
 use tokio_util::task::TaskTracker;
-use user::{Connected, SessionInfo, SessionTable, UserMsg, UserSpec};
+use user::{Connected, SessionInfo, SessionTable, UserLocks};
 
 /// Prefix of the `client_ref` the node generates for a send that came without one (so that
 /// internal retries stay idempotent). It starts with a control character, which client refs may
@@ -82,11 +82,6 @@ pub struct NodeConfig {
     pub id_slot: u16,
     /// An actor with nothing to do for this long stops. Default 5 minutes.
     pub idle_timeout: Duration,
-    /// A user actor with nothing to do for this long stops, even while the user is online:
-    /// its sessions live in the node's session table, so a later connect, disconnect or
-    /// presence change starts it again (one profile read). Idle online users then cost no
-    /// actor. Default 30 s.
-    pub user_idle_timeout: Duration,
     /// Deadline of one call to an actor. Default 10 s.
     pub call_timeout: Duration,
     /// Calls in flight per actor before callers wait (bounds each mailbox). Default 4096.
@@ -149,7 +144,6 @@ impl Default for NodeConfig {
             node_id: NodeId::new("local"),
             id_slot: 0,
             idle_timeout: Duration::from_secs(300),
-            user_idle_timeout: Duration::from_secs(30),
             call_timeout: Duration::from_secs(10),
             actor_mailbox: 4096,
             sequencer_queue: 4096,
@@ -247,7 +241,8 @@ pub struct Node {
     ring: RwLock<Arc<Ring>>,
     peers: std::sync::OnceLock<Arc<cluster::Cluster>>,
     rooms: Directory<RoomSpec>,
-    users: Directory<UserSpec>,
+    /// One connect or disconnect at a time per user.
+    users: UserLocks,
 }
 
 impl Node {
@@ -275,14 +270,13 @@ impl Node {
         let timeout = ctx.config.call_timeout;
         let mailbox = ctx.config.actor_mailbox;
         let rooms = Directory::start(RoomSpec { ctx: ctx.clone() }, mailbox, timeout).await?;
-        let users = Directory::start(UserSpec { ctx: ctx.clone() }, mailbox, timeout).await?;
         let node = Arc::new(Self {
             ctx,
             draining: std::sync::atomic::AtomicBool::new(false),
             ring: RwLock::new(Arc::new(ring)),
             peers: std::sync::OnceLock::new(),
             rooms,
-            users,
+            users: UserLocks::default(),
         });
         let _first = node.ctx.node.set(Arc::downgrade(&node));
         Ok(node)
@@ -307,7 +301,6 @@ impl Node {
         let me = self.ctx.config.node_id.clone();
         let owns = |k: &RingKey| ring.owner(k) == Some(&me);
         self.rooms.retain(|r| owns(&RingKey::Room(*r)));
-        self.users.retain(|u| owns(&RingKey::User(u.clone())));
         self.ctx
             .sessions
             .retain(|u| owns(&RingKey::User(u.clone())));
@@ -359,7 +352,7 @@ impl Node {
             "draining": self.is_draining(),
             "ring": {"version": ring.version(), "nodes": ring.nodes()},
             "rooms": self.rooms.len(),
-            "users": self.users.len(),
+            "users": self.ctx.sessions.online_users(),
             "busy_rooms": busy(self.rooms.busy(50).into_iter().map(|(k, n)| (k.to_string(), n)).collect()),
             "busy_users": busy(self.users.busy(50).into_iter().map(|(k, n)| (k.to_string(), n)).collect()),
             "room_locks": locks,
@@ -406,9 +399,14 @@ impl Node {
         self.rooms.get(&room)
     }
 
-    /// Number of running room and user actors.
-    pub fn active_actors(&self) -> (usize, usize) {
-        (self.rooms.len(), self.users.len())
+    /// Number of running room actors.
+    pub fn active_rooms(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Number of users whose connect or disconnect runs or waits (operations and tests).
+    pub fn busy_users(&self) -> usize {
+        self.users.len()
     }
 
     /// Checks that this node owns `key` on the current ring.
@@ -436,34 +434,47 @@ impl Node {
         self.rooms.call(&room, build).await
     }
 
-    async fn call_user<R, F>(&self, user: &UserId, build: F) -> Result<R, Error>
-    where
-        R: Send + 'static,
-        F: Fn(ractor::RpcReplyPort<R>) -> UserMsg,
-    {
-        self.route(&RingKey::User(user.clone()))?;
-        self.users.call(user, build).await
-    }
-
     /// A session connected: refreshes the user from the token's claims, records the session and
-    /// answers the user's room ids (which the gateway subscribes).
+    /// answers the user's room ids (which the gateway subscribes). The user's connects and
+    /// disconnects run one at a time, so presence changes go out in the order they happened.
     pub async fn connect(
         &self,
         profile: Profile,
         session: SessionInfo,
     ) -> Result<Connected, Error> {
         let user = profile.id.clone();
-        let connected = self
-            .call_user(&user, |reply| UserMsg::Connect {
-                profile: profile.clone(),
-                session: session.clone(),
-                reply,
-            })
-            .await??;
+        self.route(&RingKey::User(user.clone()))?;
+        let deadline = tokio::time::Instant::now() + self.ctx.config.call_timeout;
+        let _turn = self.user_turn(&user, deadline).await?;
+        let connected =
+            tokio::time::timeout_at(deadline, user::connect(&self.ctx, profile, session))
+                .await
+                .map_err(|_| {
+                    Error::new(
+                        ErrorCode::Timeout,
+                        format!("connecting user {user} did not finish in time"),
+                    )
+                })??;
         if connected.first {
             self.presence_changed(&user, true, None).await;
         }
         Ok(connected)
+    }
+
+    /// Waits (until `deadline`) for `user`'s turn to connect or disconnect.
+    async fn user_turn(
+        &self,
+        user: &UserId,
+        deadline: tokio::time::Instant,
+    ) -> Result<user::UserGuard<'_>, Error> {
+        tokio::time::timeout_at(deadline, self.users.lock(user))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorCode::Unavailable,
+                    format!("user {user} is overloaded; retry later"),
+                )
+            })
     }
 
     /// Creates or updates users (admin import). Any node may run it: users live in the store.
@@ -505,19 +516,23 @@ impl Node {
         Ok(n)
     }
 
-    /// A session closed.
+    /// A session closed. Once its turn came, it runs to the end even if its caller goes away,
+    /// so that `last_seen` and the offline presence are not lost half way.
     pub async fn disconnect(&self, user: &UserId, gateway: &GatewayId, session: SessionId) {
-        let res = self
-            .call_user(user, |reply| UserMsg::Disconnect {
-                gateway: gateway.clone(),
-                session,
-                reply,
-            })
-            .await;
-        match res {
-            Ok(Some(at)) => self.presence_changed(user, false, Some(at)).await,
-            Ok(None) => {}
-            Err(e) => tracing::warn!(%user, error = %e, "disconnect not recorded"),
+        if let Err(e) = self.route(&RingKey::User(user.clone())) {
+            tracing::warn!(%user, error = %e, "disconnect not recorded");
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.ctx.config.call_timeout;
+        let _turn = match self.user_turn(user, deadline).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(%user, error = %e, "disconnect not recorded");
+                return;
+            }
+        };
+        if let Some(at) = user::disconnect(&self.ctx, user, gateway, session).await {
+            self.presence_changed(user, false, Some(at)).await;
         }
     }
 
@@ -1142,7 +1157,6 @@ impl Node {
     /// finish their writes. The store and bus are closed by their owner afterwards.
     pub async fn shutdown(&self) {
         self.rooms.shutdown().await;
-        self.users.shutdown().await;
         self.ctx.tasks.close();
         self.ctx.tasks.wait().await;
     }

@@ -1,6 +1,7 @@
 //! Consistent-hash ring over the node set.
 //!
-//! Every call to a room or user actor is routed by [`Ring::owner`], even in single-process mode,
+//! Every call to a room actor, and every connect and disconnect of a user, is routed by
+//! [`Ring::owner`], even in single-process mode,
 //! so that `serve` and the cluster run the same code path. Each node is placed on the ring at
 //! [`Ring::VNODES`] points (virtual nodes) to spread load evenly and to move only about `1/n` of
 //! the keys when a node joins or leaves.
@@ -18,7 +19,7 @@ use std::hash::{Hash, Hasher};
 pub enum RingKey {
     /// A room actor.
     Room(RoomId),
-    /// A user actor.
+    /// A user: its sessions and presence.
     User(UserId),
 }
 

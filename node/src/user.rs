@@ -1,20 +1,24 @@
-//! The user actor: one per online (or recently active) user.
+//! Users on their owner node: connects and disconnects, the session table, presence.
 //!
-//! It refreshes the user's profile from token claims on connect, tracks the user's sessions
-//! (which gateway, which dialect, which device) and so their presence: online while any session
-//! is connected, `last_seen` stored when the last one closes.
+//! A connect refreshes the user's profile from the token's claims and records the session
+//! (which gateway, which dialect, which device); a disconnect removes it, and the last one
+//! stores `last_seen`. Presence follows: online while any session is connected.
 //!
-//! The session list lives in the node's [`SessionTable`], written only by this actor, so a crashed
-//! user actor restarts with its sessions intact (the gateways are the truth behind the table and
-//! re-register after a ring change).
+//! One user's connects and disconnects run one at a time, under the user's entry in
+//! [`UserLocks`], which exists only while one of them runs or waits. (They ran in a `ractor`
+//! actor per user before: its two unbounded mailboxes, processing loop and idle ticker cost
+//! about 7 KB per online user, 40% of an idle session's memory, and an actor start per connect
+//! for nothing a lock does not do; the state it held was reread from the store on every
+//! connect anyway.)
+//!
+//! The session list lives in the node's [`SessionTable`]; the gateways are the truth behind it
+//! and re-register after a ring change.
 
 use crate::NodeCtx;
 use crate::ids::unix_ms;
 use dashmap::DashMap;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use schema::{Error, GatewayId, Profile, RoomId, SessionId, User, UserId};
+use schema::{Error, GatewayId, Profile, RoomId, SessionId, UserId};
 use std::sync::Arc;
-use std::time::Instant;
 
 /// One connected session of a user.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -109,188 +113,129 @@ pub struct Connected {
     pub first: bool,
 }
 
-/// Messages of a user actor.
-pub enum UserMsg {
-    /// A session of the user connected: refresh the profile, record the session, answer the
-    /// user's room ids.
-    Connect {
-        /// Claims of the token.
-        profile: Profile,
-        /// The session.
-        session: SessionInfo,
-        /// The user's rooms and pending notifications.
-        reply: RpcReplyPort<Result<Connected, Error>>,
-    },
-    /// A session closed.
-    Disconnect {
-        /// Its gateway.
-        gateway: GatewayId,
-        /// The session.
-        session: SessionId,
-        /// When the user went offline, if this was the last session.
-        reply: RpcReplyPort<Option<schema::Millis>>,
-    },
-    /// Periodic idle check.
-    Tick,
+/// The per-user locks that serialize a user's connects and disconnects on its owner node. An
+/// entry exists only while its user's connect or disconnect runs or waits, so an idle online
+/// user costs nothing here.
+#[derive(Default)]
+pub struct UserLocks {
+    locks: DashMap<UserId, Arc<tokio::sync::Mutex<()>>>,
 }
 
-/// Builds user actors for the directory.
-pub struct UserSpec {
-    pub(crate) ctx: Arc<NodeCtx>,
+/// Holds a user's lock; dropping it forgets the entry when nobody else holds or waits for it.
+pub struct UserGuard<'a> {
+    locks: &'a UserLocks,
+    user: UserId,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
-impl crate::directory::ChildSpec for UserSpec {
-    type Key = UserId;
-    type Child = UserActor;
-    const KIND: &'static str = "user";
-    fn make(&self, key: &UserId) -> (UserActor, UserId) {
-        (
-            UserActor {
-                ctx: self.ctx.clone(),
-            },
-            key.clone(),
-        )
-    }
-}
-
-/// The user actor.
-pub struct UserActor {
-    ctx: Arc<NodeCtx>,
-}
-
-/// A user actor's state.
-pub struct UserState {
-    id: UserId,
-    user: Option<User>,
-    last_activity: Instant,
-    ticker: tokio::task::JoinHandle<()>,
-}
-
-impl Actor for UserActor {
-    type Msg = UserMsg;
-    type State = UserState;
-    type Arguments = UserId;
-
-    async fn pre_start(
-        &self,
-        myself: ActorRef<UserMsg>,
-        id: UserId,
-    ) -> Result<UserState, ActorProcessingErr> {
-        let user = self.ctx.store.user(&id).await?;
-        let every = self
-            .ctx
-            .config
-            .user_idle_timeout
-            .min(self.ctx.config.idle_timeout)
-            / 2;
-        let ticker = myself.send_interval(every, || UserMsg::Tick);
-        Ok(UserState {
-            id,
-            user,
-            last_activity: Instant::now(),
-            ticker,
-        })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<UserMsg>,
-        st: &mut UserState,
-    ) -> Result<(), ActorProcessingErr> {
-        st.ticker.abort();
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        myself: ActorRef<UserMsg>,
-        msg: UserMsg,
-        st: &mut UserState,
-    ) -> Result<(), ActorProcessingErr> {
-        if !matches!(msg, UserMsg::Tick) {
-            // The idle check itself is no activity (it used to be, and user actors never
-            // stopped).
-            st.last_activity = Instant::now();
-        }
-        match msg {
-            UserMsg::Connect {
-                profile,
-                session,
-                reply,
-            } => {
-                let res = self.connect(st, profile, session).await;
-                if reply.send(res).is_err() {
-                    tracing::debug!(user = %st.id, "connect caller went away");
-                }
-            }
-            UserMsg::Disconnect {
-                gateway,
-                session,
-                reply,
-            } => {
-                let mut offline = None;
-                if self.ctx.sessions.remove(&st.id, &gateway, session) {
-                    // Last session gone: the user is offline from now.
-                    let now = unix_ms();
-                    offline = Some(now);
-                    if let Err(e) = self.ctx.store.set_last_seen(&st.id, now).await {
-                        tracing::warn!(user = %st.id, error = %e, "cannot store last_seen");
-                    }
-                }
-                if reply.send(offline).is_err() {
-                    tracing::debug!(user = %st.id, "disconnect caller went away");
-                }
-            }
-            UserMsg::Tick => {
-                // Offline users keep their actor for `idle_timeout`; online ones for
-                // `user_idle_timeout` (their sessions stay in the session table).
-                let idle = st.last_activity.elapsed();
-                let limit = if self.ctx.sessions.is_online(&st.id) {
-                    self.ctx.config.user_idle_timeout
-                } else {
-                    self.ctx.config.idle_timeout
-                };
-                if idle >= limit {
-                    myself.stop(Some("idle".into()));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl UserActor {
-    async fn connect(
-        &self,
-        st: &mut UserState,
-        profile: Profile,
-        session: SessionInfo,
-    ) -> Result<Connected, Error> {
-        // A claim the token does not carry keeps the stored value (an admin import, say); the
-        // stored user is reread because an import may have changed it behind this actor.
-        st.user = self.ctx.store.user(&st.id).await?;
-        let mut profile = profile;
-        if let Some(u) = &st.user {
-            let old = &u.profile;
-            profile.username = profile.username.or_else(|| old.username.clone());
-            profile.name = profile.name.or_else(|| old.name.clone());
-            profile.avatar = profile.avatar.or_else(|| old.avatar.clone());
-        }
-        if st.user.as_ref().map(|u| &u.profile) != Some(&profile) {
-            st.user = Some(self.ctx.store.upsert_user(&profile, unix_ms()).await?);
-        }
-        let rooms = self.ctx.store.room_ids_of(&st.id).await?;
-        let pending = if session.takes_pending {
-            self.ctx.store.take_pending(&st.id).await?
-        } else {
-            Vec::new()
+impl UserLocks {
+    /// Waits for `user`'s turn.
+    pub async fn lock(&self, user: &UserId) -> UserGuard<'_> {
+        let lock = self.locks.entry(user.clone()).or_default().clone();
+        // Built before the wait, so that a wait given up (a caller's deadline) forgets the
+        // entry too.
+        let mut held = UserGuard {
+            locks: self,
+            user: user.clone(),
+            guard: None,
         };
-        let first = !self.ctx.sessions.is_online(&st.id);
-        self.ctx.sessions.add(&st.id, session);
-        Ok(Connected {
-            rooms,
-            pending,
-            first,
-        })
+        held.guard = Some(lock.lock_owned().await);
+        held
     }
+
+    /// Users whose connect or disconnect runs or waits, with how many (the running one
+    /// included), most first (at most `max`).
+    pub fn busy(&self, max: usize) -> Vec<(UserId, usize)> {
+        let mut out: Vec<(UserId, usize)> = self
+            .locks
+            .iter()
+            .map(|e| {
+                (
+                    e.key().clone(),
+                    Arc::strong_count(e.value()).saturating_sub(1),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        out.sort_by_key(|e| std::cmp::Reverse(e.1));
+        out.truncate(max);
+        out
+    }
+
+    /// Number of users with a connect or disconnect running or waiting.
+    pub fn len(&self) -> usize {
+        self.locks.len()
+    }
+
+    /// Whether no connect or disconnect runs.
+    pub fn is_empty(&self) -> bool {
+        self.locks.is_empty()
+    }
+}
+
+impl Drop for UserGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // The map's own reference is the only one left: nobody holds or waits. (A caller
+        // about to wait clones the entry under the same shard lock this check takes.)
+        self.locks
+            .locks
+            .remove_if(&self.user, |_, l| Arc::strong_count(l) == 1);
+    }
+}
+
+/// Records a connecting session of `user` (the caller holds the user's lock): refreshes the
+/// profile from the token's claims, reads the user's rooms and takes the pending
+/// notifications. The session enters the table last, after every store call, so a connect
+/// given up half way (its caller's deadline) leaves no session behind.
+pub(crate) async fn connect(
+    ctx: &NodeCtx,
+    profile: Profile,
+    session: SessionInfo,
+) -> Result<Connected, Error> {
+    let id = profile.id.clone();
+    // A claim the token does not carry keeps the stored value (an admin import, say).
+    let stored = ctx.store.user(&id).await?;
+    let mut profile = profile;
+    if let Some(u) = &stored {
+        let old = &u.profile;
+        profile.username = profile.username.or_else(|| old.username.clone());
+        profile.name = profile.name.or_else(|| old.name.clone());
+        profile.avatar = profile.avatar.or_else(|| old.avatar.clone());
+    }
+    if stored.as_ref().map(|u| &u.profile) != Some(&profile) {
+        ctx.store.upsert_user(&profile, unix_ms()).await?;
+    }
+    let rooms = ctx.store.room_ids_of(&id).await?;
+    let pending = if session.takes_pending {
+        ctx.store.take_pending(&id).await?
+    } else {
+        Vec::new()
+    };
+    let first = !ctx.sessions.is_online(&id);
+    ctx.sessions.add(&id, session);
+    Ok(Connected {
+        rooms,
+        pending,
+        first,
+    })
+}
+
+/// Removes a closed session of `user` (the caller holds the user's lock); when it was the
+/// last, stores `last_seen` and answers when the user went offline.
+pub(crate) async fn disconnect(
+    ctx: &NodeCtx,
+    user: &UserId,
+    gateway: &GatewayId,
+    session: SessionId,
+) -> Option<schema::Millis> {
+    if !ctx.sessions.remove(user, gateway, session) {
+        return None;
+    }
+    // Last session gone: the user is offline from now.
+    let now = unix_ms();
+    if let Err(e) = ctx.store.set_last_seen(user, now).await {
+        tracing::warn!(%user, error = %e, "cannot store last_seen");
+    }
+    Some(now)
 }

@@ -1,4 +1,5 @@
-//! Room and user actors on a real embedded store: crash recovery, idle stop, ring routing.
+//! Room actors and users on a real embedded store: crash recovery, idle stop, ring routing,
+//! connects and disconnects.
 #![allow(clippy::unwrap_used)]
 
 use palaver_node as node;
@@ -279,43 +280,70 @@ async fn presence_tracks_sessions_and_last_seen() {
     node.shutdown().await;
 }
 
-/// An online user's actor stops when idle (its sessions stay in the session table), and the
-/// user stays online; the next disconnect starts it again and presence ends correctly.
-#[tokio::test]
-async fn an_idle_online_users_actor_stops_and_presence_survives() {
-    let (node, store, _dir) = node_with(NodeConfig {
-        user_idle_timeout: Duration::from_millis(200),
-        ..NodeConfig::default()
-    })
-    .await;
-    connect(&node, "q", 1).await;
-    connect(&node, "q", 2).await;
-    assert_eq!(node.active_actors().1, 1);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while node.active_actors().1 > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the idle user actor never stopped"
+/// One user's connects and disconnects run one at a time, presence included: when a user's
+/// last session closes while a new one opens, the room-mate is told "offline" then "online",
+/// never the other way round (which would leave a connected user shown offline). 30 rounds
+/// of a disconnect racing a connect on two worker threads; no per-user lock is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_follows_a_users_connects_and_disconnects_in_order() {
+    use futures::StreamExt;
+    let (node, _store, _dir) = node_with(NodeConfig::default()).await;
+    let mut stream = node
+        .ctx()
+        .bus
+        .subscribe(&GatewayId::new("gw"))
+        .await
+        .unwrap();
+    // "a" (session 1) and "b" (session 2) share a group: b hears a's presence.
+    group(&node).await;
+    let profile = Profile {
+        id: uid("a"),
+        username: None,
+        name: None,
+        avatar: None,
+        language: None,
+    };
+    let info = |session| SessionInfo {
+        gateway: GatewayId::new("gw"),
+        session: SessionId(session),
+        dialect: "native".into(),
+        device: None,
+        takes_pending: true,
+    };
+    for round in 0..30u64 {
+        let old = if round == 0 { 1 } else { 100 + round - 1 };
+        let new = 100 + round;
+        let closing = {
+            let node = node.clone();
+            tokio::spawn(async move {
+                node.disconnect(&uid("a"), &GatewayId::new("gw"), SessionId(old))
+                    .await;
+            })
+        };
+        let opening = {
+            let node = node.clone();
+            let profile = profile.clone();
+            tokio::spawn(async move { node.connect(profile, info(new)).await.unwrap() })
+        };
+        closing.await.unwrap();
+        opening.await.unwrap();
+        // Every presence event of the round is on the bus once both calls returned.
+        let mut last = None;
+        while let Some(Some(d)) = futures::FutureExt::now_or_never(stream.next()) {
+            if let schema::Event::Presence { user, online, .. } = d.event
+                && user == uid("a")
+            {
+                last = Some(online);
+            }
+        }
+        assert!(node.ctx().sessions.is_online(&uid("a")));
+        assert_ne!(
+            last,
+            Some(false),
+            "round {round}: a is connected but the last presence b heard was offline"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let sessions = &node.ctx().sessions;
-    assert!(
-        sessions.is_online(&uid("q")),
-        "still online without an actor"
-    );
-    assert_eq!(sessions.sessions(&uid("q")).len(), 2);
-    node.disconnect(&uid("q"), &GatewayId::new("gw"), SessionId(1))
-        .await;
-    assert!(sessions.is_online(&uid("q")));
-    node.disconnect(&uid("q"), &GatewayId::new("gw"), SessionId(2))
-        .await;
-    assert!(!sessions.is_online(&uid("q")));
-    let user = store.user(&uid("q")).await.unwrap().unwrap();
-    assert!(
-        user.last_seen.is_some(),
-        "last_seen stored by the restarted actor"
-    );
+    assert_eq!(node.busy_users(), 0, "no lock left behind");
     node.shutdown().await;
 }
 
