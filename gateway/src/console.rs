@@ -76,8 +76,14 @@ tokio::task_local! {
 }
 
 /// Runs `f` with `dialect` as the dialect that refusals recorded inside it are attributed to.
-pub async fn scoped<F: std::future::Future>(dialect: &'static str, f: F) -> F::Output {
-    DIALECT.scope(dialect, f).await
+///
+/// Not an `async fn`: one would keep `f` twice in its state (once as its argument, once
+/// inside the scope), and a session's future is most of an idle session's memory.
+pub fn scoped<F: std::future::Future>(
+    dialect: &'static str,
+    f: F,
+) -> tokio::task::futures::TaskLocalFuture<&'static str, F> {
+    DIALECT.scope(dialect, f)
 }
 
 /// [`scoped`] for synchronous code.

@@ -324,52 +324,56 @@ pub async fn run_native<S>(
             Some(Ok(WsMessage::Close(_))) => break,
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
         };
-        let mut pause = None;
-        let out = match native::decode(text.as_str()) {
-            Err(de) => {
-                app.console
-                    .record(Some("native"), Some("decode"), Some(&user), &de.error);
-                native::encode_error(&de.id, &de.error)
-            }
-            Ok(req) => match req.op {
-                native::Op::Ping => native::encode_pong(&req.id),
-                // Boxed, like the teardown below: a future awaited inline takes its largest
-                // state's room in every idle session's task for the session's whole life.
-                native::Op::Resume(rooms) => match Box::pin(resume(&app, &user, id, rooms)).await {
-                    Ok(v) => native::encode_data(&req.id, v),
-                    Err(e) => native::encode_error(&req.id, &e),
-                },
-                native::Op::Command(mut cmd) => {
-                    handle.metrics().command(&cmd);
-                    if let Command::View {
-                        room,
-                        viewing: on,
-                        session,
-                    } = &mut cmd
-                    {
-                        *session = Some(SessionRef {
-                            gateway: app.hub.gateway().clone(),
-                            session: id,
-                        });
-                        if *on {
-                            viewing.insert(*room);
-                        } else {
-                            viewing.remove(room);
+        // Boxed, like the teardown below: a future awaited inline takes the room of its largest
+        // state in the session's task for the session's whole life, idle or not.
+        let (out, pause) = Box::pin(async {
+            let mut pause = None;
+            let out = match native::decode(text.as_str()) {
+                Err(de) => {
+                    app.console
+                        .record(Some("native"), Some("decode"), Some(&user), &de.error);
+                    native::encode_error(&de.id, &de.error)
+                }
+                Ok(req) => match req.op {
+                    native::Op::Ping => native::encode_pong(&req.id),
+                    native::Op::Resume(rooms) => match resume(&app, &user, id, rooms).await {
+                        Ok(v) => native::encode_data(&req.id, v),
+                        Err(e) => native::encode_error(&req.id, &e),
+                    },
+                    native::Op::Command(mut cmd) => {
+                        handle.metrics().command(&cmd);
+                        if let Command::View {
+                            room,
+                            viewing: on,
+                            session,
+                        } = &mut cmd
+                        {
+                            *session = Some(SessionRef {
+                                gateway: app.hub.gateway().clone(),
+                                session: id,
+                            });
+                            if *on {
+                                viewing.insert(*room);
+                            } else {
+                                viewing.remove(room);
+                            }
+                        }
+                        let r = app.node.execute(&user, cmd).await;
+                        pause = handle.tarpit(&r);
+                        match r {
+                            Ok(r) => native::encode_ok(&req.id, &r),
+                            Err(e) => native::encode_error(&req.id, &e),
                         }
                     }
-                    let r = app.node.execute(&user, cmd).await;
-                    pause = handle.tarpit(&r);
-                    match r {
-                        Ok(r) => native::encode_ok(&req.id, &r),
-                        Err(e) => native::encode_error(&req.id, &e),
-                    }
-                }
-            },
-        };
+                },
+            };
+            (out, pause)
+        })
+        .await;
         if !reply(&handle, out) {
             break;
         }
-        if let Some(pause) = pause.take() {
+        if let Some(pause) = pause {
             // Over its rate: answered at once, heard again after the pause.
             tokio::select! {
                 () = handle.closed() => break,
