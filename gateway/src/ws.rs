@@ -10,7 +10,7 @@
 //! (RFC 6455 section 5.2: opcode, FIN, length). A data frame that starts a message and declares
 //! more than the limit is not passed on: its payload (and that of its continuation frames) is read
 //! and discarded in fixed-size chunks, never held, and the session is told through a bounded
-//! channel so that it can answer `frame_too_large`. Everything else passes through untouched;
+//! queue ([`Dropped`]) so that it can answer `frame_too_large`. Everything else passes through untouched;
 //! `tungstenite` still does all of the protocol. Two cases still close the connection with
 //! 1009, from `tungstenite`'s own limits: a fragmented message whose first fragments fit but
 //! whose total does not (those fragments were already passed on), and a frame declaring more
@@ -27,7 +27,6 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -45,8 +44,90 @@ pub const SKIP_FACTOR: u64 = 16;
 /// The socket type sessions run on.
 pub type Socket = WebSocketStream<FrameGuard<TokioIo<hyper::upgrade::Upgraded>>>;
 
-/// Sizes of data frames the guard dropped, for the session to answer.
-pub type Dropped = mpsc::Receiver<u64>;
+/// Most dropped-frame reports waiting for the session; more are not reported (the session
+/// has answers to send already).
+const DROPPED_REPORTS: usize = 8;
+
+/// What the guard and its session share about dropped frames.
+#[derive(Default)]
+struct DropShared {
+    sizes: parking_lot::Mutex<std::collections::VecDeque<u64>>,
+    wake: tokio::sync::Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// The session's end: sizes of data frames the guard dropped, to answer. A small queue of its
+/// own rather than a `tokio` channel: every connection has one, and a channel's first block and
+/// cache-padded state were about 1 KB of each idle session.
+pub struct Dropped {
+    shared: std::sync::Arc<DropShared>,
+}
+
+/// The guard's end of [`Dropped`].
+pub struct DropReports {
+    shared: std::sync::Arc<DropShared>,
+}
+
+/// A guard's reports and the session's end of them.
+pub fn dropped_frames() -> (DropReports, Dropped) {
+    let shared = std::sync::Arc::new(DropShared::default());
+    (
+        DropReports {
+            shared: shared.clone(),
+        },
+        Dropped { shared },
+    )
+}
+
+impl DropReports {
+    /// Reports a dropped frame of `size` bytes; false when [`DROPPED_REPORTS`] already wait.
+    fn report(&self, size: u64) -> bool {
+        let mut sizes = self.shared.sizes.lock();
+        if sizes.len() >= DROPPED_REPORTS {
+            return false;
+        }
+        sizes.push_back(size);
+        drop(sizes);
+        self.shared.wake.notify_one();
+        true
+    }
+}
+
+impl Drop for DropReports {
+    fn drop(&mut self) {
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Dropped {
+    /// The next report, waiting for one; `None` once the guard is gone and none is left.
+    pub async fn recv(&mut self) -> Option<u64> {
+        loop {
+            if let Some(size) = self.try_recv() {
+                return Some(size);
+            }
+            if self
+                .shared
+                .closed
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                // A last report may have come just before the close.
+                return self.try_recv();
+            }
+            // `notify_one` keeps a permit when nobody waits: a report between the check above
+            // and this wait is not missed.
+            self.shared.wake.notified().await;
+        }
+    }
+
+    /// The next report, if one waits.
+    pub fn try_recv(&mut self) -> Option<u64> {
+        self.shared.sizes.lock().pop_front()
+    }
+}
 
 /// An accepted WebSocket upgrade request (extractor).
 pub struct Upgrade {
@@ -156,7 +237,7 @@ impl Upgrade {
                     return;
                 }
             };
-            let (tx, rx) = mpsc::channel(8);
+            let (tx, rx) = dropped_frames();
             let guard = FrameGuard::new(TokioIo::new(upgraded), limit as u64, tx);
             // Small read chunks: tungstenite's default 128 KiB read buffer per connection would be
             // most of an idle session's memory. Larger frames still arrive, in more reads.
@@ -199,7 +280,7 @@ enum State {
 pub struct FrameGuard<T> {
     inner: T,
     limit: u64,
-    dropped: mpsc::Sender<u64>,
+    dropped: DropReports,
     state: State,
     hdr: [u8; 14],
     hdr_len: usize,
@@ -214,7 +295,7 @@ pub struct FrameGuard<T> {
 
 impl<T> FrameGuard<T> {
     /// Wraps `inner`; data frames above `limit` bytes are dropped and reported on `dropped`.
-    pub fn new(inner: T, limit: u64, dropped: mpsc::Sender<u64>) -> Self {
+    pub fn new(inner: T, limit: u64, dropped: DropReports) -> Self {
         Self {
             inner,
             limit,
@@ -299,8 +380,8 @@ impl<T> FrameGuard<T> {
         self.state = State::Header;
         if fin {
             self.dropping = false;
-            // A full channel means the session has reports to answer already.
-            if self.dropped.try_send(self.dropped_len).is_err() {
+            // A full queue means the session has reports to answer already.
+            if !self.dropped.report(self.dropped_len) {
                 tracing::debug!("oversized-frame report dropped");
             }
         }
@@ -475,7 +556,7 @@ mod tests {
     }
 
     async fn run(input: Vec<u8>, limit: u64) -> (Vec<u8>, Vec<u64>) {
-        let (tx, mut rx) = mpsc::channel(8);
+        let (tx, mut rx) = dropped_frames();
         // Feed the input in awkward chunk sizes.
         let (client, server) = tokio::io::duplex(7);
         let writer = tokio::spawn(async move {
@@ -496,7 +577,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         writer.await.unwrap_or_else(|e| panic!("{e}"));
         let mut dropped = Vec::new();
-        while let Ok(d) = rx.try_recv() {
+        while let Some(d) = rx.try_recv() {
             dropped.push(d);
         }
         (out, dropped)
@@ -542,5 +623,29 @@ mod tests {
         let (out, dropped) = run(huge.clone(), 1024).await;
         assert!(out == huge, "passed bytes differ");
         assert!(dropped.is_empty());
+    }
+
+    /// The session hears every report the queue holds, in order, waiting for them; reports past
+    /// the bound are refused; once the guard is gone, what is left is heard, then `None`.
+    #[tokio::test]
+    async fn dropped_frame_reports_reach_the_session_in_order_and_end_with_the_guard() {
+        let (reports, mut dropped) = dropped_frames();
+        let waiting = tokio::spawn(async move {
+            let first = dropped.recv().await;
+            (first, dropped)
+        });
+        tokio::task::yield_now().await;
+        assert!(reports.report(10));
+        let (first, mut dropped) = waiting.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(first, Some(10));
+        for i in 0..DROPPED_REPORTS as u64 {
+            assert!(reports.report(100 + i));
+        }
+        assert!(!reports.report(999), "past the bound");
+        drop(reports);
+        for i in 0..DROPPED_REPORTS as u64 {
+            assert_eq!(dropped.recv().await, Some(100 + i));
+        }
+        assert_eq!(dropped.recv().await, None);
     }
 }
