@@ -149,7 +149,7 @@ pub struct SessionHandle {
     /// Its wire dialect.
     pub dialect: String,
     metrics: Arc<DialectMetrics>,
-    tx: mpsc::Sender<Outbound>,
+    tx: crate::outbox::Sender<Outbound>,
     close: CancellationToken,
     reason: Mutex<Option<CloseReason>>,
     rooms: Mutex<Vec<RoomId>>,
@@ -329,7 +329,7 @@ pub struct Registered {
     /// Handle (close signal).
     pub handle: Arc<SessionHandle>,
     /// Outbound queue.
-    pub rx: mpsc::Receiver<Outbound>,
+    pub rx: crate::outbox::Receiver<Outbound>,
 }
 
 impl Hub {
@@ -462,7 +462,7 @@ impl Hub {
             }
             mine.push(id);
         }
-        let (tx, rx) = mpsc::channel(self.queue);
+        let (tx, rx) = crate::outbox::channel(self.queue);
         let metrics = self.metrics.get(&dialect);
         metrics.opened();
         let handle = Arc::new(SessionHandle {

@@ -27,6 +27,7 @@ pub mod fuzzing;
 pub mod hub;
 pub mod listen;
 pub mod node_process;
+pub mod outbox;
 pub mod people;
 pub mod push;
 pub mod ready;

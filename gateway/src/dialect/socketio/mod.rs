@@ -501,7 +501,7 @@ async fn write(
     app: Arc<App>,
     socket: SocketRef,
     handle: Arc<SessionHandle>,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: crate::outbox::Receiver<Outbound>,
     encoder: Encoder,
     closed: CancellationToken,
 ) {
