@@ -19,7 +19,7 @@ use schema::{
 };
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -147,14 +147,50 @@ pub struct SessionHandle {
     /// The claims it connected with (to register again with a new owner after a ring change).
     pub profile: Profile,
     /// Its wire dialect.
-    pub dialect: String,
+    pub dialect: &'static str,
     metrics: Arc<DialectMetrics>,
     tx: crate::outbox::Sender<Outbound>,
-    close: CancellationToken,
+    /// Set once the session is asked to close.
+    close: CloseSignal,
     reason: Mutex<Option<CloseReason>>,
     rooms: Mutex<Vec<RoomId>>,
     /// Commands refused for rate in a row (see [`SessionHandle::tarpit`]).
     refusals: AtomicU32,
+}
+
+/// A one-way signal, set once, that any number of tasks can wait for. What a
+/// `CancellationToken` does for a session, inline: a token is an allocation of its own (about
+/// 110 bytes) in every session.
+#[derive(Default)]
+pub struct CloseSignal {
+    set: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl CloseSignal {
+    /// Sets the signal and wakes every waiter (now and later ones return at once).
+    pub fn set(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    /// Whether it is set.
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the signal is set.
+    pub async fn wait(&self) {
+        loop {
+            // Made before the flag is read: `notify_waiters` wakes a `Notified` made before it
+            // even if it was not polled yet, so a `set` between the two is not missed.
+            let woken = self.wake.notified();
+            if self.is_set() {
+                return;
+            }
+            woken.await;
+        }
+    }
 }
 
 /// First pause of a client refused for rate; it doubles with each refusal in a row.
@@ -169,7 +205,12 @@ impl SessionHandle {
         if r.is_none() {
             *r = Some(reason);
         }
-        self.close.cancel();
+        self.close();
+    }
+
+    /// Marks the session closed and wakes every waiter of [`SessionHandle::closed`].
+    fn close(&self) {
+        self.close.set();
     }
 
     /// Closes the session as a slow consumer (code 1008, `reason`), counted once per session.
@@ -185,7 +226,7 @@ impl SessionHandle {
         if first {
             self.metrics.slow_consumer();
         }
-        self.close.cancel();
+        self.close();
     }
 
     /// How long the session stops listening after a command answered `result`: a client
@@ -225,8 +266,13 @@ impl SessionHandle {
     }
 
     /// Resolves when the session has been asked to close.
-    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.close.cancelled()
+    pub async fn closed(&self) {
+        self.close.wait().await;
+    }
+
+    /// Whether the session has been asked to close.
+    pub fn is_closed(&self) -> bool {
+        self.close.is_set()
     }
 
     /// The reason it was asked to close, if it was.
@@ -415,7 +461,7 @@ impl Hub {
     pub fn dialect_counts(&self) -> std::collections::BTreeMap<String, usize> {
         let mut counts = std::collections::BTreeMap::new();
         for s in self.sessions.iter() {
-            *counts.entry(s.dialect.clone()).or_insert(0) += 1;
+            *counts.entry(s.dialect.to_owned()).or_insert(0) += 1;
         }
         counts
     }
@@ -426,7 +472,7 @@ impl Hub {
         let ids = self.by_user.get(user).map(|v| v.clone())?;
         let mut names: Vec<String> = ids
             .iter()
-            .filter_map(|id| self.sessions.get(id).map(|s| s.dialect.clone()))
+            .filter_map(|id| self.sessions.get(id).map(|s| s.dialect.to_owned()))
             .collect();
         names.sort();
         names.dedup();
@@ -438,7 +484,7 @@ impl Hub {
         &self,
         id: SessionId,
         profile: Profile,
-        dialect: String,
+        dialect: &'static str,
         rooms: Vec<RoomId>,
     ) -> Result<Registered, Error> {
         let user = profile.id.clone();
@@ -463,7 +509,7 @@ impl Hub {
             mine.push(id);
         }
         let (tx, rx) = crate::outbox::channel(self.queue);
-        let metrics = self.metrics.get(&dialect);
+        let metrics = self.metrics.get(dialect);
         metrics.opened();
         let handle = Arc::new(SessionHandle {
             user: user.clone(),
@@ -471,7 +517,7 @@ impl Hub {
             dialect,
             metrics,
             tx,
-            close: CancellationToken::new(),
+            close: CloseSignal::default(),
             reason: Mutex::new(None),
             rooms: Mutex::new(Vec::new()),
             refusals: AtomicU32::new(0),
@@ -605,10 +651,10 @@ impl Hub {
     }
 
     /// Every session: id, profile and dialect.
-    pub fn snapshot(&self) -> Vec<(SessionId, Profile, String)> {
+    pub fn snapshot(&self) -> Vec<(SessionId, Profile, &'static str)> {
         self.sessions
             .iter()
-            .map(|s| (*s.key(), s.profile.clone(), s.dialect.clone()))
+            .map(|s| (*s.key(), s.profile.clone(), s.dialect))
             .collect()
     }
 
@@ -905,5 +951,36 @@ mod tests {
             "one buffer, shared"
         );
         assert!(a.as_str().contains("\"room_joined\""));
+    }
+
+    #[tokio::test]
+    async fn a_close_signal_wakes_every_waiter_and_stays_set() {
+        let signal = Arc::new(CloseSignal::default());
+        assert!(!signal.is_set());
+        // Two waiters parked before the signal, one made (not polled) just before it.
+        let parked: Vec<_> = (0..2)
+            .map(|_| {
+                let s = signal.clone();
+                tokio::spawn(async move { s.wait().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let early = signal.wait();
+        let not_yet = tokio::time::timeout(std::time::Duration::from_millis(20), signal.wait());
+        assert!(not_yet.await.is_err(), "an unset signal does not resolve");
+        signal.set();
+        for p in parked {
+            tokio::time::timeout(std::time::Duration::from_secs(5), p)
+                .await
+                .expect("a parked waiter is woken")
+                .expect("waiter task");
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(5), early)
+            .await
+            .expect("a waiter made before the set resolves");
+        tokio::time::timeout(std::time::Duration::from_secs(5), signal.wait())
+            .await
+            .expect("a waiter made after the set resolves at once");
+        assert!(signal.is_set());
     }
 }

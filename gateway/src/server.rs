@@ -89,7 +89,7 @@ async fn follow_ring(app: Arc<App>, cluster: Arc<Cluster>, stop: CancellationTok
                 gateway: app.hub.gateway().clone(),
                 session: id,
                 takes_pending: dialect == "native",
-                dialect,
+                dialect: dialect.into(),
                 device: None,
             };
             match app.node.connect(profile, info).await {

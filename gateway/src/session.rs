@@ -135,7 +135,7 @@ pub async fn open_with(
     let user = profile.id.clone();
     let reg = app
         .hub
-        .register(id, profile.clone(), dialect.to_owned(), Vec::new())
+        .register(id, profile.clone(), dialect, Vec::new())
         .await?;
     let info = SessionInfo {
         gateway: app.hub.gateway().clone(),
@@ -172,15 +172,32 @@ pub fn deliver_pending(app: &App, id: SessionId, pending: Vec<schema::Notificati
 
 /// Runs a native-protocol session over `socket` until it ends. `dropped` reports frames the
 /// [`crate::ws::FrameGuard`] refused for their size.
-pub async fn run_native<S>(
+///
+/// A plain function that splits the socket before it builds the session's future: an `async fn`
+/// keeps its arguments in its state for its whole life, and the socket (the WebSocket codec and
+/// its I/O) would sit there, moved out but still sized in, in every idle session.
+pub fn run_native<S>(
     socket: S,
+    app: Arc<App>,
+    opened: Opened,
+    dropped: crate::ws::Dropped,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    S: Stream<Item = Result<WsMessage, tungstenite::Error>> + Sink<WsMessage> + Send + 'static,
+{
+    let (sink, stream) = socket.split();
+    native_loop(sink, stream, app, opened, dropped)
+}
+
+async fn native_loop<S>(
+    mut sink: futures::stream::SplitSink<S, WsMessage>,
+    mut stream: futures::stream::SplitStream<S>,
     app: Arc<App>,
     opened: Opened,
     mut dropped: crate::ws::Dropped,
 ) where
     S: Stream<Item = Result<WsMessage, tungstenite::Error>> + Sink<WsMessage> + Send + 'static,
 {
-    let (mut sink, mut stream) = socket.split();
     let Opened { user, reg } = opened;
     let Registered { id, handle, mut rx } = reg;
     if app.draining.load(Ordering::SeqCst) {
@@ -190,12 +207,15 @@ pub async fn run_native<S>(
     tracing::debug!(%user, session = id.0, "session open");
     let mut viewing: HashSet<RoomId> = HashSet::new();
 
-    let last_rx = Arc::new(AtomicU64::new(0));
+    let last_rx = AtomicU64::new(0);
     let started = Instant::now();
     let ping_every = app.config.ping_interval;
-    let writer_handle = handle.clone();
-    let writer_last_rx = last_rx.clone();
-    let writer = tokio::spawn(async move {
+    // The writer and the reader run in this one task, side by side: a task of its own for the
+    // writer cost every idle session a second task's header, its handle and shared copies of
+    // what both use.
+    let writer_handle = &handle;
+    let writer_last_rx = &last_rx;
+    let writer = async move {
         let mut ping = tokio::time::interval(ping_every);
         ping.tick().await;
         loop {
@@ -205,7 +225,9 @@ pub async fn run_native<S>(
                 out = rx.recv() => {
                     let Some(out) = out else { break };
                     // Frames already queued behind this one go out in the same socket write.
-                    let write = async {
+                    // Boxed, as the reader's frame handling: inline, the write (and its timer)
+                    // would size the writer's state for its whole life, idle or not.
+                    let write = Box::pin(async {
                         let mut events = u64::from(matches!(out, Outbound::Event(_)));
                         sink.feed(native_frame(out)).await.map_err(drop)?;
                         for _ in 1..WRITE_BATCH {
@@ -215,7 +237,7 @@ pub async fn run_native<S>(
                         }
                         sink.flush().await.map_err(drop)?;
                         Ok::<u64, ()>(events)
-                    };
+                    });
                     match tokio::time::timeout(WRITE_TIMEOUT, write).await {
                         Ok(Ok(events)) => writer_handle.metrics().delivered(events),
                         Ok(Err(_)) => {
@@ -238,164 +260,188 @@ pub async fn run_native<S>(
                         });
                         break;
                     }
-                    if sink.send(WsMessage::Ping(Default::default())).await.is_err() {
+                    if Box::pin(sink.send(WsMessage::Ping(Default::default()))).await.is_err() {
                         return;
                     }
                 }
             }
         }
-        let reason = writer_handle.close_reason().unwrap_or(CloseReason {
-            code: 1000,
-            reason: String::new(),
-        });
-        // Flush what is already queued (a last error reply, say), briefly, unless the client is
-        // the reason we are closing.
-        if reason.code != 1008 {
-            let flush = async {
-                while let Ok(out) = rx.try_recv() {
-                    if sink.send(native_frame(out)).await.is_err() {
-                        break;
+        Box::pin(async move {
+            let reason = writer_handle.close_reason().unwrap_or(CloseReason {
+                code: 1000,
+                reason: String::new(),
+            });
+            // Flush what is already queued (a last error reply, say), briefly, unless the client is
+            // the reason we are closing.
+            if reason.code != 1008 {
+                let flush = async {
+                    while let Ok(out) = rx.try_recv() {
+                        if sink.send(native_frame(out)).await.is_err() {
+                            break;
+                        }
                     }
-                }
-            };
-            let _flushed = tokio::time::timeout(Duration::from_secs(1), flush).await;
-        }
-        // Best effort: the peer may already be gone.
-        if sink.send(close_frame(&reason)).await.is_ok() {
-            let _flushed = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-        }
-    });
-
-    loop {
-        let frame = tokio::select! {
-            biased;
-            () = handle.closed() => break,
-            Some(size) = dropped.recv() => {
-                // Refused from its header; the connection goes on.
-                last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
-                let limit = app.config.max_frame_bytes;
-                crate::telemetry::metrics::limit_refused("frame");
-                let err = Error::new(
-                    ErrorCode::FrameTooLarge,
-                    format!("frame of {size} bytes exceeds the {limit}-byte limit; it was discarded"),
-                );
-                if !reply(&handle, native::encode_error(&serde_json::Value::Null, &err)) {
-                    break;
-                }
-                continue;
+                };
+                let _flushed = tokio::time::timeout(Duration::from_secs(1), flush).await;
             }
-            f = stream.next() => f,
-        };
-        last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
-        let text = match frame {
-            None => break,
-            Some(Err(e)) => {
-                if let Some(limit) = too_large(&e) {
+            // Best effort: the peer may already be gone.
+            if sink.send(close_frame(&reason)).await.is_ok() {
+                let _flushed = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+            }
+        })
+        .await;
+    };
+
+    let reader_handle = &handle;
+    let reader_app = &app;
+    let reader_user = &user;
+    let reader_last_rx = &last_rx;
+    let reader_viewing = &mut viewing;
+    let reader = async move {
+        let (handle, app, user, last_rx, viewing) = (
+            reader_handle,
+            reader_app,
+            reader_user,
+            reader_last_rx,
+            reader_viewing,
+        );
+        loop {
+            let frame = tokio::select! {
+                biased;
+                () = handle.closed() => break,
+                Some(size) = dropped.recv() => {
+                    // Refused from its header; the connection goes on.
+                    last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
+                    let limit = app.config.max_frame_bytes;
                     crate::telemetry::metrics::limit_refused("frame");
                     let err = Error::new(
                         ErrorCode::FrameTooLarge,
-                        format!("frame exceeds the {limit}-byte limit"),
+                        format!("frame of {size} bytes exceeds the {limit}-byte limit; it was discarded"),
                     );
-                    // Past what the guard skips (a fragmented message that outgrew the limit,
-                    // or a frame far beyond it): reply, then close with 1009.
-                    reply(
-                        &handle,
-                        native::encode_error(&serde_json::Value::Null, &err),
+                    if !reply(handle, native::encode_error(&serde_json::Value::Null, &err)) {
+                        break;
+                    }
+                    continue;
+                }
+                f = stream.next() => f,
+            };
+            last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
+            let text = match frame {
+                None => break,
+                Some(Err(e)) => {
+                    if let Some(limit) = too_large(&e) {
+                        crate::telemetry::metrics::limit_refused("frame");
+                        let err = Error::new(
+                            ErrorCode::FrameTooLarge,
+                            format!("frame exceeds the {limit}-byte limit"),
+                        );
+                        // Past what the guard skips (a fragmented message that outgrew the limit,
+                        // or a frame far beyond it): reply, then close with 1009.
+                        reply(handle, native::encode_error(&serde_json::Value::Null, &err));
+                        handle.kick(CloseReason {
+                            code: 1009,
+                            reason: format!("frame exceeds the {limit}-byte limit"),
+                        });
+                    }
+                    break;
+                }
+                Some(Ok(WsMessage::Text(t))) => t,
+                Some(Ok(WsMessage::Binary(_))) => {
+                    let err = Error::new(
+                        ErrorCode::MalformedJson,
+                        "binary frames are not accepted; send JSON as text frames",
                     );
-                    handle.kick(CloseReason {
-                        code: 1009,
-                        reason: format!("frame exceeds the {limit}-byte limit"),
-                    });
+                    reply(handle, native::encode_error(&serde_json::Value::Null, &err));
+                    continue;
                 }
-                break;
-            }
-            Some(Ok(WsMessage::Text(t))) => t,
-            Some(Ok(WsMessage::Binary(_))) => {
-                let err = Error::new(
-                    ErrorCode::MalformedJson,
-                    "binary frames are not accepted; send JSON as text frames",
-                );
-                reply(
-                    &handle,
-                    native::encode_error(&serde_json::Value::Null, &err),
-                );
-                continue;
-            }
-            Some(Ok(WsMessage::Close(_))) => break,
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
-        };
-        // Boxed, like the teardown below: a future awaited inline takes the room of its largest
-        // state in the session's task for the session's whole life, idle or not.
-        let (out, pause) = Box::pin(async {
-            let mut pause = None;
-            let out = match native::decode(text.as_str()) {
-                Err(de) => {
-                    app.console
-                        .record(Some("native"), Some("decode"), Some(&user), &de.error);
-                    native::encode_error(&de.id, &de.error)
-                }
-                Ok(req) => match req.op {
-                    native::Op::Ping => native::encode_pong(&req.id),
-                    native::Op::Resume(rooms) => match resume(&app, &user, id, rooms).await {
-                        Ok(v) => native::encode_data(&req.id, v),
-                        Err(e) => native::encode_error(&req.id, &e),
-                    },
-                    native::Op::Command(mut cmd) => {
-                        handle.metrics().command(&cmd);
-                        if let Command::View {
-                            room,
-                            viewing: on,
-                            session,
-                        } = &mut cmd
-                        {
-                            *session = Some(SessionRef {
-                                gateway: app.hub.gateway().clone(),
-                                session: id,
-                            });
-                            if *on {
-                                viewing.insert(*room);
-                            } else {
-                                viewing.remove(room);
+                Some(Ok(WsMessage::Close(_))) => break,
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
+            };
+            // Boxed, like the teardown below: a future awaited inline takes the room of its largest
+            // state in the session's task for the session's whole life, idle or not.
+            let (out, pause) = Box::pin(async {
+                let mut pause = None;
+                let out = match native::decode(text.as_str()) {
+                    Err(de) => {
+                        app.console
+                            .record(Some("native"), Some("decode"), Some(user), &de.error);
+                        native::encode_error(&de.id, &de.error)
+                    }
+                    Ok(req) => match req.op {
+                        native::Op::Ping => native::encode_pong(&req.id),
+                        native::Op::Resume(rooms) => match resume(app, user, id, rooms).await {
+                            Ok(v) => native::encode_data(&req.id, v),
+                            Err(e) => native::encode_error(&req.id, &e),
+                        },
+                        native::Op::Command(mut cmd) => {
+                            handle.metrics().command(&cmd);
+                            if let Command::View {
+                                room,
+                                viewing: on,
+                                session,
+                            } = &mut cmd
+                            {
+                                *session = Some(SessionRef {
+                                    gateway: app.hub.gateway().clone(),
+                                    session: id,
+                                });
+                                if *on {
+                                    viewing.insert(*room);
+                                } else {
+                                    viewing.remove(room);
+                                }
+                            }
+                            let r = app.node.execute(user, cmd).await;
+                            pause = handle.tarpit(&r);
+                            match r {
+                                Ok(r) => native::encode_ok(&req.id, &r),
+                                Err(e) => native::encode_error(&req.id, &e),
                             }
                         }
-                        let r = app.node.execute(&user, cmd).await;
-                        pause = handle.tarpit(&r);
-                        match r {
-                            Ok(r) => native::encode_ok(&req.id, &r),
-                            Err(e) => native::encode_error(&req.id, &e),
-                        }
-                    }
-                },
-            };
-            (out, pause)
-        })
-        .await;
-        if !reply(&handle, out) {
-            break;
-        }
-        if let Some(pause) = pause {
-            // Over its rate: answered at once, heard again after the pause.
-            tokio::select! {
-                () = handle.closed() => break,
-                () = tokio::time::sleep(pause) => {}
+                    },
+                };
+                (out, pause)
+            })
+            .await;
+            if !reply(handle, out) {
+                break;
+            }
+            if let Some(pause) = pause {
+                // Over its rate: answered at once, heard again after the pause.
+                tokio::select! {
+                    () = handle.closed() => break,
+                    () = tokio::time::sleep(pause) => {}
+                }
             }
         }
-    }
 
-    handle.kick(CloseReason {
-        code: 1000,
-        reason: String::new(),
-    });
-    Box::pin(async move {
-        let mut writer = writer;
-        if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-            .await
-            .is_err()
-        {
-            // Stuck on a peer that does not read: dropping the socket is the only way out.
-            writer.abort();
-            tracing::debug!(%user, "session writer aborted");
+        handle.kick(CloseReason {
+            code: 1000,
+            reason: String::new(),
+        });
+    };
+    {
+        let mut writer = std::pin::pin!(writer);
+        let mut reader = std::pin::pin!(reader);
+        // The reader ends the session (it kicks the handle, which ends the writer); a writer that
+        // ends first (a failed write, a keepalive timeout) kicks it too, and the reader, which
+        // may be answering a frame, finishes that first.
+        let reader_first = tokio::select! {
+            () = reader.as_mut() => true,
+            () = writer.as_mut() => false,
+        };
+        if reader_first {
+            if tokio::time::timeout(Duration::from_secs(5), writer)
+                .await
+                .is_err()
+            {
+                // Stuck on a peer that does not read: dropping the socket is the only way out.
+                tracing::debug!(%user, "session writer abandoned");
+            }
+        } else {
+            reader.await;
         }
+    }
+    Box::pin(async move {
         let _slot = app.teardown().await;
         app.hub.unregister(id).await;
         stop_viewing(&app, &user, id, viewing).await;

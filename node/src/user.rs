@@ -27,8 +27,9 @@ pub struct SessionInfo {
     pub gateway: GatewayId,
     /// The session on that gateway.
     pub session: SessionId,
-    /// The wire dialect ("native", ...).
-    pub dialect: String,
+    /// The wire dialect ("native", ...); borrowed from the gateway's static names (no
+    /// allocation per session), owned when it arrives over the cluster transport.
+    pub dialect: std::borrow::Cow<'static, str>,
     /// The client's device id, if it named one.
     pub device: Option<String>,
     /// Whether the session shows pending notifications: connecting takes (and so clears) them
@@ -84,6 +85,9 @@ impl SessionTable {
     fn add(&self, user: &UserId, s: SessionInfo) {
         let mut e = self.users.entry(user.clone()).or_default();
         e.retain(|x| !(x.gateway == s.gateway && x.session == s.session));
+        // Most users have one session: room for exactly one more, not the four a first push
+        // reserves (80 bytes each, per online user).
+        e.reserve_exact(1);
         e.push(s);
     }
 

@@ -127,8 +127,28 @@ impl Ctx {
 
 /// Runs a session of dialect `D` over `socket` until it ends. `profile` must be the profile
 /// `opened` was opened with.
-pub async fn run<S, D>(
+///
+/// A plain function that splits the socket first (see [`crate::session::run_native`]: an `async
+/// fn` would keep the socket's size in every idle session's state).
+pub fn run<S, D>(
     socket: S,
+    app: Arc<App>,
+    profile: Profile,
+    opened: Opened,
+    dropped: crate::ws::Dropped,
+    dialect: D,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    S: Stream<Item = Result<WsMessage, tungstenite::Error>> + Sink<WsMessage> + Send + 'static,
+    D: WsDialect,
+{
+    let (sink, stream) = socket.split();
+    run_split(sink, stream, app, profile, opened, dropped, dialect)
+}
+
+async fn run_split<S, D>(
+    mut sink: futures::stream::SplitSink<S, WsMessage>,
+    mut stream: futures::stream::SplitStream<S>,
     app: Arc<App>,
     profile: Profile,
     opened: Opened,
@@ -138,7 +158,6 @@ pub async fn run<S, D>(
     S: Stream<Item = Result<WsMessage, tungstenite::Error>> + Sink<WsMessage> + Send + 'static,
     D: WsDialect,
 {
-    let (mut sink, mut stream) = socket.split();
     let (_, reg) = opened.into_parts();
     let Registered { id, handle, mut rx } = reg;
     if app.draining.load(Ordering::SeqCst) {
@@ -154,13 +173,15 @@ pub async fn run<S, D>(
     let dialect = Arc::new(dialect);
     tracing::debug!(user = %ctx.user(), session = id.0, "dialect session open");
 
-    let last_rx = Arc::new(AtomicU64::new(0));
+    let last_rx = AtomicU64::new(0);
     let started = Instant::now();
     let ping_every = app.config.ping_interval;
-    let writer_last_rx = last_rx.clone();
-    let writer_ctx = ctx.clone();
-    let writer_dialect = dialect.clone();
-    let writer = tokio::spawn(async move {
+    // The writer and the reader run side by side in this one task (see
+    // `crate::session::run_native`).
+    let writer_last_rx = &last_rx;
+    let writer_ctx = &ctx;
+    let writer_dialect = &dialect;
+    let writer = async move {
         let ctx = writer_ctx;
         let mut ping = tokio::time::interval(ping_every);
         ping.tick().await;
@@ -171,7 +192,9 @@ pub async fn run<S, D>(
                 out = rx.recv() => {
                     let Some(out) = out else { break };
                     // Frames already queued behind this one go out in the same socket write.
-                    let write = async {
+                    // Boxed: inline, the write (and its timer) would size the writer's state for
+                    // its whole life, idle or not.
+                    let write = Box::pin(async {
                         let mut next = Some(out);
                         let mut fed = 0;
                         let mut events = 0u64;
@@ -179,7 +202,7 @@ pub async fn run<S, D>(
                             let is_event = matches!(out, Outbound::Event(_));
                             let text = match out {
                                 Outbound::Text(t) => Some(Utf8Bytes::from(t)),
-                                Outbound::Event(ev) => writer_dialect.event(&ctx, &ev).await,
+                                Outbound::Event(ev) => writer_dialect.event(ctx, &ev).await,
                             };
                             if let Some(text) = text {
                                 sink.feed(WsMessage::Text(text)).await.map_err(drop)?;
@@ -194,7 +217,7 @@ pub async fn run<S, D>(
                             sink.flush().await.map_err(drop)?;
                         }
                         Ok::<u64, ()>(events)
-                    };
+                    });
                     match tokio::time::timeout(WRITE_TIMEOUT, write).await {
                         Ok(Ok(events)) => ctx.handle.metrics().delivered(events),
                         Ok(Err(_)) => {
@@ -217,124 +240,149 @@ pub async fn run<S, D>(
                         });
                         break;
                     }
-                    if sink.send(WsMessage::Ping(Default::default())).await.is_err() {
+                    if Box::pin(sink.send(WsMessage::Ping(Default::default()))).await.is_err() {
                         return;
                     }
                 }
             }
         }
-        let reason = ctx.handle.close_reason().unwrap_or(CloseReason {
-            code: 1000,
-            reason: String::new(),
-        });
-        if reason.code != 1008 {
-            // Flush replies already queued (a last error, say), briefly.
-            let flush = async {
-                while let Ok(out) = rx.try_recv() {
-                    let text = match out {
-                        Outbound::Text(t) => Utf8Bytes::from(t),
-                        Outbound::Event(ev) => match writer_dialect.event(&ctx, &ev).await {
-                            Some(t) => t,
-                            None => continue,
-                        },
-                    };
-                    if sink.send(WsMessage::Text(text)).await.is_err() {
-                        break;
+        Box::pin(async move {
+            let reason = ctx.handle.close_reason().unwrap_or(CloseReason {
+                code: 1000,
+                reason: String::new(),
+            });
+            if reason.code != 1008 {
+                // Flush replies already queued (a last error, say), briefly.
+                let flush = async {
+                    while let Ok(out) = rx.try_recv() {
+                        let text = match out {
+                            Outbound::Text(t) => Utf8Bytes::from(t),
+                            Outbound::Event(ev) => match writer_dialect.event(ctx, &ev).await {
+                                Some(t) => t,
+                                None => continue,
+                            },
+                        };
+                        if sink.send(WsMessage::Text(text)).await.is_err() {
+                            break;
+                        }
                     }
-                }
-            };
-            let _flushed = tokio::time::timeout(Duration::from_secs(1), flush).await;
-        }
-        if sink
-            .send(crate::session::close_frame(&reason))
-            .await
-            .is_ok()
-        {
-            let _flushed = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-        }
-    });
-
-    loop {
-        let frame = tokio::select! {
-            biased;
-            () = handle.closed() => break,
-            Some(size) = dropped.recv() => {
-                last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
-                let limit = app.config.max_frame_bytes;
-                crate::telemetry::metrics::limit_refused("frame");
-                let err = Error::new(
-                    ErrorCode::FrameTooLarge,
-                    format!("frame of {size} bytes exceeds the {limit}-byte limit; it was discarded"),
-                );
-                if let Some(t) = dialect.refused(&err)
-                    && !ctx.send(t)
-                {
-                    break;
-                }
-                continue;
+                };
+                let _flushed = tokio::time::timeout(Duration::from_secs(1), flush).await;
             }
-            f = stream.next() => f,
-        };
-        last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
-        let text = match frame {
-            None => break,
-            Some(Err(e)) => {
-                if let Some(limit) = crate::session::too_large(&e) {
+            if sink
+                .send(crate::session::close_frame(&reason))
+                .await
+                .is_ok()
+            {
+                let _flushed = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+            }
+        })
+        .await;
+    };
+
+    let (reader_ctx, reader_dialect, reader_app, reader_last_rx) = (&ctx, &dialect, &app, &last_rx);
+    let reader = async move {
+        let (ctx, dialect, app, last_rx) = (reader_ctx, reader_dialect, reader_app, reader_last_rx);
+        loop {
+            let frame = tokio::select! {
+                biased;
+                () = handle.closed() => break,
+                Some(size) = dropped.recv() => {
+                    last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
+                    let limit = app.config.max_frame_bytes;
                     crate::telemetry::metrics::limit_refused("frame");
                     let err = Error::new(
                         ErrorCode::FrameTooLarge,
-                        format!("frame exceeds the {limit}-byte limit"),
+                        format!("frame of {size} bytes exceeds the {limit}-byte limit; it was discarded"),
+                    );
+                    if let Some(t) = dialect.refused(&err)
+                        && !ctx.send(t)
+                    {
+                        break;
+                    }
+                    continue;
+                }
+                f = stream.next() => f,
+            };
+            last_rx.store(started.elapsed().as_secs(), Ordering::Relaxed);
+            let text = match frame {
+                None => break,
+                Some(Err(e)) => {
+                    if let Some(limit) = crate::session::too_large(&e) {
+                        crate::telemetry::metrics::limit_refused("frame");
+                        let err = Error::new(
+                            ErrorCode::FrameTooLarge,
+                            format!("frame exceeds the {limit}-byte limit"),
+                        );
+                        if let Some(t) = dialect.refused(&err) {
+                            ctx.send(t);
+                        }
+                        ctx.close(CloseReason {
+                            code: 1009,
+                            reason: format!("frame exceeds the {limit}-byte limit"),
+                        });
+                    }
+                    break;
+                }
+                Some(Ok(WsMessage::Text(t))) => t,
+                Some(Ok(WsMessage::Binary(_))) => {
+                    let err = Error::new(
+                        ErrorCode::MalformedJson,
+                        "binary frames are not accepted; send JSON as text frames",
                     );
                     if let Some(t) = dialect.refused(&err) {
                         ctx.send(t);
                     }
-                    ctx.close(CloseReason {
-                        code: 1009,
-                        reason: format!("frame exceeds the {limit}-byte limit"),
-                    });
+                    continue;
                 }
-                break;
-            }
-            Some(Ok(WsMessage::Text(t))) => t,
-            Some(Ok(WsMessage::Binary(_))) => {
-                let err = Error::new(
-                    ErrorCode::MalformedJson,
-                    "binary frames are not accepted; send JSON as text frames",
-                );
-                if let Some(t) = dialect.refused(&err) {
-                    ctx.send(t);
+                Some(Ok(WsMessage::Close(_))) => break,
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
+            };
+            // Boxed: inline, the dialect's handling would size the session's state for its whole
+            // life, idle or not.
+            match Box::pin(dialect.frame(ctx, text.as_str())).await {
+                Flow::Continue => {}
+                Flow::Close(reason) => {
+                    ctx.close(reason);
+                    break;
                 }
-                continue;
-            }
-            Some(Ok(WsMessage::Close(_))) => break,
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
-        };
-        match dialect.frame(&ctx, text.as_str()).await {
-            Flow::Continue => {}
-            Flow::Close(reason) => {
-                ctx.close(reason);
-                break;
             }
         }
-    }
 
-    ctx.close(CloseReason {
-        code: 1000,
-        reason: String::new(),
-    });
-    let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-        .await
-        .is_err()
+        ctx.close(CloseReason {
+            code: 1000,
+            reason: String::new(),
+        });
+    };
     {
-        writer.abort();
-        tracing::debug!(user = %ctx.user(), "session writer aborted");
+        let mut writer = std::pin::pin!(writer);
+        let mut reader = std::pin::pin!(reader);
+        // As in `crate::session::run_native`: the reader ends the session; a writer that ends
+        // first has closed it, and the reader finishes the frame it may be answering.
+        let reader_first = tokio::select! {
+            () = reader.as_mut() => true,
+            () = writer.as_mut() => false,
+        };
+        if reader_first {
+            if tokio::time::timeout(Duration::from_secs(5), writer)
+                .await
+                .is_err()
+            {
+                // Stuck on a peer that does not read: dropping the socket is the only way out.
+                tracing::debug!(user = %ctx.user(), "session writer abandoned");
+            }
+        } else {
+            reader.await;
+        }
     }
-    let _slot = app.teardown().await;
-    app.hub.unregister(id).await;
-    dialect.closed(&ctx).await;
-    let viewing = std::mem::take(&mut *ctx.viewing.lock());
-    stop_viewing(&app, ctx.user(), id, viewing).await;
-    app.node.disconnect(ctx.user(), app.hub.gateway(), id).await;
-    tracing::debug!(user = %ctx.user(), session = id.0, "dialect session closed");
+    Box::pin(async move {
+        let _slot = app.teardown().await;
+        app.hub.unregister(id).await;
+        dialect.closed(&ctx).await;
+        let viewing = std::mem::take(&mut *ctx.viewing.lock());
+        stop_viewing(&app, ctx.user(), id, viewing).await;
+        app.node.disconnect(ctx.user(), app.hub.gateway(), id).await;
+        tracing::debug!(user = %ctx.user(), session = id.0, "dialect session closed");
+    })
+    .await;
 }
