@@ -35,8 +35,11 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 const READ_CHUNK: usize = 4096;
 
 /// How much tungstenite asks for per read; it reads from the guard's chunk (a copy, no system
-/// call), so a small value costs nothing and keeps its per-connection buffer small.
-const TUNGSTENITE_READ: usize = 512;
+/// call), so a small value costs nothing and keeps its per-connection buffer small. The codec's
+/// buffer starts at this size and grows to the largest frame a client sends, so an idle client
+/// that only subscribed holds 128 bytes (512 before: 0.4 to 1 KB more per idle session in A/B
+/// runs, and no CPU difference measured with 200 clients chatting).
+const TUNGSTENITE_READ: usize = 128;
 
 /// Frames declaring more than this many times the limit are not skipped but end the connection.
 pub const SKIP_FACTOR: u64 = 16;
