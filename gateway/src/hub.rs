@@ -807,7 +807,7 @@ impl Hub {
     /// Hands a room event to the room's lane when the room has one or is big (more than
     /// [`LANE_SESSIONS`] local sessions by default); false when the hub loop should deliver it itself.
     ///
-    /// Handing an event to thousands of sessions wakes thousands of writer tasks at once, and
+    /// Handing an event to thousands of sessions wakes thousands of session tasks at once, and
     /// an event of a small room that comes next would wait behind all of them: a big room in
     /// full flow would set every other room's latency. A lane delivers its room's events in
     /// order, [`LANE_CHUNK`] sessions at a time, yielding in between, so the hub loop goes on

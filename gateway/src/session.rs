@@ -2,7 +2,8 @@
 //!
 //! The loop is written against `Stream + Sink` of WebSocket messages. The reader handles one
 //! request at a time, in order, and puts its reply on the session's bounded outbound queue; a
-//! writer task drains that queue (replies and events) to the socket and sends keepalive pings.
+//! writer, beside it in the same task, drains that queue (replies and events) to the socket and
+//! sends keepalive pings.
 //! Whoever ends the session (client close, slow consumer, keepalive timeout, shutdown) leads to
 //! one exit path: the writer sends the close frame, the hub forgets the session, the node marks
 //! it disconnected.

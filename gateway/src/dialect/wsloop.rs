@@ -1,8 +1,8 @@
 //! The session loop shared by the plain-WebSocket dialects (Phoenix, type-tagged, event/data).
 //!
 //! Same shape as the native loop ([`crate::session::run_native`]): a reader that handles one
-//! client frame at a time, in order, and a writer task that drains the session's bounded hub
-//! queue (replies and events) to the socket and sends WebSocket pings. What differs per dialect
+//! client frame at a time, in order, and beside it, in the same task, a writer that drains the
+//! session's bounded hub queue (replies and events) to the socket and sends WebSocket pings. What differs per dialect
 //! sits behind [`WsDialect`]: how a client frame is answered and how an event is shown (or not)
 //! to this session. The dialect object is per session; its state (joined channels, say) is
 //! shared by the reader and the writer, so it keeps it behind a lock held only briefly.
@@ -38,7 +38,7 @@ pub trait WsDialect: Send + Sync + 'static {
     /// Handles one text frame from the client; replies go out with [`Ctx::send`].
     fn frame(&self, ctx: &Ctx, text: &str) -> impl Future<Output = Flow> + Send;
 
-    /// The frame that shows `event` to this session, if it is shown. Runs on the writer task,
+    /// The frame that shows `event` to this session, if it is shown. Runs in the writer,
     /// so it may look things up (a username, a room's pair) but should be quick; encodings that
     /// do not depend on the session belong in the event's shared cache
     /// ([`SharedEvent::text`]).
