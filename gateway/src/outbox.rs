@@ -9,7 +9,8 @@
 //! gives the room back once drained past a few), and a `Notify` for the writer.
 //!
 //! Every session has one; a frame is queued by the hub (one lock, one wake-up) and taken by the
-//! writer, so the lock is never contended for long.
+//! writer, so the lock is never contended for long. Every Socket.IO connection has a second
+//! one, its inbox of client events (`dialect::socketio`), for the same reason.
 
 use parking_lot::Mutex;
 use std::collections::VecDeque;
