@@ -418,8 +418,15 @@ async fn hold(sockets: Vec<Ws>, until: Instant) {
         .into_iter()
         .map(|mut ws| {
             tokio::spawn(async move {
-                // Reading answers the server's pings.
-                while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until.into(), ws.next()).await {
+                // Reading answers the server's WebSocket pings; an Engine.IO ping (`2`, Socket.IO
+                // sessions) is answered with its pong (`3`).
+                while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until.into(), ws.next()).await {
+                    if let Message::Text(t) = &m
+                        && t.as_str() == "2"
+                        && ws.send(Message::text("3")).await.is_err()
+                    {
+                        break;
+                    }
                 }
                 let _closed = ws.close(None).await;
             })
@@ -493,8 +500,12 @@ pub async fn run(cfg: RunConfig, progress: bool) -> anyhow::Result<Report> {
 
 async fn run_inner(cfg: RunConfig, progress: bool) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        cfg.protocol == Protocol::Native || matches!(cfg.workload, Workload::Dm | Workload::Group),
-        "the socketio protocol drives the dm and group workloads only"
+        cfg.protocol == Protocol::Native
+            || matches!(
+                cfg.workload,
+                Workload::Dm | Workload::Group | Workload::Idle | Workload::ConnectStorm
+            ),
+        "the socketio protocol drives the dm, group, idle and connect-storm workloads only"
     );
     if matches!(cfg.workload, Workload::Idle | Workload::ConnectStorm) {
         anyhow::ensure!(cfg.clients > 0, "need at least one client");

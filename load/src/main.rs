@@ -105,7 +105,8 @@ struct RunArgs {
     /// What the clients do.
     #[arg(long, value_enum, default_value = "dm")]
     workload: Workload,
-    /// Wire protocol (socketio: dm and group, against load/peer-socketio).
+    /// Wire protocol (socketio: dm, group, idle and connect-storm, against load/peer-socketio or
+    /// Palaver's `/socket.io/`).
     #[arg(long, value_enum, default_value = "native")]
     protocol: Protocol,
     /// Clients (at most 300,000).

@@ -51,6 +51,11 @@ const INBOX: usize = 256;
 /// Longest the writer waits for room in the engine's buffer before the client is a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Bytes the engine's WebSocket codec reads at a time, and the size its buffer starts at (it
+/// grows to the largest frame a client sends). The engine's default, 4 KiB, was that much of
+/// every idle connection; 512 bytes still takes a chat event in one read.
+const WS_READ: usize = 512;
+
 /// The engine's settings.
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
@@ -88,6 +93,7 @@ pub fn engine(settings: &EngineSettings) -> SocketIoBuilder {
         .max_payload(settings.max_payload)
         .max_buffer_size(settings.max_buffer_size)
         .connect_timeout(settings.connect_timeout)
+        .ws_read_buffer_size(WS_READ)
 }
 
 /// Builds the engine for `app` with both dialects' namespaces registered; the layer goes on the
