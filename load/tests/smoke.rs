@@ -253,12 +253,53 @@ async fn socketio_dm_against_the_node_peer_loses_nothing() {
 }
 
 #[tokio::test]
-async fn socketio_refuses_the_session_workloads() {
+async fn socketio_refuses_the_reconnect_storm() {
     let c = RunConfig {
-        workload: Workload::Idle,
+        workload: Workload::ReconnectStorm,
         protocol: Protocol::Socketio,
         ..RunConfig::default()
     };
     let e = run(c, false).await.unwrap_err();
-    assert!(e.to_string().contains("dm and group"), "{e}");
+    assert!(
+        e.to_string().contains("dm, group, idle and connect-storm"),
+        "{e}"
+    );
+}
+
+/// Idle Socket.IO sessions against Palaver: every one is opened (a session in the hub) and held
+/// for the run, then closed, and the report has the server's memory per session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socketio_idle_sessions_are_held_and_reported() {
+    let (p, _dir) = server().await;
+    let mut c = cfg(&p, Workload::Idle, 20);
+    c.url = format!("ws://{}/socket.io/", p.addr());
+    c.protocol = Protocol::Socketio;
+    c.prefix = "sio-idle-".into();
+    c.duration = Duration::from_secs(2);
+    let app = p.app().clone();
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = most.clone();
+    let watch = tokio::spawn(async move {
+        loop {
+            seen.fetch_max(app.hub.len(), std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let r = run(c, false).await.unwrap();
+    watch.abort();
+    println!("{}", table(&r));
+    assert_eq!(r.clients, 20);
+    assert_eq!(r.connect_us.count, 20);
+    assert!(r.rss_per_session_bytes.is_some(), "{r:?}");
+    assert_eq!(most.load(std::sync::atomic::Ordering::Relaxed), 20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !p.app().hub.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} sessions left open",
+            p.app().hub.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.shutdown().await.unwrap();
 }
