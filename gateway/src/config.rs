@@ -79,9 +79,11 @@ pub struct ConfigBuilder {
     /// Local sessions of one room above which the room's events are handed on by a delivery
     /// lane of their own (0: never). Default 256.
     pub fanout_lane_sessions: Option<usize>,
-    /// Session openings (hub, node, store) that run at once; more wait their turn. Default 64.
+    /// Session openings (hub, node, store) that run at once; more wait their turn. Default 4
+    /// per CPU core.
     pub session_openings: Option<usize>,
-    /// Session teardowns (hub, node, store) that run at once; more wait their turn. Default 128.
+    /// Session teardowns (hub, node, store) that run at once; more wait their turn. Default 8
+    /// per CPU core.
     pub session_teardowns: Option<usize>,
     /// Deliveries per second one room may cause: a room takes at most this divided by its
     /// member count messages per second (0: unlimited). Default 50 000.
@@ -732,12 +734,12 @@ impl ConfigBuilder {
             fanout_lane_sessions: self.fanout_lane_sessions.unwrap_or(256),
             session_openings: at_least_one(
                 self.session_openings,
-                crate::server::OPENINGS,
+                crate::server::default_openings(),
                 "PALAVER_SESSION_OPENINGS",
             )?,
             session_teardowns: at_least_one(
                 self.session_teardowns,
-                crate::server::TEARDOWNS,
+                crate::server::default_teardowns(),
                 "PALAVER_SESSION_TEARDOWNS",
             )?,
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "PALAVER_SHUTDOWN_GRACE_SECS")?,
@@ -883,17 +885,20 @@ mod tests {
         let c = Config::load(None, &HashMap::new()).expect("defaults");
         assert_eq!(
             (c.session_openings, c.session_teardowns),
-            (crate::server::OPENINGS, crate::server::TEARDOWNS)
+            (
+                crate::server::default_openings(),
+                crate::server::default_teardowns()
+            )
         );
         let c = Config::load(
             None,
             &env(&[
-                ("PALAVER_SESSION_OPENINGS", "8"),
-                ("PALAVER_SESSION_TEARDOWNS", "16"),
+                ("PALAVER_SESSION_OPENINGS", "3"),
+                ("PALAVER_SESSION_TEARDOWNS", "5"),
             ]),
         )
         .expect("set");
-        assert_eq!((c.session_openings, c.session_teardowns), (8, 16));
+        assert_eq!((c.session_openings, c.session_teardowns), (3, 5));
         for key in ["PALAVER_SESSION_OPENINGS", "PALAVER_SESSION_TEARDOWNS"] {
             // No slot at all would park every session for ever.
             let e = Config::load(None, &env(&[(key, "0")]))

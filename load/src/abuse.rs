@@ -112,7 +112,13 @@ struct Probe {
 }
 
 /// A probe delivery slower than this goes on the phase's timeline (printed to stderr).
-const SLOW_US: u64 = 10_000;
+/// `PALAVER_LOAD_SLOW_MS` sets it, to see when the deliveries behind a p99 come.
+static SLOW_US: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    std::env::var("PALAVER_LOAD_SLOW_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(10_000, |ms| ms.max(1) * 1000)
+});
 
 impl Probe {
     fn take(&self) -> Latency {
@@ -344,7 +350,7 @@ async fn finish(
     tokio::time::sleep(settle).await;
     eprintln!(
         "abuse: {name}: probe deliveries over {} ms by send time: {}",
-        SLOW_US / 1000,
+        *SLOW_US / 1000,
         probe.timeline()
     );
     let lat = probe.take();
@@ -494,7 +500,7 @@ async fn probe_pair(
                         let now = micros(probe.start.elapsed());
                         let lat = now.saturating_sub(at).max(1);
                         probe.hist.lock().saturating_record(lat);
-                        if lat > SLOW_US {
+                        if lat > *SLOW_US {
                             probe.slow.lock().push((at, lat));
                         }
                         probe.delivered.fetch_add(1, Ordering::Relaxed);
