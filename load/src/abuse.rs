@@ -773,12 +773,24 @@ fn median_of(mut times: Vec<Duration>) -> (usize, f64) {
 
 /// Sessions the server counts now (`palaver_connections`, all dialects).
 async fn server_sessions(port: u16) -> Option<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+    sessions_at(&format!("127.0.0.1:{port}")).await
+}
+
+/// Sessions the Palaver server at `host:port` counts now; `None` when it does not say within
+/// 2 s (the Node peer has no `/metrics`, and its HTTP server never answers a path that is not
+/// Socket.IO's).
+pub(crate) async fn sessions_at(authority: &str) -> Option<f64> {
+    let get = async {
+        reqwest::get(format!("http://{authority}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    };
+    let text = tokio::time::timeout(Duration::from_secs(2), get)
         .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+        .ok()??;
     let mut total = None;
     for line in text.lines() {
         if line.starts_with("palaver_connections{")

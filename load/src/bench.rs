@@ -496,6 +496,7 @@ async fn run_plan(
 ) -> anyhow::Result<()> {
     for (name, c) in plan {
         eprintln!("bench: {server}: {name} ...");
+        let url = c.url.clone();
         let report = run(c, false).await?;
         eprint!("{}", table(&report));
         rows.push(Row {
@@ -503,10 +504,35 @@ async fn run_plan(
             server,
             report,
         });
-        // Let the server see the previous sessions go.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle(&url).await;
     }
     Ok(())
+}
+
+/// Waits until the server counts none of the previous run's sessions (at most 15 s), so that
+/// their teardowns (a limited number run at once) are not charged to the next run; a server
+/// without `/metrics` (the Node peer) gets 1 s.
+async fn settle(url: &str) {
+    let authority = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default()
+        .to_owned();
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while std::time::Instant::now() < until {
+        match crate::abuse::sessions_at(&authority).await {
+            Some(n) if n > 0.0 => tokio::time::sleep(Duration::from_millis(100)).await,
+            Some(_) => break,
+            None => {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                break;
+            }
+        }
+    }
+    // A moment for the last teardowns' store writes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
 fn ms(us: u64) -> String {
