@@ -147,8 +147,10 @@ pub const TEARDOWNS_PER_CORE: usize = 8;
 /// A slot is the cost of a connect storm to everyone else: `palaver-load abuse`'s storm of
 /// 10,000 sessions, three runs each on two cores, put the probe's p99 at 4.7 to 6.2 ms with 64
 /// openings and 128 teardowns (the defaults until 2026-12-07), 3.8 to 4.5 ms with 16 and 16, and
-/// 3.1 to 3.2 ms with 8 and 16, for sessions opened at 4,600 a second instead of 6,400. More
-/// teardown slots than 16 cleared the reset no sooner (0.5 to 0.6 s for 10,000 either way).
+/// 3.1 to 3.2 ms with 8 and 16, for sessions opened at 4,600 to 5,100 a second instead of 6,400
+/// and the bench's reconnect storm at 935 to 1,454 a second instead of 1,232 to 1,354 (a slot
+/// also waits for the store's commit of what the connect writes). More teardown slots than 16
+/// cleared the reset no sooner (0.5 to 0.6 s for 10,000 either way).
 pub const OPENINGS_PER_CORE: usize = 4;
 
 /// CPU cores this process may run on (1 when unknown).
