@@ -505,6 +505,9 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(axum::middleware::from_fn(count_too_large))
         .with_state(app.clone())
         .layer(crate::dialect::socketio::layer(&app))
+        .layer(axum::middleware::from_fn(
+            crate::dialect::socketio::own_request_head,
+        ))
 }
 
 /// The router of a dedicated listener: one dialect at `/` (plus health checks).
