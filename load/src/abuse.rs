@@ -92,6 +92,9 @@ pub struct Phase {
     pub peak_rss: u64,
     /// Server RSS after the phase (attackers gone).
     pub rss_after: u64,
+    /// Peak bytes in the kernel's TCP buffers during the phase, machine-wide (both ends of
+    /// every loopback connection).
+    pub peak_tcp_buffers: u64,
 }
 
 /// Latency of the probe, reset per phase.
@@ -149,10 +152,11 @@ impl Probe {
     }
 }
 
-/// Peak RSS sampler, reset per phase.
+/// Peak RSS sampler, reset per phase; with it, the peak of the kernel's TCP buffers.
 struct Rss {
     pid: u32,
     peak: AtomicU64,
+    tcp_peak: AtomicU64,
 }
 
 impl Rss {
@@ -163,6 +167,32 @@ impl Rss {
     fn take(&self) -> u64 {
         self.peak.swap(self.now(), Ordering::SeqCst)
     }
+
+    fn sample(&self) {
+        self.peak.fetch_max(self.now(), Ordering::Relaxed);
+        self.tcp_peak.fetch_max(tcp_memory(), Ordering::Relaxed);
+    }
+
+    fn take_tcp(&self) -> u64 {
+        self.tcp_peak.swap(tcp_memory(), Ordering::SeqCst)
+    }
+}
+
+/// Bytes in the kernel's TCP buffers, machine-wide (`mem` of `/proc/net/sockstat`, in pages):
+/// what a client that never reads costs beyond the server's RSS, the data written to it and
+/// queued in the socket. It counts both ends of every loopback connection (the load
+/// generator's receive queues too), so it is an upper bound of the server's share.
+fn tcp_memory() -> u64 {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|t| {
+            t.lines().find(|l| l.starts_with("TCP:")).and_then(|l| {
+                let mut words = l.split_whitespace();
+                words.find(|w| *w == "mem")?;
+                words.next()?.parse::<u64>().ok()
+            })
+        })
+        .map_or(0, |pages| pages * 4096)
 }
 
 /// What an abuse run measured.
@@ -256,12 +286,13 @@ pub async fn abuse_against(cfg: &AbuseConfig, target: &Target) -> anyhow::Result
     let rss = Arc::new(Rss {
         pid: target.pid,
         peak: AtomicU64::new(0),
+        tcp_peak: AtomicU64::new(0),
     });
     let sampler = {
         let rss = rss.clone();
         tokio::spawn(async move {
             loop {
-                rss.peak.fetch_max(rss.now(), Ordering::Relaxed);
+                rss.sample();
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -355,12 +386,14 @@ async fn finish(
     );
     let lat = probe.take();
     let peak = rss.take();
+    let tcp = rss.take_tcp();
     Phase {
         name,
         attack,
         probe: lat,
         peak_rss: peak,
         rss_after: rss.now(),
+        peak_tcp_buffers: tcp,
     }
 }
 
@@ -958,12 +991,12 @@ pub fn render(report: &AbuseReport) -> String {
     let mut out = format!(
         "Machine: {machine}; {priority}. Probe latency is send-to-deliver in ms; ratio is the \
          phase's p99 over the baseline's.\n\n\
-         | phase | probe p50 / p99 / max | p99 ratio | samples | server peak RSS | RSS after | what happened |\n\
-         |---|---|---|---|---|---|---|\n"
+         | phase | probe p50 / p99 / max | p99 ratio | samples | server peak RSS | RSS after | peak kernel TCP buffers (machine) | what happened |\n\
+         |---|---|---|---|---|---|---|---|\n"
     );
     for p in phases {
         out.push_str(&format!(
-            "| {} | {} / {} / {} | {:.2} | {} | {} | {} | {} |\n",
+            "| {} | {} / {} / {} | {:.2} | {} | {} | {} | {} | {} |\n",
             p.name,
             ms(p.probe.p50),
             ms(p.probe.p99),
@@ -972,6 +1005,7 @@ pub fn render(report: &AbuseReport) -> String {
             p.probe.count,
             mb(p.peak_rss),
             mb(p.rss_after),
+            mb(p.peak_tcp_buffers),
             p.attack
         ));
     }
