@@ -73,6 +73,9 @@ pub struct ConfigBuilder {
     /// Seconds a client has to send a complete HTTP request head (and between requests of a
     /// keep-alive connection). Default 30.
     pub header_timeout_secs: Option<u64>,
+    /// The kernel send buffer (`SO_SNDBUF`, in bytes) of a connection once it is upgraded to a
+    /// WebSocket (0: the kernel's autotuning, up to `net.ipv4.tcp_wmem`'s maximum). Default 32768.
+    pub ws_send_buffer: Option<usize>,
     /// Milliseconds a room's live event may wait at the gateway for a missing predecessor
     /// before it is delivered past the gap (0: never wait). Default 500.
     pub reorder_hold_ms: Option<u64>,
@@ -310,6 +313,8 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Longest wait for a complete HTTP request head.
     pub header_timeout: Duration,
+    /// `SO_SNDBUF` of an upgraded WebSocket connection (0: the kernel's autotuning).
+    pub ws_send_buffer: usize,
     /// Longest wait of a live room event for its missing predecessor.
     pub reorder_hold: Duration,
     /// Local sessions of one room above which it gets a delivery lane (0: never).
@@ -420,6 +425,7 @@ impl ConfigBuilder {
         over!(max_connections_per_ip, "PALAVER_MAX_CONNECTIONS_PER_IP");
         over!(max_connections_per_user, "PALAVER_MAX_CONNECTIONS_PER_USER");
         over!(header_timeout_secs, "PALAVER_HEADER_TIMEOUT_SECS");
+        over!(ws_send_buffer, "PALAVER_WS_SEND_BUFFER");
         over!(reorder_hold_ms, "PALAVER_REORDER_HOLD_MS");
         over!(fanout_lane_sessions, "PALAVER_FANOUT_LANE_SESSIONS");
         over!(session_openings, "PALAVER_SESSION_OPENINGS");
@@ -730,6 +736,16 @@ impl ConfigBuilder {
             max_connections_per_ip: self.max_connections_per_ip.unwrap_or(2000),
             max_connections_per_user: self.max_connections_per_user.unwrap_or(32),
             header_timeout: secs(self.header_timeout_secs, 30, "PALAVER_HEADER_TIMEOUT_SECS")?,
+            ws_send_buffer: match self.ws_send_buffer {
+                None => 32 * 1024,
+                Some(n) if n != 0 && !(4096..=64 * 1024 * 1024).contains(&n) => {
+                    return Err(invalid(
+                        "PALAVER_WS_SEND_BUFFER",
+                        "must be 0 (the kernel's autotuning) or from 4096 to 67108864 bytes",
+                    ));
+                }
+                Some(n) => n,
+            },
             reorder_hold: Duration::from_millis(self.reorder_hold_ms.unwrap_or(500)),
             fanout_lane_sessions: self.fanout_lane_sessions.unwrap_or(256),
             session_openings: at_least_one(
@@ -905,6 +921,22 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key) && e.contains("greater than 0"), "{e}");
+        }
+    }
+
+    #[test]
+    fn websocket_send_buffer() {
+        let c = Config::load(None, &HashMap::new()).expect("defaults");
+        assert_eq!(c.ws_send_buffer, 32 * 1024);
+        for (v, want) in [("0", 0), ("4096", 4096), ("1048576", 1 << 20)] {
+            let c = Config::load(None, &env(&[("PALAVER_WS_SEND_BUFFER", v)])).expect(v);
+            assert_eq!(c.ws_send_buffer, want);
+        }
+        for v in ["100", "4095", "67108865", "-1", "lots"] {
+            let e = Config::load(None, &env(&[("PALAVER_WS_SEND_BUFFER", v)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("PALAVER_WS_SEND_BUFFER"), "{v}: {e}");
         }
     }
 

@@ -13,6 +13,16 @@
 //!   `header_read_timeout`, which needs a timer that `axum::serve` does not give it), and so is
 //!   one that connects and sends nothing. The same bound applies between requests of a
 //!   keep-alive connection.
+//! - **A WebSocket's kernel send buffer is bounded** (`PALAVER_WS_SEND_BUFFER`): once a
+//!   connection is upgraded, its `SO_SNDBUF` is set, so that a client that stops reading holds
+//!   at most that much of the kernel's memory (Linux doubles the value for its bookkeeping)
+//!   instead of what autotuning grows it to (up to 4 MB per socket by default), and the
+//!   session's writer meets back-pressure soon enough for the slow-consumer bounds (its queue,
+//!   its write timeout) to cut the client off. Plain HTTP responses (history pages, file
+//!   downloads) keep the kernel's autotuning. The upgrade is recognised in the write path, by
+//!   the `101 Switching Protocols` head hyper writes: the router's only upgrades are WebSockets
+//!   (native, the dialects, Socket.IO's transport upgrade), and this costs a connection no
+//!   state beyond a number.
 //!
 //! Graceful shutdown is `axum::serve`'s: stop accepting, ask every HTTP connection to finish its
 //! request in flight, and resolve when they have (upgraded sockets are the sessions' business).
@@ -41,6 +51,8 @@ use tokio_util::task::TaskTracker;
 pub struct ConnLimits {
     max_per_ip: usize,
     header_timeout: Duration,
+    /// `SO_SNDBUF` of an upgraded connection (0: leave the kernel's autotuning).
+    ws_send_buffer: usize,
     by_ip: DashMap<IpAddr, usize>,
     /// Refusals being answered; past [`REFUSING_MAX`] a refused connection is just closed.
     refusing: Arc<Semaphore>,
@@ -50,12 +62,14 @@ pub struct ConnLimits {
 const REFUSING_MAX: usize = 256;
 
 impl ConnLimits {
-    /// Limits of at most `max_per_ip` connections per address (0: no limit), and request heads
-    /// within `header_timeout`.
-    pub fn new(max_per_ip: usize, header_timeout: Duration) -> Arc<Self> {
+    /// Limits of at most `max_per_ip` connections per address (0: no limit), request heads
+    /// within `header_timeout`, and upgraded (WebSocket) connections with a send buffer of
+    /// `ws_send_buffer` bytes (0: the kernel's autotuning).
+    pub fn new(max_per_ip: usize, header_timeout: Duration, ws_send_buffer: usize) -> Arc<Self> {
         Arc::new(Self {
             max_per_ip,
             header_timeout,
+            ws_send_buffer,
             by_ip: DashMap::new(),
             refusing: Arc::new(Semaphore::new(REFUSING_MAX)),
         })
@@ -102,10 +116,30 @@ impl Drop for Slot {
 }
 
 /// A TCP stream that holds its [`Slot`] for as long as it lives (through hyper's upgrade, into
-/// the WebSocket session that ends up owning it).
+/// the WebSocket session that ends up owning it), and bounds its send buffer when it is
+/// upgraded.
 struct Counted {
     tcp: TcpStream,
     _slot: Slot,
+    /// The send buffer to set when the connection is upgraded; 0 once set (or when none is).
+    upgrade_send_buffer: usize,
+}
+
+/// The head of the response that hands a connection over to another protocol.
+const SWITCHING: &[u8] = b"HTTP/1.1 101 ";
+
+impl Counted {
+    /// Called with the start of each buffer written until the upgrade: when it is the
+    /// `101 Switching Protocols` head, bounds the socket's send buffer (before the head goes
+    /// out, so that the WebSocket's first frame already meets it).
+    fn watch_for_upgrade(&mut self, written: &[u8]) {
+        if self.upgrade_send_buffer != 0 && written.starts_with(SWITCHING) {
+            let bytes = std::mem::take(&mut self.upgrade_send_buffer);
+            if let Err(e) = socket2::SockRef::from(&self.tcp).set_send_buffer_size(bytes) {
+                tracing::debug!(error = %e, bytes, "cannot set SO_SNDBUF of a WebSocket");
+            }
+        }
+    }
 }
 
 impl AsyncRead for Counted {
@@ -124,6 +158,9 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.upgrade_send_buffer != 0 {
+            self.watch_for_upgrade(buf);
+        }
         Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
 
@@ -132,6 +169,13 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.upgrade_send_buffer != 0 {
+            // hyper queues each response head as a buffer of its own; after a pipelined
+            // response's body, the 101 head may be any of them.
+            for buf in bufs {
+                self.watch_for_upgrade(buf);
+            }
+        }
         Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
     }
 
@@ -199,7 +243,11 @@ pub async fn serve(
             }
             continue;
         };
-        let io = TokioIo::new(Counted { tcp, _slot: slot });
+        let io = TokioIo::new(Counted {
+            tcp,
+            _slot: slot,
+            upgrade_send_buffer: limits.ws_send_buffer,
+        });
         let service = TowerToHyperService::new(router.clone());
         let builder = builder.clone();
         let draining = draining.clone();
@@ -269,4 +317,60 @@ async fn refuse(mut tcp: TcpStream, ip: IpAddr, max: usize) {
         io::Result::Ok(())
     };
     let _done = tokio::time::timeout(Duration::from_secs(2), write).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loopback connection's accepted end, wrapped as the accept loop wraps it.
+    async fn counted(send_buffer: usize) -> (Counted, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (tcp, peer) = listener.accept().await.expect("accept");
+        let limits = ConnLimits::new(0, Duration::from_secs(5), send_buffer);
+        let slot = limits.admit(peer.ip()).expect("slot");
+        let conn = Counted {
+            tcp,
+            _slot: slot,
+            upgrade_send_buffer: send_buffer,
+        };
+        (conn, client)
+    }
+
+    fn send_buffer(conn: &Counted) -> usize {
+        socket2::SockRef::from(&conn.tcp)
+            .send_buffer_size()
+            .expect("SO_SNDBUF")
+    }
+
+    #[tokio::test]
+    async fn only_an_upgraded_connection_gets_the_bounded_send_buffer() {
+        let (mut conn, _client) = counted(8192).await;
+        let autotuned = send_buffer(&conn);
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .expect("write");
+        assert_eq!(send_buffer(&conn), autotuned, "a plain response leaves it");
+        let head = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n";
+        // hyper writes its queued buffers vectored: the head need not be the first of them.
+        let bufs = [io::IoSlice::new(b"ok"), io::IoSlice::new(head)];
+        let written = conn.write_vectored(&bufs).await.expect("write");
+        assert!(written > 0);
+        // Linux doubles the value for its bookkeeping.
+        assert_eq!(send_buffer(&conn), 2 * 8192, "the upgrade bounds it");
+        assert_eq!(conn.upgrade_send_buffer, 0, "and is done watching");
+    }
+
+    #[tokio::test]
+    async fn zero_leaves_the_kernels_autotuning() {
+        let (mut conn, _client) = counted(0).await;
+        let autotuned = send_buffer(&conn);
+        conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(send_buffer(&conn), autotuned);
+    }
 }

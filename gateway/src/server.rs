@@ -333,8 +333,11 @@ impl Palaver {
         let ready = crate::ready::Readiness::start(checks, hub_stop.clone()).await;
         let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
         let addr = listener.local_addr()?;
-        let conn_limits =
-            crate::listen::ConnLimits::new(config.max_connections_per_ip, config.header_timeout);
+        let conn_limits = crate::listen::ConnLimits::new(
+            config.max_connections_per_ip,
+            config.header_timeout,
+            config.ws_send_buffer,
+        );
         let teardowns = tokio::sync::Semaphore::new(config.session_teardowns);
         let openings = tokio::sync::Semaphore::new(config.session_openings);
         let app = Arc::new(App {

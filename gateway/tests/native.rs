@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -669,10 +669,35 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_room_goes_on() {
     );
     // Reading now finds the buffered frames and then the end of the connection; if the close
     // frame made it through, it names the reason.
-    if let Some((code, reason)) = slow.closed().await {
+    let mut buffered = slow
+        .events
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .count() as u64;
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), slow.ws.next())
+            .await
+            .expect("no close in time")
+        {
+            Some(Ok(Message::Close(Some(f)))) => break Some((u16::from(f.code), f.reason)),
+            Some(Ok(Message::Close(None)) | Err(_)) | None => break None,
+            Some(Ok(Message::Text(t))) => buffered += u64::from(t.as_str().contains("\"message\"")),
+            Some(Ok(_)) => {}
+        }
+    };
+    if let Some((code, reason)) = closed {
         assert_eq!(code, 1008, "{reason}");
         assert!(reason.contains("slow consumer"), "{reason}");
     }
+    // What it was sent but had not read was held by the kernel: the client's receive buffer,
+    // the server's send buffer (`PALAVER_WS_SEND_BUFFER`, 32 KiB, 64 KiB as Linux counts it),
+    // and the last batch the writer had begun (up to 64 frames). Autotuning alone would have
+    // let the send buffer grow to 4 MB, a thousand of these messages.
+    println!("the client that stopped reading still had {buffered} messages of 4 KB to read");
+    assert!(
+        buffered < 250,
+        "{buffered} messages of 4 KB were buffered for a client that stopped reading"
+    );
     s.shutdown().await;
 }
 

@@ -95,6 +95,10 @@ pub struct Phase {
     /// Peak bytes in the kernel's TCP buffers during the phase, machine-wide (both ends of
     /// every loopback connection).
     pub peak_tcp_buffers: u64,
+    /// Peak bytes the server had written to its sockets and its clients had not taken (the
+    /// `tx_queue` of the server's end of every connection, from `/proc/net/tcp`): the server's
+    /// own share of the kernel's buffers, sampled every 250 ms.
+    pub peak_send_queues: u64,
 }
 
 /// Latency of the probe, reset per phase.
@@ -152,11 +156,15 @@ impl Probe {
     }
 }
 
-/// Peak RSS sampler, reset per phase; with it, the peak of the kernel's TCP buffers.
+/// Peak RSS sampler, reset per phase; with it, the peak of the kernel's TCP buffers and of the
+/// server's send queues.
 struct Rss {
     pid: u32,
+    /// The server's port (its end of every connection).
+    port: u16,
     peak: AtomicU64,
     tcp_peak: AtomicU64,
+    queued_peak: AtomicU64,
 }
 
 impl Rss {
@@ -176,6 +184,43 @@ impl Rss {
     fn take_tcp(&self) -> u64 {
         self.tcp_peak.swap(tcp_memory(), Ordering::SeqCst)
     }
+
+    /// Less often than [`Rss::sample`]: with 10,000 connections the tables are a few MB.
+    fn sample_queues(&self) {
+        self.queued_peak
+            .fetch_max(send_queues(self.port), Ordering::Relaxed);
+    }
+
+    fn take_queues(&self) -> u64 {
+        self.queued_peak
+            .swap(send_queues(self.port), Ordering::SeqCst)
+    }
+}
+
+/// Bytes written by the server's end of every TCP connection on `port` and not yet taken by
+/// the peer: the sum of `tx_queue` over `/proc/net/tcp` and `/proc/net/tcp6`. Payload bytes,
+/// without the kernel's bookkeeping (which `tcp_memory` counts).
+fn send_queues(port: u16) -> u64 {
+    let local = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| {
+            t.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    let (_sl, addr, _rem, state, queues) =
+                        (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+                    // 0A: listening (its "queue" is the accept backlog).
+                    if !addr.ends_with(&local) || state == "0A" {
+                        return None;
+                    }
+                    u64::from_str_radix(queues.split(':').next()?, 16).ok()
+                })
+                .sum::<u64>()
+        })
+        .sum()
 }
 
 /// Bytes in the kernel's TCP buffers, machine-wide (`mem` of `/proc/net/sockstat`, in pages):
@@ -285,14 +330,19 @@ pub async fn abuse_against(cfg: &AbuseConfig, target: &Target) -> anyhow::Result
     let (port, admin) = (target.port, target.admin.clone());
     let rss = Arc::new(Rss {
         pid: target.pid,
+        port,
         peak: AtomicU64::new(0),
         tcp_peak: AtomicU64::new(0),
+        queued_peak: AtomicU64::new(0),
     });
     let sampler = {
         let rss = rss.clone();
         tokio::spawn(async move {
-            loop {
+            for tick in 0u64.. {
                 rss.sample();
+                if tick % 5 == 0 {
+                    rss.sample_queues();
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -387,6 +437,7 @@ async fn finish(
     let lat = probe.take();
     let peak = rss.take();
     let tcp = rss.take_tcp();
+    let queued = rss.take_queues();
     Phase {
         name,
         attack,
@@ -394,6 +445,7 @@ async fn finish(
         peak_rss: peak,
         rss_after: rss.now(),
         peak_tcp_buffers: tcp,
+        peak_send_queues: queued,
     }
 }
 
@@ -991,12 +1043,12 @@ pub fn render(report: &AbuseReport) -> String {
     let mut out = format!(
         "Machine: {machine}; {priority}. Probe latency is send-to-deliver in ms; ratio is the \
          phase's p99 over the baseline's.\n\n\
-         | phase | probe p50 / p99 / max | p99 ratio | samples | server peak RSS | RSS after | peak kernel TCP buffers (machine) | what happened |\n\
-         |---|---|---|---|---|---|---|---|\n"
+         | phase | probe p50 / p99 / max | p99 ratio | samples | server peak RSS | RSS after | peak kernel TCP buffers (machine) | peak server send queues | what happened |\n\
+         |---|---|---|---|---|---|---|---|---|\n"
     );
     for p in phases {
         out.push_str(&format!(
-            "| {} | {} / {} / {} | {:.2} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} / {} / {} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
             p.name,
             ms(p.probe.p50),
             ms(p.probe.p99),
@@ -1006,6 +1058,7 @@ pub fn render(report: &AbuseReport) -> String {
             mb(p.peak_rss),
             mb(p.rss_after),
             mb(p.peak_tcp_buffers),
+            mb(p.peak_send_queues),
             p.attack
         ));
     }
@@ -1014,4 +1067,36 @@ pub fn render(report: &AbuseReport) -> String {
         report.probe_sent, report.probe_lost
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    #[tokio::test]
+    async fn send_queues_count_what_the_peer_has_not_taken() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let _client = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        assert_eq!(send_queues(port), 0, "nothing written yet");
+        // The client never reads: once its receive window is full, the rest waits in the
+        // server's send queue.
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0usize;
+        while let Ok(Ok(())) =
+            tokio::time::timeout(Duration::from_millis(200), server.write_all(&chunk)).await
+        {
+            written += chunk.len();
+        }
+        let queued = send_queues(port);
+        assert!(queued > 0, "{written} bytes written, none queued");
+        assert!(
+            queued as usize <= written + chunk.len(),
+            "{queued} > {written}"
+        );
+    }
 }
