@@ -74,7 +74,7 @@ pub struct ConfigBuilder {
     /// keep-alive connection). Default 30.
     pub header_timeout_secs: Option<u64>,
     /// The kernel send buffer (`SO_SNDBUF`, in bytes) of a connection once it is upgraded to a
-    /// WebSocket (0: the kernel's autotuning, up to `net.ipv4.tcp_wmem`'s maximum). Default 32768.
+    /// WebSocket (0: the kernel's autotuning, up to `net.ipv4.tcp_wmem`'s maximum). Default 262144.
     pub ws_send_buffer: Option<usize>,
     /// Milliseconds a room's live event may wait at the gateway for a missing predecessor
     /// before it is delivered past the gap (0: never wait). Default 500.
@@ -737,7 +737,7 @@ impl ConfigBuilder {
             max_connections_per_user: self.max_connections_per_user.unwrap_or(32),
             header_timeout: secs(self.header_timeout_secs, 30, "PALAVER_HEADER_TIMEOUT_SECS")?,
             ws_send_buffer: match self.ws_send_buffer {
-                None => 32 * 1024,
+                None => 256 * 1024,
                 Some(n) if n != 0 && !(4096..=64 * 1024 * 1024).contains(&n) => {
                     return Err(invalid(
                         "PALAVER_WS_SEND_BUFFER",
@@ -927,7 +927,7 @@ mod tests {
     #[test]
     fn websocket_send_buffer() {
         let c = Config::load(None, &HashMap::new()).expect("defaults");
-        assert_eq!(c.ws_send_buffer, 32 * 1024);
+        assert_eq!(c.ws_send_buffer, 256 * 1024);
         for (v, want) in [("0", 0), ("4096", 4096), ("1048576", 1 << 20)] {
             let c = Config::load(None, &env(&[("PALAVER_WS_SEND_BUFFER", v)])).expect(v);
             assert_eq!(c.ws_send_buffer, want);

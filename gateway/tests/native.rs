@@ -614,6 +614,8 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_room_goes_on() {
     // Durability is not under test here; `normal` keeps 1000s of sends quick.
     let s = TestServer::start_with(|b| {
         b.outbound_queue = Some(32);
+        // Small enough to see (the default is 256 KiB).
+        b.ws_send_buffer = Some(32 * 1024);
         b.store_durability = Some("normal".into());
         b.messages_per_second = Some(100_000);
     })
@@ -690,7 +692,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_room_goes_on() {
         assert!(reason.contains("slow consumer"), "{reason}");
     }
     // What it was sent but had not read was held by the kernel: the client's receive buffer,
-    // the server's send buffer (`PALAVER_WS_SEND_BUFFER`, 32 KiB, 64 KiB as Linux counts it),
+    // the server's send buffer (`PALAVER_WS_SEND_BUFFER`, 32 KiB here, 64 KiB as Linux counts it),
     // and the last batch the writer had begun (up to 64 frames). Autotuning alone would have
     // let the send buffer grow to 4 MB, a thousand of these messages.
     println!("the client that stopped reading still had {buffered} messages of 4 KB to read");
