@@ -2,7 +2,8 @@
 //! shape, counted in `palaver_limit_refusals_total{limit}`, and released when the connection
 //! goes, on every close path. Also the abuse cases: a request head sent byte by byte
 //! (slowloris), a connection that sends nothing, and thousands of connections opened and
-//! dropped at once.
+//! dropped at once; and the kernel send buffer of every WebSocket route, bounded after the
+//! upgrade (read with `ss` from iproute2, which `.ci/run` installs).
 //!
 //! The metrics recorder is one per process and these tests run in parallel: each asserts only
 //! the movement of its own `limit` label.
@@ -499,4 +500,93 @@ async fn a_big_room_takes_messages_at_its_fan_out_budget() {
         .collect();
     assert_eq!(texts, ["third", "first"], "the refused send was not stored");
     server.shutdown().await;
+}
+
+/// The kernel's send buffer (`tb` of `ss -tm`, as Linux counts it) of the server's end of each
+/// connection to `server`, by the client's port.
+fn server_send_buffers(server: SocketAddr) -> std::collections::HashMap<u16, u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-tmnH", "state", "established"])
+        .arg(format!("sport = :{}", server.port()))
+        .output()
+        .expect("ss (iproute2) runs");
+    assert!(out.status.success(), "ss failed: {out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    // A connection is a line with its addresses, then (indented) one with its `skmem:(...)`.
+    let mut found = std::collections::HashMap::new();
+    let mut peer = None;
+    for line in text.lines() {
+        if let Some(mem) = line.split("skmem:(").nth(1) {
+            let tb = mem
+                .split(',')
+                .find_map(|f| f.strip_prefix("tb"))
+                .and_then(|v| v.trim_end_matches(')').parse().ok());
+            if let (Some(p), Some(tb)) = (peer.take(), tb) {
+                found.insert(p, tb);
+            }
+        } else if let Some(addr) = line.split_whitespace().nth(3) {
+            peer = addr.rsplit(':').next().and_then(|p| p.parse().ok());
+        }
+    }
+    found
+}
+
+fn client_port(ws: &Ws) -> u16 {
+    match ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.local_addr().unwrap().port(),
+        _ => unreachable!("loopback is plain TCP"),
+    }
+}
+
+#[tokio::test]
+async fn every_websocket_gets_the_bounded_send_buffer_and_plain_http_does_not() {
+    let s = TestServer::start_with(|b| b.ws_send_buffer = Some(64 * 1024)).await;
+    // Linux doubles the value for its bookkeeping (below `net.core.wmem_max`).
+    let bounded = 2 * 64 * 1024;
+    let t = token("7");
+    let routes = [
+        ("native", format!("/ws?token={t}")),
+        ("phoenix", format!("/socket/websocket?vsn=2.0.0&token={t}")),
+        ("rt-chat", "/rt/chat".to_owned()),
+        ("rt-presence", "/rt/presence".to_owned()),
+        ("events", format!("/events?token={t}")),
+        (
+            "socket.io",
+            "/socket.io/?EIO=4&transport=websocket".to_owned(),
+        ),
+    ];
+    let mut open = Vec::new();
+    for (name, path) in &routes {
+        let (ws, _) = tokio_tungstenite::connect_async(s.url(path))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        open.push((*name, client_port(&ws), ws));
+    }
+    // A keep-alive HTTP connection that has been answered and stays open.
+    let mut plain = TcpStream::connect(s.addr).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: palaver\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(WAIT, plain.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    let plain_port = plain.local_addr().unwrap().port();
+
+    let buffers = server_send_buffers(s.addr);
+    for (name, port, _) in &open {
+        assert_eq!(buffers.get(port), Some(&bounded), "{name}: {buffers:?}");
+    }
+    let autotuned = buffers
+        .get(&plain_port)
+        .expect("the HTTP connection is listed");
+    assert_ne!(
+        *autotuned, bounded,
+        "plain HTTP keeps the kernel's autotuning"
+    );
+    drop(open);
+    s.shutdown().await;
 }
