@@ -280,6 +280,35 @@ impl SessionHandle {
         self.reason.lock().clone()
     }
 
+    /// Queues a frame the session itself asked for in bulk (a resume's replay), waiting while
+    /// the queue is more than half full: the writer, in the same task, drains it meanwhile, and
+    /// the other half stays free for live events, which are never waited for (a full queue cuts
+    /// the session off). Without the wait, a resume of more events than the queue holds cut its
+    /// own session off as a slow consumer, and the client, resuming again, was cut again. A
+    /// client that stops reading meanwhile is cut off by the writer's timeout, which ends the
+    /// wait. False when the session is closing.
+    pub async fn offer_paced(&self, mut out: Outbound) -> bool {
+        let half = self.tx.max_capacity().div_ceil(2);
+        loop {
+            if self.is_closed() {
+                return false;
+            }
+            if self.tx.max_capacity() - self.tx.capacity() < half {
+                match self.tx.try_send(out) {
+                    Ok(()) => {
+                        self.metrics
+                            .queued(self.tx.max_capacity() - self.tx.capacity());
+                        return true;
+                    }
+                    Err(mpsc::error::TrySendError::Full(back)) => out = back,
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
+            // The writer takes up to a batch per socket write; a millisecond is many batches.
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     /// Queues a frame without waiting. A full queue means the client stopped reading: the
     /// session is closed as a slow consumer. False when the frame was not queued.
     pub fn offer(&self, out: Outbound) -> bool {
@@ -588,7 +617,13 @@ impl Hub {
         }
     }
 
-    /// Queues an event for one session (pending notifications, replays).
+    /// The handle of a local session.
+    pub fn session(&self, id: SessionId) -> Option<Arc<SessionHandle>> {
+        self.sessions.get(&id).map(|s| s.clone())
+    }
+
+    /// Queues an event for one session without waiting (pending notifications at connect; a
+    /// replay is paced instead, see [`SessionHandle::offer_paced`]).
     pub fn offer_event(&self, id: SessionId, event: Event) -> bool {
         match self.sessions.get(&id).map(|s| s.clone()) {
             Some(s) => s.offer(Outbound::Event(SharedEvent::new(event))),

@@ -9,7 +9,7 @@
 //! it disconnected.
 
 use crate::dialect::native;
-use crate::hub::{CloseReason, Outbound, Registered, SessionHandle};
+use crate::hub::{CloseReason, Outbound, Registered, SessionHandle, SharedEvent};
 use crate::server::App;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use node::user::SessionInfo;
@@ -491,8 +491,15 @@ async fn resume(
                 last_seq,
             }) => {
                 let n = events.len();
+                let Some(session) = app.hub.session(id) else {
+                    return Err(Error::unavailable("session closed during resume"));
+                };
                 for e in events {
-                    if !app.hub.offer_event(id, e) {
+                    // Paced: a replay may be longer than the session's whole queue.
+                    if !session
+                        .offer_paced(Outbound::Event(SharedEvent::new(e)))
+                        .await
+                    {
                         return Err(Error::unavailable("session closed during resume"));
                     }
                 }

@@ -841,3 +841,58 @@ async fn a_member_leaving_a_room_with_a_lane_gets_every_message_before_the_leave
     drop(members);
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_resume_larger_than_the_outbound_queue_is_delivered_whole() {
+    // Two rooms, each 700 messages behind, against a queue of 200 frames: the resume must wait
+    // for the writer, not cut its own session off as a slow consumer (a client would come
+    // back, resume again and be cut again).
+    let s = TestServer::start_with(|b| {
+        b.outbound_queue = Some(200);
+        b.store_durability = Some("normal".into());
+        b.messages_per_second = Some(100_000);
+    })
+    .await;
+    let mut a = s.connect("1").await;
+    let mut b = s.connect("2").await;
+    let r1 = group(&mut a, "one", &["2"]).await;
+    let r2 = group(&mut a, "two", &["2"]).await;
+    b.event_named("room_joined").await;
+    b.event_named("room_joined").await;
+    let _ = b.ws.close(None).await;
+    drop(b);
+    const BEHIND: u64 = 700;
+    for i in 0..BEHIND {
+        for room in [r1, r2] {
+            a.ok("send", json!({"room": room, "text": format!("m{i}")}))
+                .await;
+        }
+    }
+    let mut b = s.connect("2").await;
+    let r = b
+        .ok(
+            "resume",
+            json!({"rooms": {r1.to_string(): 0, r2.to_string(): 0}}),
+        )
+        .await;
+    for room in [r1, r2] {
+        assert_eq!(r["rooms"][room.to_string()]["events"], BEHIND, "{r}");
+    }
+    let mut seqs: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+    let wanted = 2 * BEHIND as usize;
+    while seqs.values().map(Vec::len).sum::<usize>() < wanted {
+        let e = b.event().await;
+        if let Some(room) = e["room"].as_u64().filter(|_| e["seq"].is_u64()) {
+            seqs.entry(room)
+                .or_default()
+                .push(e["seq"].as_u64().unwrap());
+        }
+    }
+    for room in [r1, r2] {
+        let want: Vec<u64> = (1..=BEHIND).collect();
+        assert_eq!(seqs[&room], want, "room {room} replayed in order, whole");
+    }
+    // Still open.
+    b.ok("ping", json!({})).await;
+    s.shutdown().await;
+}
