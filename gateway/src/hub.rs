@@ -229,6 +229,18 @@ impl SessionHandle {
         self.close();
     }
 
+    /// Resolves once the session has been cut off as a slow consumer, and never otherwise: a
+    /// writer blocked on the client's full socket gives up at once instead of after its write
+    /// timeout, so the session's queue, socket and registration go with the cut (a writer that
+    /// ends for any other reason still finishes its write and says goodbye).
+    pub async fn cut_off(&self) {
+        self.closed().await;
+        if self.close_reason().is_some_and(|r| r.code == 1008) {
+            return;
+        }
+        std::future::pending::<()>().await;
+    }
+
     /// How long the session stops listening after a command answered `result`: a client
     /// refused for its rate (`rate_limited`, `typing_rate_limited`) is a tarpit's, 25 ms after
     /// the first refusal, doubling with each refusal in a row up to 1 s; any other answer ends

@@ -239,13 +239,22 @@ async fn native_loop<S>(
                         sink.flush().await.map_err(drop)?;
                         Ok::<u64, ()>(events)
                     });
-                    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                        Ok(Ok(events)) => writer_handle.metrics().delivered(events),
-                        Ok(Err(_)) => {
+                    // A cut-off session stops writing at once: its socket is full.
+                    let outcome = Box::pin(async {
+                        tokio::select! {
+                            r = tokio::time::timeout(WRITE_TIMEOUT, write) => Some(r),
+                            () = writer_handle.cut_off() => None,
+                        }
+                    })
+                    .await;
+                    match outcome {
+                        None => return,
+                        Some(Ok(Ok(events))) => writer_handle.metrics().delivered(events),
+                        Some(Ok(Err(_))) => {
                             writer_handle.kick(CloseReason { code: 1006, reason: "write failed".into() });
                             return;
                         }
-                        Err(_) => {
+                        Some(Err(_)) => {
                             writer_handle.slow_consumer("slow consumer: socket write timed out".into());
                             return;
                         }

@@ -218,13 +218,22 @@ async fn run_split<S, D>(
                         }
                         Ok::<u64, ()>(events)
                     });
-                    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                        Ok(Ok(events)) => ctx.handle.metrics().delivered(events),
-                        Ok(Err(_)) => {
+                    // A cut-off session stops writing at once: its socket is full.
+                    let outcome = Box::pin(async {
+                        tokio::select! {
+                            r = tokio::time::timeout(WRITE_TIMEOUT, write) => Some(r),
+                            () = ctx.handle.cut_off() => None,
+                        }
+                    })
+                    .await;
+                    match outcome {
+                        None => return,
+                        Some(Ok(Ok(events))) => ctx.handle.metrics().delivered(events),
+                        Some(Ok(Err(_))) => {
                             ctx.close(CloseReason { code: 1006, reason: "write failed".into() });
                             return;
                         }
-                        Err(_) => {
+                        Some(Err(_)) => {
                             ctx.handle.slow_consumer("slow consumer: socket write timed out".into());
                             return;
                         }
