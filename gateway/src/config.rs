@@ -636,6 +636,19 @@ impl ConfigBuilder {
             100,
             "PALAVER_PENDING_PER_USER",
         )?);
+        // A connect queues the user's pending notifications at once, before the session's
+        // writer runs: more than the queue holds would cut every such session off as a slow
+        // consumer as it opens, and the client, reconnecting, would be cut again. Half, as a
+        // resume leaves the other half for live events.
+        if node.pending_per_user as usize > outbound_queue / 2 {
+            return Err(invalid(
+                "PALAVER_PENDING_PER_USER",
+                &format!(
+                    "must be at most half of PALAVER_OUTBOUND_QUEUE ({outbound_queue}): a \
+                     connect queues every pending notification at once"
+                ),
+            ));
+        }
         if let Some(n) = self.pending_room_max {
             node.pending_room_max = n;
         }
@@ -921,6 +934,32 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key) && e.contains("greater than 0"), "{e}");
+        }
+    }
+
+    #[test]
+    fn pending_notifications_fit_half_the_outbound_queue() {
+        let c = Config::load(None, &HashMap::new()).expect("defaults");
+        assert!(c.node.pending_per_user as usize <= c.outbound_queue / 2);
+        let ok = env(&[
+            ("PALAVER_PENDING_PER_USER", "512"),
+            ("PALAVER_OUTBOUND_QUEUE", "1024"),
+        ]);
+        assert!(Config::load(None, &ok).is_ok());
+        for (pending, queue) in [("513", "1024"), ("100", "100"), ("5000", "1024")] {
+            let e = Config::load(
+                None,
+                &env(&[
+                    ("PALAVER_PENDING_PER_USER", pending),
+                    ("PALAVER_OUTBOUND_QUEUE", queue),
+                ]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("PALAVER_PENDING_PER_USER") && e.contains("PALAVER_OUTBOUND_QUEUE"),
+                "{pending}/{queue}: {e}"
+            );
         }
     }
 

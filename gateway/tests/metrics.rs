@@ -304,6 +304,8 @@ async fn metrics_follow_what_clients_do() {
     // Durability is not under test; `normal` keeps the slow-consumer flood quick.
     let server = TestServer::start_with(|b| {
         b.outbound_queue = Some(32);
+        // At most half the queue (a connect queues them all at once).
+        b.pending_per_user = Some(16);
         b.store_durability = Some("normal".into());
         b.messages_per_second = Some(100_000);
     })

@@ -614,6 +614,8 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_room_goes_on() {
     // Durability is not under test here; `normal` keeps 1000s of sends quick.
     let s = TestServer::start_with(|b| {
         b.outbound_queue = Some(32);
+        // At most half the queue (a connect queues them all at once).
+        b.pending_per_user = Some(16);
         // Small enough to see (the default is 256 KiB).
         b.ws_send_buffer = Some(32 * 1024);
         b.store_durability = Some("normal".into());
@@ -860,6 +862,7 @@ async fn a_resume_larger_than_the_outbound_queue_is_delivered_whole() {
     // back, resume again and be cut again).
     let s = TestServer::start_with(|b| {
         b.outbound_queue = Some(200);
+        b.pending_per_user = Some(100);
         b.store_durability = Some("normal".into());
         b.messages_per_second = Some(100_000);
     })
