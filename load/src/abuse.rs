@@ -88,6 +88,10 @@ pub struct Phase {
     pub attack: String,
     /// The probe's send-to-deliver latency during the phase (microseconds).
     pub probe: Latency,
+    /// The probe's messages sent after the attack ended while the harness was still checking
+    /// what the server did (in never-read: reading everything the silent members were sent,
+    /// hundreds of MB, on the same cores); not in `probe`. `None` in the other phases.
+    pub probe_after: Option<Latency>,
     /// Peak server RSS during the phase.
     pub peak_rss: u64,
     /// Server RSS after the phase (attackers gone).
@@ -111,6 +115,11 @@ struct Probe {
     slow: parking_lot::Mutex<Vec<(u64, u64)>>,
     /// When this phase began, µs since `start`.
     phase_at: AtomicU64,
+    /// When this phase's attack ended, µs since `start` (`u64::MAX`: not yet): messages sent
+    /// later go to `after`, not `hist`.
+    until: AtomicU64,
+    /// The latency of messages sent after `until`.
+    after: parking_lot::Mutex<Histogram<u64>>,
     /// Over the whole run (a phase's last sends are delivered in the next).
     sent: AtomicU64,
     delivered: AtomicU64,
@@ -134,10 +143,38 @@ impl Probe {
         let mut h = self.hist.lock();
         let lat = Latency::of(&h);
         h.reset();
+        self.after.lock().reset();
+        self.until.store(u64::MAX, Ordering::SeqCst);
         self.slow.lock().clear();
         self.phase_at
             .store(micros(self.start.elapsed()), Ordering::SeqCst);
         lat
+    }
+
+    /// Ends the phase's window now: what the probe sends from here on (while the harness checks
+    /// the attack's outcome) is kept apart, in [`Probe::take_after`].
+    fn end_window(&self) {
+        self.until
+            .store(micros(self.start.elapsed()), Ordering::SeqCst);
+    }
+
+    /// The latency of the messages sent after [`Probe::end_window`] (`None`: it was not called,
+    /// or none came); read before [`Probe::take`].
+    fn take_after(&self) -> Option<Latency> {
+        let h = self.after.lock();
+        (self.until.load(Ordering::SeqCst) != u64::MAX && !h.is_empty()).then(|| Latency::of(&h))
+    }
+
+    /// Records one delivery of a message sent at `at` (µs since `start`).
+    fn record(&self, at: u64, lat: u64) {
+        if at > self.until.load(Ordering::Relaxed) {
+            self.after.lock().saturating_record(lat);
+            return;
+        }
+        self.hist.lock().saturating_record(lat);
+        if lat > *SLOW_US {
+            self.slow.lock().push((at, lat));
+        }
     }
 
     /// The phase's slow deliveries by when they were sent, in 250 ms windows from the phase's
@@ -386,7 +423,7 @@ pub async fn abuse_against(cfg: &AbuseConfig, target: &Target) -> anyhow::Result
     let runs = |name: &str| cfg.phases.iter().any(|p| p == name);
     if runs("never-read") {
         rss.queues_on.store(true, Ordering::SeqCst);
-        let attack = never_read(&run, cfg.silent, cfg.phase).await?;
+        let attack = never_read(&run, cfg.silent, cfg.phase, &probe).await?;
         phases.push(finish("never-read", attack, &probe, &rss, settle).await);
     }
     if runs("slowloris") {
@@ -445,6 +482,7 @@ async fn finish(
         *SLOW_US / 1000,
         probe.timeline()
     );
+    let after = probe.take_after();
     let lat = probe.take();
     let peak = rss.take();
     let tcp = rss.take_tcp();
@@ -453,6 +491,7 @@ async fn finish(
         name,
         attack,
         probe: lat,
+        probe_after: after,
         peak_rss: peak,
         rss_after: rss.now(),
         peak_tcp_buffers: tcp,
@@ -526,6 +565,8 @@ async fn start_probe(run: &RunConfig, pairs: usize, rate: f64) -> anyhow::Result
         hist: parking_lot::Mutex::new(histogram()?),
         slow: parking_lot::Mutex::new(Vec::new()),
         phase_at: AtomicU64::new(0),
+        until: AtomicU64::new(u64::MAX),
+        after: parking_lot::Mutex::new(histogram()?),
         sent: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
         stop: AtomicBool::new(false),
@@ -595,10 +636,7 @@ async fn probe_pair(
                     {
                         let now = micros(probe.start.elapsed());
                         let lat = now.saturating_sub(at).max(1);
-                        probe.hist.lock().saturating_record(lat);
-                        if lat > *SLOW_US {
-                            probe.slow.lock().push((at, lat));
-                        }
+                        probe.record(at, lat);
                         probe.delivered.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -699,7 +737,12 @@ fn errors_text(errors: &HashMap<String, u64>) -> String {
     v.join(", ")
 }
 
-async fn never_read(run: &RunConfig, silent: usize, phase: Duration) -> anyhow::Result<String> {
+async fn never_read(
+    run: &RunConfig,
+    silent: usize,
+    phase: Duration,
+    probe: &Probe,
+) -> anyhow::Result<String> {
     let mut owner = connect(run, 0, "nr-owner").await?;
     let (readers, failed) = open_many(run, "nr-silent-", 0..silent).await;
     anyhow::ensure!(
@@ -716,6 +759,10 @@ async fn never_read(run: &RunConfig, silent: usize, phase: Duration) -> anyhow::
     .await?["room"]["id"]
         .clone();
     let (acked, errors) = flood(&mut owner, &room, phase, 64).await?;
+    // The attack ends with the flood. Reading what the silent members were sent (500 × 366 KB
+    // through 500 WebSocket decoders, in this process, on the server's cores) is the harness's
+    // own work: the probe's messages from here on are reported apart.
+    probe.end_window();
     // What did the server do with the silent ones? Read what they were sent, to the end.
     let cut = Arc::new(AtomicU64::new(0));
     let framed = Arc::new(AtomicU64::new(0));
@@ -1058,8 +1105,18 @@ pub fn render(report: &AbuseReport) -> String {
          |---|---|---|---|---|---|---|---|---|\n"
     );
     for p in phases {
+        let after = p.probe_after.as_ref().map_or_else(String::new, |a| {
+            format!(
+                "; afterwards, while this harness read what they had been sent (not in the \
+                 probe's figures): probe p50 / p99 / max {} / {} / {} ms over {} samples",
+                ms(a.p50),
+                ms(a.p99),
+                ms(a.max),
+                a.count
+            )
+        });
         out.push_str(&format!(
-            "| {} | {} / {} / {} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} / {} / {} | {:.2} | {} | {} | {} | {} | {} | {}{after} |\n",
             p.name,
             ms(p.probe.p50),
             ms(p.probe.p99),
@@ -1084,6 +1141,47 @@ pub fn render(report: &AbuseReport) -> String {
 mod tests {
     use super::*;
     use tokio::net::{TcpListener, TcpStream};
+
+    /// What the probe sends after a phase's window ended is kept apart from the phase's
+    /// figures, and the next phase starts with an open window.
+    #[test]
+    fn a_probe_message_sent_after_the_window_is_kept_apart() {
+        let probe = Probe {
+            start: Instant::now(),
+            hist: parking_lot::Mutex::new(histogram().expect("histogram")),
+            slow: parking_lot::Mutex::new(Vec::new()),
+            phase_at: AtomicU64::new(0),
+            until: AtomicU64::new(u64::MAX),
+            after: parking_lot::Mutex::new(histogram().expect("histogram")),
+            sent: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            tasks: parking_lot::Mutex::new(Vec::new()),
+            rt: parking_lot::Mutex::new(None),
+        };
+        probe.record(0, 1_000);
+        assert!(probe.take_after().is_none(), "no window ended");
+        probe.end_window();
+        let until = probe.until.load(Ordering::SeqCst);
+        probe.record(until, 2_000);
+        probe.record(until + 1, 50_000);
+        probe.record(until + 2, 60_000);
+        let after = probe.take_after().expect("kept apart");
+        assert_eq!(after.count, 2);
+        assert!(after.max >= 60_000, "{after:?}");
+        let phase = probe.take();
+        assert_eq!(
+            phase.count, 2,
+            "sent within the window, delivered late or not"
+        );
+        assert!(phase.max < 10_000, "{phase:?}");
+        assert!(
+            probe.take_after().is_none(),
+            "the next phase's window is open"
+        );
+        probe.record(until + 3, 3_000);
+        assert_eq!(probe.take().count, 1);
+    }
 
     #[tokio::test]
     async fn send_queues_count_what_the_peer_has_not_taken() {
