@@ -217,8 +217,7 @@ async fn native_loop<S>(
     let writer_handle = &handle;
     let writer_last_rx = &last_rx;
     let writer = async move {
-        let mut ping = tokio::time::interval(ping_every);
-        ping.tick().await;
+        let mut ping = keepalive(ping_every);
         loop {
             tokio::select! {
                 biased;
@@ -459,6 +458,16 @@ async fn native_loop<S>(
         tracing::debug!(%user, session = id.0, "session closed");
     })
     .await;
+}
+
+/// A session's keepalive ticker: every `every`, the first tick at a random point of the first
+/// interval (between a tenth of it and all of it). Sessions opened together, by a reconnect
+/// storm after a deploy, say, would otherwise ping together every interval for the rest of their
+/// lives (a burst of pings and pongs, all at once, every interval), and those that stop
+/// answering would be closed together, each close with its store writes and presence events.
+pub(crate) fn keepalive(every: Duration) -> tokio::time::Interval {
+    let first = every.mul_f64(rand::random_range(0.1..1.0));
+    tokio::time::interval_at(tokio::time::Instant::now() + first, every)
 }
 
 /// A closed session views nothing any more.

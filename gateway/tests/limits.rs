@@ -590,3 +590,64 @@ async fn every_websocket_gets_the_bounded_send_buffer_and_plain_http_does_not() 
     drop(open);
     s.shutdown().await;
 }
+
+/// The keepalive. Sessions opened together get their first ping at different points of the
+/// interval, so that a reconnect storm does not ping (and close its silent sessions) in step for
+/// the rest of its life; a client that reads (and so answers pings) stays, and one that reads
+/// nothing is closed after two intervals or three.
+#[tokio::test]
+async fn keepalive_pings_are_spread_and_a_silent_session_is_closed() {
+    let server = TestServer::start_with(|b| b.ping_interval_secs = Some(1)).await;
+    let opened = Instant::now();
+    let mut readers = Vec::new();
+    for i in 0..12 {
+        readers.push(server.connect(&format!("ka{i}")).await.ws);
+    }
+    let silent = server.connect("ka-silent").await.ws;
+    let connected = opened.elapsed();
+    until("13 sessions", || server.sessions() == 13).await;
+    let firsts = futures::future::join_all(readers.iter_mut().map(|ws| async move {
+        loop {
+            match tokio::time::timeout(WAIT, ws.next()).await {
+                Ok(Some(Ok(Message::Ping(_)))) => return opened.elapsed(),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no ping: {other:?}"),
+            }
+        }
+    }))
+    .await;
+    let spread =
+        firsts.iter().max().unwrap().as_secs_f64() - firsts.iter().min().unwrap().as_secs_f64();
+    assert!(
+        spread >= 0.3,
+        "12 sessions opened within {connected:?} got their first ping within {spread:.3} s: {firsts:?}"
+    );
+    // The readers go on reading (answering pings); the silent one is closed.
+    let reading: Vec<_> = readers
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                while let Some(Ok(m)) = ws.next().await {
+                    if let Message::Close(f) = m {
+                        return Some(f);
+                    }
+                }
+                None
+            })
+        })
+        .collect();
+    until("the silent session closed", || server.sessions() == 12).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        server.sessions(),
+        12,
+        "a session that answers pings was closed"
+    );
+    for r in &reading {
+        assert!(!r.is_finished(), "a reader's session ended");
+    }
+    drop(silent);
+    for r in reading {
+        r.abort();
+    }
+}

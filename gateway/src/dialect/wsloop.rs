@@ -183,8 +183,7 @@ async fn run_split<S, D>(
     let writer_dialect = &dialect;
     let writer = async move {
         let ctx = writer_ctx;
-        let mut ping = tokio::time::interval(ping_every);
-        ping.tick().await;
+        let mut ping = crate::session::keepalive(ping_every);
         loop {
             tokio::select! {
                 biased;
