@@ -2071,7 +2071,7 @@ async fn pending_notifications_for_offline_members_delivered_once_and_bounded() 
     let got = notifications(&mut b, 2).await;
     assert_eq!(
         got[0],
-        json!({"room": room, "message_id": id(&m1), "sender": "1", "preview": "first", "created_at": m1["created_at"]})
+        json!({"room": room, "message_id": id(&m1), "seq": m1["seq"], "sender": "1", "preview": "first", "created_at": m1["created_at"]})
     );
     assert_eq!(
         (got[1]["message_id"].clone(), got[1]["preview"].clone()),
@@ -2117,6 +2117,25 @@ async fn pending_notifications_for_offline_members_delivered_once_and_bounded() 
         .map(|n| n["message_id"].as_u64().unwrap())
         .collect();
     assert_eq!(got, ids[2..].to_vec());
+    no_event_named(&mut b, "notification", None, QUIET).await;
+    // Delivered as the messages are then: an edit made meanwhile shows, a message deleted
+    // meanwhile is not delivered.
+    disconnect(b, &mut a, "2").await;
+    let kept = send_text(&mut a, room, "typo").await;
+    let gone = send_text(&mut a, room, "oops").await;
+    a.ok(
+        "edit",
+        json!({"room": room, "message": id(&kept), "text": "fixed"}),
+    )
+    .await;
+    a.ok("delete", json!({"room": room, "messages": [id(&gone)]}))
+        .await;
+    let mut b = s.connect("2").await;
+    let got = notifications(&mut b, 1).await;
+    assert_eq!(
+        (got[0]["message_id"].clone(), got[0]["preview"].clone()),
+        (kept["id"].clone(), json!("fixed"))
+    );
     no_event_named(&mut b, "notification", None, QUIET).await;
     // The sender never notifies itself; a non-member cannot view.
     let mut a2 = s.connect("1").await;

@@ -1061,6 +1061,7 @@ impl Sequencer {
                 notes.push(Notification {
                     room: m.room,
                     message_id: m.id,
+                    seq: m.seq,
                     sender: m.sender.clone(),
                     preview: m.body.preview(),
                     created_at: m.created_at,

@@ -362,6 +362,10 @@ pub struct Notification {
     pub room: RoomId,
     /// The message.
     pub message_id: MessageId,
+    /// The message's position in its room (its `seq`; 0 in notifications stored before
+    /// 2026-12-08).
+    #[serde(default)]
+    pub seq: u64,
     /// Who sent it.
     pub sender: UserId,
     /// A short preview of the content.

@@ -1267,10 +1267,17 @@ async fn pending(store: &dyn Store) {
     let n = |i: u64| Notification {
         room: RoomId(27),
         message_id: MessageId(2_700_000 + i),
+        seq: i,
         sender: uid("a"),
         preview: format!("message {i}"),
         created_at: 2_000 + i as i64,
     };
+    // Messages 1 to 8 of room 27, from `a`: what the notifications are of.
+    let room = seed_room(store, 27).await;
+    store
+        .append_messages(room, (1..=8).map(|s| msg(room, s, "a", None)).collect())
+        .await
+        .unwrap();
     assert!(store.take_pending(&uid("p1")).await.unwrap().is_empty());
     store.add_pending(Vec::new(), 3).await.unwrap();
     store
@@ -1304,6 +1311,38 @@ async fn pending(store: &dyn Store) {
         vec![n(6), n(7)]
     );
     assert_eq!(store.take_pending(&uid("p3")).await.unwrap(), vec![n(8)]);
+    // Taken as the messages are then: an edit shows, a deleted message is left out.
+    store
+        .add_pending((1..=3).map(|i| (uid("p4"), n(i))).collect(), 5)
+        .await
+        .unwrap();
+    let mut edited = msg(room, 2, "a", None);
+    edited.body = MessageBody::Text {
+        text: "message 2, edited".into(),
+    };
+    edited.edited_at = Some(3_000);
+    let mut deleted = msg(room, 3, "a", None);
+    deleted.body = MessageBody::Deleted {};
+    deleted.deleted_at = Some(3_001);
+    store
+        .apply_room(
+            room,
+            RoomWrite {
+                changed_messages: vec![edited, deleted],
+                last_seq: 8,
+                last_message_id: Some(mid(room, 8)),
+                at: 3_001,
+                ..RoomWrite::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut n2 = n(2);
+    n2.preview = "message 2, edited".into();
+    assert_eq!(
+        store.take_pending(&uid("p4")).await.unwrap(),
+        vec![n(1), n2]
+    );
 }
 
 /// `len` bytes of incompressible printable text (a long key must not rely on compression to fit

@@ -34,8 +34,8 @@ use tokio::sync::{mpsc, oneshot};
 pub const MAX_BATCH: usize = 1024;
 /// Most background writes (last-seen times, pending notifications) in one transaction.
 pub const BG_BATCH: usize = 128;
-/// Most pending notifications written in one transaction when the buffer is flushed (see
-/// [`PendingBuffer`]): a foreground write waits for one part at most.
+/// Most runs of pending notifications written in one transaction when the buffer is flushed
+/// (see [`PendingBuffer`]): a foreground write waits for one part at most.
 const PENDING_PART: usize = 128;
 /// Pending notifications wait in memory at most this long before they are written.
 const PENDING_FLUSH_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
@@ -67,8 +67,8 @@ enum WriteOp {
     PutFriendship(Box<Friendship>),
     DeleteFriendship(UserId, UserId),
     SetBlock(UserId, UserId, bool),
-    /// Serialized notifications, each body shared by all its users; kept at most `cap` per user.
-    AddPending(Vec<(UserId, Arc<str>)>, u32),
+    /// Notifications (references to their messages); kept at most `cap` per user.
+    AddPending(Vec<(UserId, NoteRef)>, u32),
     TakePending(UserId),
     AddUpload(Box<Upload>),
     AddMediaPost(String, RoomId),
@@ -479,6 +479,19 @@ INSERT INTO pending_v2 (user, seq, body) SELECT user, id, body FROM pending;
 DROP TABLE pending;
 ALTER TABLE pending_v2 RENAME TO pending;
 "#,
+    // Pending notifications as runs of references to their messages (see `PendingBuffer`);
+    // the `pending` table keeps those written before, until their users take them.
+    r#"
+CREATE TABLE pending_runs (
+    user TEXT NOT NULL,
+    room INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    last_at INTEGER NOT NULL,
+    cap INTEGER NOT NULL,
+    PRIMARY KEY (user, room, first_seq)
+) WITHOUT ROWID;
+"#,
 ];
 
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
@@ -501,20 +514,33 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
-/// Pending notifications on their way to the `pending` table.
+/// Pending notifications on their way to the `pending_runs` table.
 ///
-/// A message to a room writes a pending notification for each offline member: a flood into a
-/// room of 500 offline members is 500 rows per message, and because each user's rows are
-/// clustered together, 500 B-tree pages rewritten per message (megabytes of WAL a second). So
-/// the writer keeps them in memory and writes them at most [`PENDING_FLUSH_AFTER`] later (or at
-/// once past [`PENDING_FLUSH_ROWS`]): a user's page is then rewritten once per flush, not once
-/// per message, and the `cap` newest per user are all that is ever written. A flush goes in
-/// parts of [`PENDING_PART`] rows, one per transaction, so foreground writes are not held up.
+/// A message to a room leaves a pending notification for each offline member: a flood into a
+/// room of 500 offline members is 500 of them per message. Stored as one row per member and
+/// message (with its preview), that was 12,000 rows inserted, and as many trimmed, a second,
+/// each user's clustered together: megabytes of log a second, whose pages a chat commit's
+/// fsync then waited for (stalls of 70 to 130 ms under such a flood).
+///
+/// So a notification is stored as a reference to its message, and references as runs: a user
+/// who missed messages `first..=last` of a room, one after the other, is one row `(user, room,
+/// first, last)`. A flood then rewrites one small row per member and flush. Taking reads the
+/// messages themselves: the notification shows a message as it is then (an edit shows the new
+/// text; a deleted message is left out). A user who was online for one of the messages, or
+/// sent it, is not pending for it, so the run breaks there: runs hold exactly the messages
+/// each user missed.
+///
+/// The writer keeps new ones in memory and writes them at most [`PENDING_FLUSH_AFTER`] later
+/// (or at once past [`PENDING_FLUSH_ROWS`] notifications): a user's run is then rewritten once
+/// per flush, not once per message. Each run keeps its newest `cap` messages and each user
+/// their `cap` newest runs; taking keeps the newest `cap` of what they hold. A flush goes in
+/// parts of [`PENDING_PART`] runs, one per transaction, so foreground writes are not held up.
 /// Taking a user's notifications takes the buffered ones too; closing the store writes them
 /// all. A crash loses at most the last second's pending notifications (never a message).
 #[derive(Default)]
 struct PendingBuffer {
     users: std::collections::HashMap<UserId, Buffered>,
+    /// Notifications buffered, over all users and runs.
     rows: usize,
     /// When the oldest buffered notification came.
     since: Option<std::time::Instant>,
@@ -524,27 +550,87 @@ struct PendingBuffer {
     flushing: Option<std::time::Instant>,
 }
 
-/// One user's buffered notifications, oldest first, and how many to keep.
+/// A pending notification: its message's room, position and time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct NoteRef {
+    room: RoomId,
+    seq: u64,
+    at: Millis,
+}
+
+/// Consecutive messages `first..=last` of a room, pending for one user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    room: RoomId,
+    first: u64,
+    last: u64,
+    /// When the last one was accepted.
+    last_at: Millis,
+}
+
+impl Run {
+    fn len(&self) -> usize {
+        usize::try_from(self.last - self.first + 1).unwrap_or(usize::MAX)
+    }
+}
+
+/// One user's buffered runs, in the order they began, and how many notifications to keep.
 struct Buffered {
-    bodies: std::collections::VecDeque<Arc<str>>,
+    runs: Vec<Run>,
     cap: usize,
 }
 
+impl Buffered {
+    /// Adds `note`, as the next of its room's run or the first of a new one; a run keeps its
+    /// newest `cap`, and the user their newest `cap` runs. Answers the change in how many
+    /// notifications are held.
+    fn push(&mut self, note: NoteRef) -> isize {
+        let before = self.held();
+        match self.runs.iter_mut().rev().find(|r| r.room == note.room) {
+            Some(run) if run.last.checked_add(1) == Some(note.seq) => {
+                run.last = note.seq;
+                run.last_at = note.at;
+                let cap = u64::try_from(self.cap.max(1)).unwrap_or(u64::MAX);
+                run.first = run.first.max(run.last.saturating_sub(cap - 1));
+            }
+            _ => self.runs.push(Run {
+                room: note.room,
+                first: note.seq,
+                last: note.seq,
+                last_at: note.at,
+            }),
+        }
+        while self.runs.len() > self.cap.max(1) {
+            let oldest = self
+                .runs
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, r)| (r.last_at, r.room, r.last))
+                .map(|(i, _)| i);
+            if let Some(i) = oldest {
+                self.runs.remove(i);
+            }
+        }
+        isize::try_from(self.held()).unwrap_or(isize::MAX)
+            - isize::try_from(before).unwrap_or(isize::MAX)
+    }
+
+    fn held(&self) -> usize {
+        self.runs.iter().map(Run::len).sum()
+    }
+}
+
 impl PendingBuffer {
-    fn absorb(&mut self, items: &[(UserId, Arc<str>)], cap: u32) {
+    fn absorb(&mut self, items: &[(UserId, NoteRef)], cap: u32) {
         let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-        for (user, body) in items {
+        for (user, note) in items {
             let b = self.users.entry(user.clone()).or_insert_with(|| Buffered {
-                bodies: std::collections::VecDeque::new(),
+                runs: Vec::new(),
                 cap,
             });
             b.cap = cap;
-            b.bodies.push_back(body.clone());
-            self.rows += 1;
-            while b.bodies.len() > cap {
-                b.bodies.pop_front();
-                self.rows -= 1;
-            }
+            let change = b.push(*note);
+            self.rows = self.rows.saturating_add_signed(change);
         }
         if self.rows > 0 {
             self.since.get_or_insert_with(std::time::Instant::now);
@@ -557,22 +643,22 @@ impl PendingBuffer {
 
     fn take_user(&mut self, user: &UserId) -> Option<Buffered> {
         let b = self.users.remove(user)?;
-        self.rows -= b.bodies.len();
+        self.rows = self.rows.saturating_sub(b.held());
         self.settle();
         Some(b)
     }
 
-    /// Up to about `rows` rows (whole users), to be written now.
-    fn part(&mut self, rows: usize) -> Vec<(UserId, Buffered)> {
-        let users: Vec<UserId> = self.users.keys().take(rows).cloned().collect();
+    /// Up to about `runs` runs (whole users), to be written now.
+    fn part(&mut self, runs: usize) -> Vec<(UserId, Buffered)> {
+        let users: Vec<UserId> = self.users.keys().take(runs).cloned().collect();
         let (mut out, mut n) = (Vec::new(), 0);
         for user in users {
-            if n >= rows {
+            if n >= runs {
                 break;
             }
             if let Some(b) = self.users.remove(&user) {
-                n += b.bodies.len();
-                self.rows -= b.bodies.len();
+                n += b.runs.len();
+                self.rows = self.rows.saturating_sub(b.held());
                 out.push((user, b));
             }
         }
@@ -890,67 +976,175 @@ fn db_err_ref(e: &rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// Writes flushed pending notifications. Per user: find the newest number (one index seek),
-/// append after it, then drop what falls more than `cap` below the new newest (one more
-/// seek): no walk over the user's kept notifications.
+/// Writes flushed runs of pending notifications. A run that continues one already written
+/// (its first message follows that one's last) extends it, keeping its newest `cap`; any
+/// other is a row of its own, and a user with more than `cap` runs loses the oldest. Each is
+/// an index seek on `(user, room)`: no walk over anyone's notifications.
 fn write_pending(
     tx: &mut rusqlite::Savepoint<'_>,
     users: &[(UserId, Buffered)],
 ) -> StoreResult<()> {
-    let mut newest = tx
-        .prepare_cached("SELECT coalesce(max(seq), 0) FROM pending WHERE user = ?1")
+    let mut extend = tx
+        .prepare_cached(
+            "UPDATE pending_runs SET last_seq = ?4, last_at = ?5, cap = ?6,
+                 first_seq = max(first_seq, ?4 - ?6 + 1)
+             WHERE user = ?1 AND room = ?2 AND last_seq = ?3 - 1",
+        )
         .map_err(db_err)?;
-    let mut ins = tx
-        .prepare_cached("INSERT INTO pending (user, seq, body) VALUES (?1, ?2, ?3)")
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO pending_runs (user, room, first_seq, last_seq, last_at, cap)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map_err(db_err)?;
+    let mut count = tx
+        .prepare_cached("SELECT count(*) FROM pending_runs WHERE user = ?1")
         .map_err(db_err)?;
     let mut trim = tx
-        .prepare_cached("DELETE FROM pending WHERE user = ?1 AND seq <= ?2")
+        .prepare_cached(
+            "DELETE FROM pending_runs WHERE user = ?1 AND (room, first_seq) IN (
+                 SELECT room, first_seq FROM pending_runs WHERE user = ?1
+                 ORDER BY last_at DESC, room DESC, last_seq DESC LIMIT -1 OFFSET ?2)",
+        )
         .map_err(db_err)?;
     for (user, b) in users {
-        let mut seq: i64 = newest
-            .query_row([user.as_str()], |r| r.get(0))
-            .map_err(db_err)?;
-        for body in &b.bodies {
-            seq += 1;
-            ins.execute(params![user.as_str(), seq, &**body])
+        let cap = i64::try_from(b.cap.max(1)).unwrap_or(i64::MAX);
+        let mut added = false;
+        for run in &b.runs {
+            let (room, first, last) = (
+                sql_u64(run.room.0)?,
+                sql_u64(run.first)?,
+                sql_u64(run.last)?,
+            );
+            let extended = extend
+                .execute(params![user.as_str(), room, first, last, run.last_at, cap])
                 .map_err(db_err)?;
+            if extended == 0 {
+                insert
+                    .execute(params![user.as_str(), room, first, last, run.last_at, cap])
+                    .map_err(db_err)?;
+                added = true;
+            }
         }
-        let cap = i64::try_from(b.cap).unwrap_or(i64::MAX);
-        if seq > cap {
-            trim.execute(params![user.as_str(), seq - cap])
+        if added {
+            let runs: i64 = count
+                .query_row([user.as_str()], |r| r.get(0))
                 .map_err(db_err)?;
+            if runs > cap {
+                trim.execute(params![user.as_str(), cap]).map_err(db_err)?;
+            }
         }
     }
     Ok(())
 }
 
-/// Reads and removes `user`'s written notifications, then adds the buffered ones (newer),
-/// keeping the newest `cap`.
+fn sql_u64(n: u64) -> StoreResult<i64> {
+    i64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{n} does not fit the store")))
+}
+
+/// Reads and removes `user`'s pending notifications: written before runs were (the `pending`
+/// table, whose rows hold the notification), the written runs and the buffered ones. Each
+/// run's messages are read as they are now (deleted ones left out); the newest `cap`
+/// are kept, oldest first.
 fn take_pending(
     tx: &mut rusqlite::Savepoint<'_>,
     user: &UserId,
     pending: &mut PendingBuffer,
 ) -> StoreResult<WriteOut> {
-    let mut bodies: Vec<String> = tx
+    let mut out: Vec<Notification> = tx
         .prepare_cached("SELECT body FROM pending WHERE user = ?1 ORDER BY seq")
         .and_then(|mut s| {
             s.query_map([user.as_str()], |r| r.get::<_, String>(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()
         })
-        .map_err(db_err)?;
-    tx.prepare_cached("DELETE FROM pending WHERE user = ?1")
-        .and_then(|mut s| s.execute([user.as_str()]))
-        .map_err(db_err)?;
-    if let Some(b) = pending.take_user(user) {
-        bodies.extend(b.bodies.iter().map(|s| s.to_string()));
-        let over = bodies.len().saturating_sub(b.cap);
-        bodies.drain(..over);
-    }
-    let items = bodies
+        .map_err(db_err)?
         .iter()
         .map(|b| serde_json::from_str(b).map_err(|e| StoreError::Corrupt(e.to_string())))
-        .collect::<StoreResult<Vec<Notification>>>()?;
-    Ok(WriteOut::Pending(items))
+        .collect::<StoreResult<_>>()?;
+    let mut cap = usize::MAX;
+    let mut runs: Vec<Run> = tx
+        .prepare_cached(
+            "SELECT room, first_seq, last_seq, last_at, cap FROM pending_runs WHERE user = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_map([user.as_str()], |r| {
+                Ok((
+                    Run {
+                        room: RoomId(r.get::<_, i64>(0)? as u64),
+                        first: r.get::<_, i64>(1)? as u64,
+                        last: r.get::<_, i64>(2)? as u64,
+                        last_at: r.get(3)?,
+                    },
+                    r.get::<_, i64>(4)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(db_err)?
+        .into_iter()
+        .map(|(run, c)| {
+            cap = usize::try_from(c).unwrap_or(usize::MAX);
+            run
+        })
+        .collect();
+    if !out.is_empty() || !runs.is_empty() {
+        for sql in [
+            "DELETE FROM pending WHERE user = ?1",
+            "DELETE FROM pending_runs WHERE user = ?1",
+        ] {
+            tx.prepare_cached(sql)
+                .and_then(|mut s| s.execute([user.as_str()]))
+                .map_err(db_err)?;
+        }
+    }
+    if let Some(b) = pending.take_user(user) {
+        cap = b.cap;
+        runs.extend(b.runs);
+    }
+    let mut read = tx
+        .prepare_cached(&format!(
+            "SELECT {MSG_COLS} FROM messages WHERE room = ?1 AND seq BETWEEN ?2 AND ?3
+             ORDER BY seq DESC LIMIT ?4"
+        ))
+        .map_err(db_err)?;
+    let limit = i64::try_from(cap).unwrap_or(i64::MAX);
+    for run in &runs {
+        let messages = read
+            .query_map(
+                params![
+                    sql_u64(run.room.0)?,
+                    sql_u64(run.first)?,
+                    sql_u64(run.last)?,
+                    limit
+                ],
+                message_row,
+            )
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<Message>>>())
+            .map_err(db_err)?;
+        out.extend(
+            messages
+                .into_iter()
+                .filter(|m| m.deleted_at.is_none() && &m.sender != user)
+                .map(|m| notification_of(&m)),
+        );
+    }
+    // Oldest first (a stable sort: the `pending` table's, older, first among equals).
+    out.sort_by_key(|n| (n.created_at, n.room, n.seq));
+    let over = out.len().saturating_sub(cap);
+    out.drain(..over);
+    Ok(WriteOut::Pending(out))
+}
+
+/// The notification of a message, as the room actor makes it.
+fn notification_of(m: &Message) -> Notification {
+    Notification {
+        room: m.room,
+        message_id: m.id,
+        seq: m.seq,
+        sender: m.sender.clone(),
+        preview: m.body.preview(),
+        created_at: m.created_at,
+    }
 }
 
 fn apply(tx: &mut rusqlite::Savepoint<'_>, op: &WriteOp) -> StoreResult<WriteOut> {
@@ -1769,24 +1963,25 @@ impl Store for EmbeddedStore {
         if items.is_empty() {
             return Ok(());
         }
-        // A message's notifications are adjacent: each distinct one is serialized once, and
-        // its body shared by all its users.
-        let mut last: Option<(Notification, Arc<str>)> = None;
-        let mut bodies = Vec::with_capacity(items.len());
-        for (user, n) in items {
-            let body = match &last {
-                Some((prev, body)) if *prev == n => body.clone(),
-                _ => {
-                    let body: Arc<str> = serde_json::to_string(&n)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?
-                        .into();
-                    last = Some((n, body.clone()));
-                    body
+        // A reference to the message: taking reads the message itself.
+        let notes = items
+            .into_iter()
+            .map(|(user, n)| {
+                if n.seq == 0 {
+                    return Err(StoreError::Corrupt(format!(
+                        "pending notification of message {} without its seq",
+                        n.message_id
+                    )));
                 }
-            };
-            bodies.push((user, body));
-        }
-        self.write(WriteOp::AddPending(bodies, cap))
+                let note = NoteRef {
+                    room: n.room,
+                    seq: n.seq,
+                    at: n.created_at,
+                };
+                Ok((user, note))
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        self.write(WriteOp::AddPending(notes, cap))
             .await
             .map(|_| ())
     }
@@ -2171,21 +2366,31 @@ mod tests {
         assert_eq!(u.last_seen, Some(1_000 + (n - 1) as i64));
     }
 
+    /// The notification of message `i` of room 9 (see [`with_messages`]).
     fn note(i: u64) -> Notification {
-        Notification {
-            room: RoomId(9),
-            message_id: MessageId(900 + i),
-            sender: UserId::parse("sender").expect("id"),
-            preview: format!("message {i}"),
-            created_at: 9_000 + i as i64,
-        }
+        notification_of(&super::super::conformance::msg(RoomId(9), i, "a", None))
+    }
+
+    /// Room 9 with messages 1 to `n` from `a`: what [`note`]s are of.
+    async fn with_messages(store: &EmbeddedStore, n: u64) {
+        let room = super::super::conformance::seed_room(store, 9).await;
+        let batch = (1..=n)
+            .map(|i| super::super::conformance::msg(room, i, "a", None))
+            .collect();
+        store.append_messages(room, batch).await.expect("messages");
     }
 
     fn pending_rows(store: &Arc<EmbeddedStore>) -> impl std::future::Future<Output = usize> {
         let store = store.clone();
         async move {
             store
-                .read(|c| c.query_row("SELECT count(*) FROM pending", [], |r| r.get::<_, i64>(0)))
+                .read(|c| {
+                    c.query_row(
+                        "SELECT coalesce(sum(last_seq - first_seq + 1), 0) FROM pending_runs",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                })
                 .await
                 .map(|n| usize::try_from(n).unwrap_or(0))
                 .expect("count")
@@ -2211,6 +2416,7 @@ mod tests {
     async fn a_large_rooms_pending_notifications_yield_to_foreground_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Full).expect("open"));
+        with_messages(&store, 1).await;
         let n = 20_000;
         assert!(n > PENDING_FLUSH_ROWS);
         let items: Vec<(UserId, Notification)> = (0..n)
@@ -2245,6 +2451,7 @@ mod tests {
     async fn a_flush_is_not_starved_by_chat_writes_that_never_stop() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Full).expect("open"));
+        with_messages(&store, 1).await;
         let n = 4_000;
         let items: Vec<(UserId, Notification)> = (0..n)
             .map(|i| (UserId::parse(&format!("p{i}")).expect("id"), note(1)))
@@ -2291,6 +2498,7 @@ mod tests {
             UserId::parse("p2").expect("id"),
         );
         let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Full).expect("open"));
+        with_messages(&store, 52).await;
         // A flood of 50 messages to two offline members: buffered, then written within the
         // flush time, only the newest `cap` of each.
         for i in 1..=50 {
@@ -2322,6 +2530,79 @@ mod tests {
             vec![note(49), note(50), note(52)]
         );
         assert!(store.take_pending(&p1).await.expect("take").is_empty());
+        store.close().await.expect("close");
+    }
+
+    /// A flood stores one row per user and room, not one per message: a user who missed
+    /// messages one after the other is a run, extended in place by later flushes; a message
+    /// the user did not miss breaks the run. Taking gives exactly the missed messages, oldest
+    /// first; a user keeps their newest `cap` runs.
+    #[tokio::test]
+    async fn pending_notifications_are_runs_of_the_missed_messages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Full).expect("open"));
+        with_messages(&store, 60).await;
+        let (p1, p2, p3) = (
+            UserId::parse("p1").expect("id"),
+            UserId::parse("p2").expect("id"),
+            UserId::parse("p3").expect("id"),
+        );
+        // p1 missed 1 to 50 and 52, 53 (not 51: online then); p2 missed only 51.
+        for i in (1..=53).filter(|i| *i != 51) {
+            store
+                .add_pending(vec![(p1.clone(), note(i))], 100)
+                .await
+                .expect("add");
+        }
+        store
+            .add_pending(vec![(p2.clone(), note(51))], 100)
+            .await
+            .expect("add");
+        until_rows(&store, 53, PENDING_FLUSH_AFTER * 5).await;
+        let runs = || {
+            let store = store.clone();
+            async move {
+                store
+                    .read(|c| {
+                        c.query_row("SELECT count(*) FROM pending_runs", [], |r| {
+                            r.get::<_, i64>(0)
+                        })
+                    })
+                    .await
+                    .expect("count")
+            }
+        };
+        assert_eq!(runs().await, 3_i64, "p1: 1..=50 and 52..=53; p2: 51");
+        // A later flush extends p1's run in place.
+        store
+            .add_pending(vec![(p1.clone(), note(54)), (p1.clone(), note(55))], 100)
+            .await
+            .expect("add");
+        until_rows(&store, 55, PENDING_FLUSH_AFTER * 5).await;
+        assert_eq!(runs().await, 3_i64);
+        let want: Vec<Notification> = (1..=55).filter(|i| *i != 51).map(note).collect();
+        assert_eq!(store.take_pending(&p1).await.expect("take"), want);
+        assert_eq!(store.take_pending(&p2).await.expect("take"), vec![note(51)]);
+        // Three runs for a cap of 2: the newest two stay.
+        for i in [1, 3, 5] {
+            store
+                .add_pending(vec![(p3.clone(), note(i))], 2)
+                .await
+                .expect("add");
+        }
+        assert_eq!(
+            store.take_pending(&p3).await.expect("take"),
+            vec![note(3), note(5)]
+        );
+        // A notification must name its message's position.
+        let mut bare = note(6);
+        bare.seq = 0;
+        assert!(
+            store
+                .add_pending(vec![(p3.clone(), bare)], 2)
+                .await
+                .is_err()
+        );
         store.close().await.expect("close");
     }
 
@@ -2383,7 +2664,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let mut c = Connection::open(dir.path().join("palaver.db")).expect("open");
-            let before = MIGRATIONS.len() - 1;
+            // Up to the one that numbered them per user.
+            let before = MIGRATIONS.len() - 2;
             for (i, sql) in MIGRATIONS[..before].iter().enumerate() {
                 let tx = c.transaction().expect("tx");
                 tx.execute_batch(sql).expect("migration");
@@ -2400,6 +2682,7 @@ mod tests {
             }
         }
         let store = EmbeddedStore::open(dir.path(), Durability::Full).expect("open");
+        with_messages(&store, 7).await;
         store
             .add_pending(vec![(UserId::parse("p1").expect("id"), note(5))], 3)
             .await

@@ -283,10 +283,13 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- pending notifications ----
 
-    /// Records notifications for users, keeping at most `cap` per user (the oldest go).
+    /// Records notifications for users, keeping at most `cap` per user (the oldest go). Each
+    /// names its message's `seq` (1 or more).
     async fn add_pending(&self, items: Vec<(UserId, Notification)>, cap: u32) -> StoreResult<()>;
 
-    /// Takes (reads and removes) `user`'s pending notifications, oldest first.
+    /// Takes (reads and removes) `user`'s pending notifications, oldest first. Each shows its
+    /// message as it is now: an edited one's preview is the new text, a deleted one is left
+    /// out (see [`refresh_notifications`]).
     async fn take_pending(&self, user: &UserId) -> StoreResult<Vec<Notification>>;
 
     // ---- uploads ----
@@ -390,6 +393,28 @@ pub async fn presence_audience_by_parts<S: Store + ?Sized>(
 }
 
 /// How a room kind is stored.
+/// Taken notifications as their messages are now (`current`: the stored messages they name,
+/// in any order): an edited message's preview is its new text, a deleted message is left out.
+/// A notification whose message is not among them keeps what was stored.
+pub(crate) fn refresh_notifications(
+    taken: Vec<Notification>,
+    current: &[Message],
+) -> Vec<Notification> {
+    let by_id: std::collections::HashMap<(RoomId, MessageId), &Message> =
+        current.iter().map(|m| ((m.room, m.id), m)).collect();
+    taken
+        .into_iter()
+        .filter_map(|mut n| match by_id.get(&(n.room, n.message_id)) {
+            Some(m) if m.deleted_at.is_some() => None,
+            Some(m) => {
+                n.preview = m.body.preview();
+                Some(n)
+            }
+            None => Some(n),
+        })
+        .collect()
+}
+
 pub(crate) fn kind_str(k: RoomKind) -> &'static str {
     match k {
         RoomKind::Direct => "direct",

@@ -1179,9 +1179,33 @@ impl Store for PostgresStore {
             .map(|r| (r.get(0), r.get(1)))
             .collect();
         rows.sort_unstable_by_key(|r| r.0);
-        rows.iter()
+        let taken = rows
+            .iter()
             .map(|(_, b)| serde_json::from_str(b).map_err(corrupt))
-            .collect()
+            .collect::<StoreResult<Vec<Notification>>>()?;
+        if taken.is_empty() {
+            return Ok(taken);
+        }
+        // Their messages as they are now (one query for all).
+        let rooms: Vec<i64> = taken.iter().map(|n| super::i64_of(n.room.0)).collect();
+        let ids: Vec<i64> = taken
+            .iter()
+            .map(|n| super::i64_of(n.message_id.0))
+            .collect();
+        let current = c
+            .query(
+                &format!(
+                    "SELECT {MSG_COLS} FROM messages
+                     WHERE (room, id) IN (SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[]))"
+                ),
+                &[&rooms, &ids],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(message_row)
+            .collect::<StoreResult<Vec<Message>>>()?;
+        Ok(super::refresh_notifications(taken, &current))
     }
 
     // ---- uploads, devices, mutes, push ----

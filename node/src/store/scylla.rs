@@ -1523,9 +1523,18 @@ impl Store for ScyllaStore {
         // next call.
         self.exec(&self.st.pending_trim, (user.as_str(), *last))
             .await?;
-        rows.iter()
+        let taken = rows
+            .iter()
             .map(|(_, body)| serde_json::from_str(body).map_err(corrupt))
-            .collect()
+            .collect::<StoreResult<Vec<Notification>>>()?;
+        // Their messages as they are now.
+        let mut current = Vec::new();
+        for n in &taken {
+            if let Some(m) = self.message(n.room, n.message_id).await? {
+                current.push(m);
+            }
+        }
+        Ok(super::refresh_notifications(taken, &current))
     }
 
     // ---- uploads, devices, mutes, push ----

@@ -767,6 +767,7 @@ mod tests {
         let n = Notification {
             room: RoomId(5),
             message_id: MessageId(9),
+            seq: 3,
             sender: uid("42"),
             preview: "hi".into(),
             created_at: 1_705_314_600_000,
