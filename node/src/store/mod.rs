@@ -132,7 +132,9 @@ pub trait Store: Send + Sync + 'static {
     /// Reads a user.
     async fn user(&self, id: &UserId) -> StoreResult<Option<User>>;
 
-    /// Records when the user's last session closed.
+    /// Records when the user's last session closed. A later read of the user sees it; a store
+    /// may write it a moment later (the embedded store within a second, see its
+    /// `LastSeenBuffer`), and a crash may lose that moment's times, never an older one's.
     async fn set_last_seen(&self, id: &UserId, at: Millis) -> StoreResult<()>;
 
     /// Finds a user by username (exact match).
