@@ -1321,27 +1321,11 @@ fn take_pending(
         out.extend(
             messages
                 .into_iter()
-                .filter(|m| m.deleted_at.is_none() && &m.sender != user)
-                .map(|m| notification_of(&m)),
+                .filter(|m| m.deleted_at.is_none())
+                .map(|m| super::notification_of(&m)),
         );
     }
-    // Oldest first (a stable sort: the `pending` table's, older, first among equals).
-    out.sort_by_key(|n| (n.created_at, n.room, n.seq));
-    let over = out.len().saturating_sub(cap);
-    out.drain(..over);
-    Ok(WriteOut::Pending(out))
-}
-
-/// The notification of a message, as the room actor makes it.
-fn notification_of(m: &Message) -> Notification {
-    Notification {
-        room: m.room,
-        message_id: m.id,
-        seq: m.seq,
-        sender: m.sender.clone(),
-        preview: m.body.preview(),
-        created_at: m.created_at,
-    }
+    Ok(WriteOut::Pending(super::newest_pending(user, out, cap)))
 }
 
 fn apply(tx: &mut rusqlite::Savepoint<'_>, op: &WriteOp) -> StoreResult<WriteOut> {
@@ -2645,7 +2629,7 @@ mod tests {
 
     /// The notification of message `i` of room 9 (see [`with_messages`]).
     fn note(i: u64) -> Notification {
-        notification_of(&super::super::conformance::msg(RoomId(9), i, "a", None))
+        super::super::notification_of(&super::super::conformance::msg(RoomId(9), i, "a", None))
     }
 
     /// Room 9 with messages 1 to `n` from `a`: what [`note`]s are of.

@@ -417,6 +417,84 @@ pub(crate) fn refresh_notifications(
         .collect()
 }
 
+/// The notification of a message, as the room actor makes it.
+pub(crate) fn notification_of(m: &Message) -> Notification {
+    Notification {
+        room: m.room,
+        message_id: m.id,
+        seq: m.seq,
+        sender: m.sender.clone(),
+        preview: m.body.preview(),
+        created_at: m.created_at,
+    }
+}
+
+/// Messages `first..=last` of `room`, pending for `user` one after the other (the last
+/// accepted at `last_at`): how the embedded and PostgreSQL stores keep pending notifications.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PendingRun {
+    pub user: UserId,
+    pub room: RoomId,
+    pub first: u64,
+    pub last: u64,
+    pub last_at: Millis,
+}
+
+/// `items` as runs, in order: a notification that follows the last one of its user and room
+/// (the next `seq`) extends that run; each run keeps its newest `cap`. A notification without
+/// its message's `seq` is refused.
+pub(crate) fn pending_runs(
+    items: Vec<(UserId, Notification)>,
+    cap: u32,
+) -> StoreResult<Vec<PendingRun>> {
+    let keep = u64::from(cap.max(1));
+    let mut runs: Vec<PendingRun> = Vec::new();
+    let mut latest: std::collections::HashMap<(UserId, RoomId), usize> =
+        std::collections::HashMap::new();
+    for (user, n) in items {
+        if n.seq == 0 {
+            return Err(StoreError::Corrupt(format!(
+                "pending notification of message {} without its seq",
+                n.message_id
+            )));
+        }
+        let key = (user, n.room);
+        match latest.get(&key).and_then(|i| runs.get_mut(*i)) {
+            Some(run) if run.last.checked_add(1) == Some(n.seq) => {
+                run.last = n.seq;
+                run.last_at = n.created_at;
+                run.first = run.first.max(run.last.saturating_sub(keep - 1));
+            }
+            _ => {
+                latest.insert(key.clone(), runs.len());
+                runs.push(PendingRun {
+                    user: key.0,
+                    room: n.room,
+                    first: n.seq,
+                    last: n.seq,
+                    last_at: n.created_at,
+                });
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// What a user takes of `found` (notifications of their runs' messages, read now, and older
+/// ones stored whole): without the user's own messages, oldest first, the newest `cap`.
+pub(crate) fn newest_pending(
+    user: &UserId,
+    mut found: Vec<Notification>,
+    cap: usize,
+) -> Vec<Notification> {
+    found.retain(|n| &n.sender != user);
+    // A stable sort: older ones stored whole come first among equals.
+    found.sort_by_key(|n| (n.created_at, n.room, n.seq));
+    let over = found.len().saturating_sub(cap);
+    found.drain(..over);
+    found
+}
+
 pub(crate) fn kind_str(k: RoomKind) -> &'static str {
     match k {
         RoomKind::Direct => "direct",

@@ -152,6 +152,19 @@ CREATE TABLE dead_letters (
 );
 CREATE INDEX dead_letters_by_at ON dead_letters(at, id);
 "#,
+    // Pending notifications as runs of references to their messages (see `add_pending`); the
+    // `pending` table keeps those stored before, until their users take them.
+    r#"
+CREATE TABLE pending_runs (
+    "user" TEXT NOT NULL,
+    room BIGINT NOT NULL,
+    first_seq BIGINT NOT NULL,
+    last_seq BIGINT NOT NULL,
+    last_at BIGINT NOT NULL,
+    cap BIGINT NOT NULL,
+    PRIMARY KEY ("user", room, first_seq)
+);
+"#,
 ];
 
 /// Most dead letters kept: adding one beyond this removes the oldest.
@@ -1128,36 +1141,58 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    /// Stored as runs: a user who missed messages `first..=last` of a room, one after the
+    /// other, is one row of `pending_runs`, extended in place by the next call (a flood into a
+    /// room of 500 offline members updates 500 small rows per batch, where a row per member and
+    /// message, with a ranking delete over every such user's rows, scanned tens of thousands of
+    /// rows per message). Each run keeps its newest `cap`, each user their newest `cap` runs.
     async fn add_pending(&self, items: Vec<(UserId, Notification)>, cap: u32) -> StoreResult<()> {
         if items.is_empty() {
             return Ok(());
         }
-        let users: Vec<&str> = items.iter().map(|(u, _)| u.as_str()).collect();
-        let bodies = items
-            .iter()
-            .map(|(_, n)| serde_json::to_string(n).map_err(corrupt))
-            .collect::<StoreResult<Vec<String>>>()?;
+        let runs = super::pending_runs(items, cap)?;
+        let users: Vec<&str> = runs.iter().map(|r| r.user.as_str()).collect();
+        let rooms: Vec<i64> = runs.iter().map(|r| super::i64_of(r.room.0)).collect();
+        let firsts: Vec<i64> = runs.iter().map(|r| super::i64_of(r.first)).collect();
+        let lasts: Vec<i64> = runs.iter().map(|r| super::i64_of(r.last)).collect();
+        let ats: Vec<i64> = runs.iter().map(|r| r.last_at).collect();
         let mut distinct = users.clone();
         distinct.sort_unstable();
         distinct.dedup();
+        let cap = i64::from(cap.max(1));
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err)?;
-        // Ids follow the order of `items`, so within one call the later item is the newer.
+        // A run that follows a stored one (its first message is that one's last plus one)
+        // extends it; any other is a row of its own.
         tx.execute(
-            r#"INSERT INTO pending ("user", body)
-               SELECT u, b FROM UNNEST($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS t(u, b, n)
-               ORDER BY n"#,
-            &[&users, &bodies],
+            r#"WITH input AS (
+                 SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[],
+                                      $5::BIGINT[]) AS t(u, room, f, l, at)),
+               extended AS (
+                 UPDATE pending_runs p SET last_seq = i.l, last_at = i.at, cap = $6,
+                        first_seq = GREATEST(p.first_seq, i.l - $6 + 1)
+                 FROM input i
+                 WHERE p."user" = i.u AND p.room = i.room AND p.last_seq = i.f - 1
+                 RETURNING i.u, i.room, i.f)
+               INSERT INTO pending_runs ("user", room, first_seq, last_seq, last_at, cap)
+               SELECT i.u, i.room, i.f, i.l, i.at, $6 FROM input i
+               WHERE NOT EXISTS (SELECT 1 FROM extended e
+                                 WHERE e.u = i.u AND e.room = i.room AND e.f = i.f)
+               ON CONFLICT ("user", room, first_seq) DO UPDATE
+                 SET last_seq = GREATEST(pending_runs.last_seq, excluded.last_seq),
+                     last_at = GREATEST(pending_runs.last_at, excluded.last_at)"#,
+            &[&users, &rooms, &firsts, &lasts, &ats, &cap],
         )
         .await
         .map_err(pg_err)?;
         tx.execute(
-            r#"DELETE FROM pending WHERE id IN (
-                 SELECT id FROM (
-                   SELECT id, row_number() OVER (PARTITION BY "user" ORDER BY id DESC) AS rank
-                   FROM pending WHERE "user" = ANY($1)
-                 ) AS ranked WHERE rank > $2)"#,
-            &[&distinct, &i64::from(cap)],
+            r#"DELETE FROM pending_runs p USING (
+                 SELECT "user", room, first_seq, row_number() OVER (
+                   PARTITION BY "user" ORDER BY last_at DESC, room DESC, last_seq DESC) AS rank
+                 FROM pending_runs WHERE "user" = ANY($1)) r
+               WHERE p."user" = r."user" AND p.room = r.room AND p.first_seq = r.first_seq
+                 AND r.rank > $2"#,
+            &[&distinct, &cap],
         )
         .await
         .map_err(pg_err)?;
@@ -1165,10 +1200,11 @@ impl Store for PostgresStore {
     }
 
     async fn take_pending(&self, user: &UserId) -> StoreResult<Vec<Notification>> {
-        let c = self.client().await?;
-        // One statement reads and removes: a notification added meanwhile is either taken here or
-        // left for the next call, never lost.
-        let mut rows: Vec<(i64, String)> = c
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        // Each statement reads and removes: a notification added meanwhile is either taken
+        // here or left for the next call, never lost.
+        let mut stored: Vec<(i64, String)> = tx
             .query(
                 r#"DELETE FROM pending WHERE "user" = $1 RETURNING id, body"#,
                 &[&user.as_str()],
@@ -1178,22 +1214,34 @@ impl Store for PostgresStore {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        rows.sort_unstable_by_key(|r| r.0);
-        let taken = rows
+        stored.sort_unstable_by_key(|r| r.0);
+        let runs = tx
+            .query(
+                r#"DELETE FROM pending_runs WHERE "user" = $1
+                   RETURNING room, first_seq, last_seq, cap"#,
+                &[&user.as_str()],
+            )
+            .await
+            .map_err(pg_err)?;
+        let cap = runs
+            .iter()
+            .map(|r| r.get::<_, i64>(3))
+            .max()
+            .map_or(usize::MAX, |c| usize::try_from(c).unwrap_or(usize::MAX));
+        let mut found = stored
             .iter()
             .map(|(_, b)| serde_json::from_str(b).map_err(corrupt))
             .collect::<StoreResult<Vec<Notification>>>()?;
-        if taken.is_empty() {
-            return Ok(taken);
-        }
-        // Their messages as they are now (one query for all).
-        let rooms: Vec<i64> = taken.iter().map(|n| super::i64_of(n.room.0)).collect();
-        let ids: Vec<i64> = taken
+        // The stored ones' messages as they are now, and the runs' messages.
+        let rooms: Vec<i64> = found.iter().map(|n| super::i64_of(n.room.0)).collect();
+        let ids: Vec<i64> = found
             .iter()
             .map(|n| super::i64_of(n.message_id.0))
             .collect();
-        let current = c
-            .query(
+        let current = if found.is_empty() {
+            Vec::new()
+        } else {
+            tx.query(
                 &format!(
                     "SELECT {MSG_COLS} FROM messages
                      WHERE (room, id) IN (SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[]))"
@@ -1204,8 +1252,38 @@ impl Store for PostgresStore {
             .map_err(pg_err)?
             .iter()
             .map(message_row)
-            .collect::<StoreResult<Vec<Message>>>()?;
-        Ok(super::refresh_notifications(taken, &current))
+            .collect::<StoreResult<Vec<Message>>>()?
+        };
+        found = super::refresh_notifications(found, &current);
+        if !runs.is_empty() {
+            let rooms: Vec<i64> = runs.iter().map(|r| r.get(0)).collect();
+            let firsts: Vec<i64> = runs.iter().map(|r| r.get(1)).collect();
+            let lasts: Vec<i64> = runs.iter().map(|r| r.get(2)).collect();
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT {cols} FROM messages m
+                         JOIN UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[]) AS r(room, f, l)
+                           ON m.room = r.room AND m.seq BETWEEN r.f AND r.l",
+                        cols = MSG_COLS
+                            .split(", ")
+                            .map(|c| format!("m.{c}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    &[&rooms, &firsts, &lasts],
+                )
+                .await
+                .map_err(pg_err)?;
+            for r in &rows {
+                let m = message_row(r)?;
+                if m.deleted_at.is_none() {
+                    found.push(super::notification_of(&m));
+                }
+            }
+        }
+        tx.commit().await.map_err(pg_err)?;
+        Ok(super::newest_pending(user, found, cap))
     }
 
     // ---- uploads, devices, mutes, push ----
