@@ -135,12 +135,16 @@ test("SIGTERM: every dialect is told to reconnect, and the clients do, to the ne
     // SIGTERM: each dialect's own "go elsewhere".
     const sioGone = within(once((r) => sio.once("disconnect", r)), WAIT, "socket.io disconnect");
     server.kill("SIGTERM");
+    // Phoenix's close is awaited too: the server can exit (and the other clients see their
+    // closes) before the Phoenix client has handled its own.
+    const phxGone = within((async () => { while (!phxCloses.length) await pause(10); })(), WAIT, "phoenix close");
     const [nativeClose, rtClose, evClose, sioReason, exit] = await Promise.all([
       native.waitClosed(),
       rt.waitClosed(),
       ev.waitClosed(),
       sioGone,
       within(server.exited, 10000, "server A exit"),
+      phxGone,
     ]);
     assert.equal(nativeClose.code, 1001, JSON.stringify(nativeClose));
     assert.equal(rtClose.code, 1001, JSON.stringify(rtClose));
