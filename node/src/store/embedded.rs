@@ -571,6 +571,7 @@ impl LastSeenBuffer {
     fn part(&self, n: usize) -> Vec<(UserId, Millis)> {
         let mut times = self.times.lock();
         times.retain(|_, t| !t.written);
+        metrics::gauge!("palaver_store_last_seen_buffered").set(times.len() as f64);
         let mut out: Vec<(UserId, Millis)> = times
             .iter()
             .filter(|(_, t)| !t.written)
